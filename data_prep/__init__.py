@@ -1,0 +1,1 @@
+"""Corpus sources, sentencepiece training and sharded tokenisation into token shards."""

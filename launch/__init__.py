@@ -1,0 +1,1 @@
+"""Launching training on one or many nodes (the deepspeed launcher, SLURM, MPI)."""

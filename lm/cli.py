@@ -1,0 +1,45 @@
+"""The `lm` command: one subcommand per job, each with its own --help.
+
+    lm demo      the whole pipeline on an embedded corpus (CPU, a few minutes)
+    lm prep      train a sentencepiece tokenizer and write token shards
+    lm train     train under DeepSpeed from a YAML run config
+    lm eval      perplexity of a checkpoint on a text
+    lm convert   checkpoint -> consolidated safetensors
+    lm generate  sample text from a checkpoint
+"""
+
+import importlib
+import sys
+
+from lm.errors import run_command
+
+COMMANDS = {
+    "demo": ("lm.demo", "run the whole pipeline on an embedded corpus"),
+    "prep": ("data_prep.prep", "train a tokenizer and write token shards"),
+    "train": ("lm.train", "train under DeepSpeed from a run config"),
+    "eval": ("lm.evaluate", "perplexity of a checkpoint on a text"),
+    "convert": ("lm.convert", "convert a checkpoint for inference"),
+    "generate": ("lm.generate", "generate text from a checkpoint"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: lm COMMAND [options]   (lm COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])  # imported lazily: deepspeed is slow to import
+    return run_command(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Typed, validated configuration: the model, the data and the training run.
+
+A run is described by one YAML file with three sections (`model`, `data`, `train`). Each maps onto
+a dataclass below; unknown keys, wrong types and bad values raise `UserError` with one line that
+names the key. No global argument object: these objects are passed to whatever needs them.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lm.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-2 style decoder. The defaults are GPT-2 small."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    d_ff: int | None = None  # MLP width; None means 4 * n_embd as in GPT-2
+    dropout: float = 0.0  # on embeddings and residual branches (not on A: twicing needs one A)
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    # Which layers use twicing attention, the rest use softmax: "none", "all", "last:K" or a list
+    # of layer indices. The paper's language model twices the last 2 of 16 layers.
+    twicing_layers: str | list[int] = "none"
+    # "fused" runs on scaled_dot_product_attention; "reference" materialises A (tests only).
+    attention_impl: Literal["fused", "reference"] = "fused"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise UserError(f"model.d_ff must be positive, got {self.d_ff}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.twicing_layer_indices()  # validates the selector
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.n_embd
+
+    def twicing_layer_indices(self) -> list[int]:
+        """Resolve `twicing_layers` to a sorted list of layer indices."""
+        sel, n = self.twicing_layers, self.n_layer
+        if isinstance(sel, list):
+            bad = [i for i in sel if not 0 <= i < n]
+            if bad:
+                raise UserError(f"model.twicing_layers: layer {bad[0]} is out of range for n_layer={n}")
+            return sorted(set(sel))
+        if sel == "none":
+            return []
+        if sel == "all":
+            return list(range(n))
+        if sel.startswith("last:") and sel[5:].isdigit() and 0 <= int(sel[5:]) <= n:
+            return list(range(n - int(sel[5:]), n))
+        raise UserError(f"model.twicing_layers must be 'none', 'all', 'last:K' (K <= {n}) or a list of layers, got {sel!r}")
+
+    def layer_attention(self) -> list[str]:
+        """The attention variant name of every layer, as registered in `lm.attention`."""
+        twicing = set(self.twicing_layer_indices())
+        suffix = "_reference" if self.attention_impl == "reference" else ""
+        return [("twicing" if i in twicing else "softmax") + suffix for i in range(self.n_layer)]
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are (a directory written by `lm prep` / `data_prep`)."""
+
+    path: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    verify_checksums: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, parallelism, logging and checkpointing of one run."""
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1337
+    eval_interval: int = 100  # steps between validations; 0 validates only at the end
+    eval_windows: int = 16  # validation windows (of block_size tokens) per validation
+    log_interval: int = 10
+    checkpoint_interval: int = 0  # 0 saves only at the end
+    tensorboard: bool = True
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"train.lr must be positive and 0 <= train.min_lr <= train.lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.batch_size % self.micro_batch_size:
+            raise UserError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
+
+    def grad_accum_steps(self, data_parallel_size: int) -> int:
+        """Micro steps per optimizer step, so that micro_batch * accum * dp == batch_size."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.batch_size % per_step:
+            raise UserError(
+                f"train.batch_size ({self.batch_size}) is not divisible by micro_batch_size ({self.micro_batch_size}) "
+                f"x data-parallel size ({data_parallel_size})"
+            )
+        return self.batch_size // per_step
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a mapping with sections model, data, train")
+        sections = {}
+        for key, value in raw.items():
+            if key not in _SECTIONS:
+                raise UserError(f"{source}: unknown section {key!r}{_did_you_mean(key, _SECTIONS)}")
+            sections[key] = _build(_SECTIONS[key], value, f"{source}: {key}")
+        return cls(**sections)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `section.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise UserError(f"{path}: not valid YAML{line}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with sections model, data, train")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"override {item!r} is not of the form section.key=value")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise UserError(f"override {item!r}: {section!r} is not a section")
+        target[name] = yaml.safe_load(value)
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in names:
+            raise UserError(f"{where}: unknown key {key!r}{_did_you_mean(str(key), names)}")
+        if not _matches(value, hints[key]):
+            raise UserError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+    values = {k: (float(v) if hints[k] is float else v) for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except UserError as exc:
+        raise UserError(f"{where.split(':')[0]}: {exc}") from None
+
+
+def _matches(value: Any, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

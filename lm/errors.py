@@ -1,0 +1,28 @@
+"""The one exception type a user can cause, and how the command line reports it."""
+
+
+class UserError(Exception):
+    """A problem in what the user gave us (config, paths, data, checkpoints, arguments).
+
+    Raised anywhere in the library; the `lm` command line prints its message as one line
+    (`error: ...`) and exits with status 2, instead of a traceback.
+    """
+
+
+def run_command(main, argv=None) -> int:
+    """Run a command's `main(argv)`, turning a UserError into one `error: ...` line and exit 2.
+
+    Under several processes every rank meets the same error; only rank 0 reports it.
+    """
+    import os
+    import sys
+
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130

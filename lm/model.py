@@ -1,0 +1,128 @@
+"""A GPT-2 style language model with pluggable attention per layer.
+
+The architecture is GPT-2's (Radford et al., 2019): learned token and position embeddings,
+pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm, and an output
+projection tied to the token embedding. Parameter names and shapes follow GPT-2 one-to-one
+(`transformer.h.0.attn.c_attn.weight`, ...; our Linear weights are the transpose of GPT-2's Conv1D
+weights), so a softmax model exports to Hugging Face GPT-2 exactly.
+
+What is new is the attention of each layer, chosen by name from `lm.attention`: plain softmax
+attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets Twicing", ICLR 2025),
+out = (2A - A^2) V, which the paper's language model uses in its last two layers.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lm.attention import get_attention
+from lm.config import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, attention: str):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attention_name = attention
+        self.attend = get_attention(attention)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        # (B, T, 3C) -> three (B, n_head, T, head_dim) tensors
+        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        y = self.attend(q, k, v)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, attention: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, attention)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, name) for name in config.layer_attention()),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_position_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab) for token ids (B, T); with targets also the mean cross-entropy."""
+        t = idx.size(1)
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of {t} tokens is longer than the context ({self.config.block_size})")
+        pos = torch.arange(t, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices (and the embedding), none on biases and LayerNorm gains."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), counting twicing's second pass."""
+        c, n = self.config, self.config.block_size
+        matmul_params = self.num_parameters(exclude_position_embedding=True)
+        attention_passes = sum(2 if "twicing" in b.attn.attention_name else 1 for b in self.transformer.h)
+        # each pass: QK^T and AV, 2 FLOPs per multiply-add, causal halves it on average
+        attention = attention_passes * 2 * 2 * n * c.n_embd // 2
+        return 3 * (2 * matmul_params + attention)

@@ -1,0 +1,49 @@
+"""The same training step in plain PyTorch, without DeepSpeed: the reference our engine must match.
+
+Tests compare DeepSpeed runs of every ZeRO stage against it, and the throughput benchmark uses it
+(optionally compiled) as the speed to beat. Same model init, data order, AdamW, clipping and
+learning-rate schedule as lm.train; one process, the whole global batch by gradient accumulation.
+"""
+
+import time
+
+import torch
+
+from lm.config import RunConfig
+from lm.data import WindowBatches
+from lm.model import GPT
+from lm.schedule import build_scheduler
+from lm.shards import ShardSet
+
+
+def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
+    """Train for `steps` (default train.steps) optimizer steps; returns losses and tokens/s."""
+    t = config.train
+    steps = t.steps if steps is None else steps
+    shards = ShardSet.open(config.data.path, verify=False)
+    batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
+    torch.manual_seed(t.seed)
+    model = GPT(config.model).to(device)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    scheduler = build_scheduler(optimizer, t)
+    forward = torch.compile(model) if compile else model
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    accum = t.batch_size // t.micro_batch_size
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        batch = batches.global_batch(step).to(device)
+        total = 0.0
+        for micro in range(accum):
+            rows = batch[micro * t.micro_batch_size : (micro + 1) * t.micro_batch_size]
+            with autocast:
+                _, loss = forward(rows[:, :-1], rows[:, 1:])
+            (loss / accum).backward()
+            total += loss.item()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(total / accum)
+    seconds = time.perf_counter() - start
+    return {"losses": losses, "seconds": seconds, "tokens_per_s": steps * t.batch_size * config.model.block_size / seconds}

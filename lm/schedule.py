@@ -1,0 +1,21 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step."""
+
+import math
+
+import torch
+
+from lm.config import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The learning rate used by optimizer step `step` (0-based)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step; its state is saved with the checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr)

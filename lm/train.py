@@ -1,0 +1,255 @@
+"""Training under a DeepSpeed engine.
+
+    lm train --config configs/demo.yaml [--set train.steps=50 ...] [--resume auto]
+    deepspeed --num_gpus 2 --module lm.train --config configs/demo.yaml
+
+Every rank builds the same model from the same seed, DeepSpeed partitions it by ZeRO stage, and
+each optimizer step consumes global batch number `step` of the data (see lm.data): the data
+position is the step, so a resumed run sees exactly the batches an uninterrupted one would.
+Rank 0 writes config.yaml, metrics.jsonl (one line per step and per validation) and TensorBoard
+scalars into the run directory `train.out_dir`.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from lm import checkpoint as ckpt
+from lm.config import RunConfig, load_config
+from lm.data import WindowBatches, eval_windows, rank_rows
+from lm.distributed import World, init_distributed, quiet_deepspeed
+from lm.ds_config import deepspeed_config
+from lm.errors import UserError, run_command
+from lm.model import GPT
+from lm.schedule import build_scheduler
+from lm.shards import ShardSet
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lm train", description="Train a GPT under DeepSpeed ZeRO from a YAML run config.")
+    p.add_argument("--config", required=True, help="YAML run config with sections model, data, train")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument(
+        "--resume", default="none", metavar="auto|none|PATH",
+        help="auto: continue from the newest complete checkpoint in train.out_dir, if any; PATH: a run or checkpoint directory",
+    )
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    train(load_config(args.config, args.set), resume=args.resume)
+    return 0
+
+
+def open_data(config: RunConfig) -> ShardSet:
+    shards = ShardSet.open(config.data.path, verify=config.data.verify_checksums)
+    if shards.vocab_size > config.model.vocab_size:
+        raise UserError(
+            f"tokenizer/model vocabulary mismatch: the shards in {config.data.path} use {shards.vocab_size} ids "
+            f"but model.vocab_size is {config.model.vocab_size}"
+        )
+    return shards
+
+
+def find_resume_point(config: RunConfig, resume: str) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a run."""
+    run_dir = Path(config.train.out_dir)
+    if resume == "none":
+        if ckpt.complete_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it, or choose another train.out_dir")
+        return None
+    if resume == "auto":
+        found = ckpt.complete_checkpoints(run_dir)
+        tag_dir = found[-1] if found else None
+    else:
+        tag_dir = ckpt.resolve_checkpoint(resume)
+    if tag_dir is not None:
+        ckpt.check_same_model(tag_dir, config.model)
+    return tag_dir
+
+
+def build_engine(config: RunConfig, world: World):
+    import deepspeed
+
+    torch.manual_seed(config.train.seed)  # same initial weights on every rank and layout
+    model = GPT(config.model).to(world.device)
+    t = config.train
+    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    scheduler = build_scheduler(optimizer, t)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(t, world.world_size), dist_init_required=False,
+    )
+    return engine
+
+
+def mean_over_ranks(value: torch.Tensor, count: int) -> float:
+    total = torch.stack([value.detach().float().sum().cpu(), torch.tensor(float(count))])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def validate(engine, windows: list[torch.Tensor], config: RunConfig, world: World) -> float:
+    """Mean token loss over the validation windows, split across ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
+    padding its share with zero-weight copies of the first window.
+    """
+    engine.eval()
+    mine = windows[world.rank :: world.world_size]
+    per_rank = -(-len(windows) // world.world_size)
+    weights = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)))
+    mine = mine + [windows[0]] * (per_rank - len(mine))
+    total = torch.zeros(())
+    mb = config.train.micro_batch_size
+    for i in range(0, per_rank, mb):
+        rows = torch.stack(mine[i : i + mb]).to(world.device)
+        logits, _ = engine(rows[:, :-1])
+        per_row = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none").mean(dim=1)
+        total += (per_row.cpu() * weights[i : i + mb]).sum()
+    engine.train()
+    stats = torch.stack([total, weights.sum()])
+    dist.all_reduce(stats)
+    return (stats[0] / stats[1]).item()
+
+
+def memory_mib(world: World) -> float:
+    if world.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+
+
+class RunLog:
+    """Rank 0's console line, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, world: World):
+        self.enabled = world.is_main
+        self.writer = None
+        if not self.enabled:
+            return
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if config.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def record(self, step: int, console: str | None = None, **values):
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        if console:
+            print(console, flush=True)
+
+    def close(self):
+        if self.enabled:
+            self.metrics.close()
+            if self.writer:
+                self.writer.close()
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, shards: ShardSet, world: World) -> None:
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if shards.tokenizer_path.is_file():
+            shutil.copyfile(shards.tokenizer_path, run_dir / "tokenizer.model")
+    dist.barrier()
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: World) -> None:
+    tag = ckpt.tag_for_step(step)
+    root = ckpt.checkpoint_root(run_dir)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    ckpt.save_rng_state(root / tag, world.rank)
+    dist.barrier()  # every rank's files are written before the checkpoint is marked complete
+    if world.is_main:
+        info = {"step": step, "batches_consumed": step, "world_size": world.world_size, "config": config.to_dict()}
+        ckpt.write_marker(root / tag, info)
+    dist.barrier()
+
+
+def train(config: RunConfig, resume: str = "none") -> dict:
+    """Run (or continue) training; returns the per-step losses and validation results."""
+    run_dir = Path(config.train.out_dir)
+    shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
+    resume_from = find_resume_point(config, resume)
+    world = init_distributed()
+    quiet_deepspeed()
+    t = config.train
+    seq_len = config.model.block_size
+    batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
+    val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
+    engine = build_engine(config, world)
+    grad_accum = t.grad_accum_steps(world.world_size)
+    start = 0
+    if resume_from is not None:
+        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+        start = client["step"]
+        ckpt.load_rng_state(resume_from, world.rank)
+    prepare_run_dir(run_dir, config, shards, world)
+    log = RunLog(run_dir, config, world)
+    if world.is_main:
+        n = sum(p.numel() for p in GPT(config.model).parameters())
+        print(
+            f"training {n / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
+            f"{t.precision}, {world.world_size} rank(s) x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
+            + (f", resuming at step {start}" if start else ""),
+            flush=True,
+        )
+    result = {"losses": [], "val": []}
+    if val and start == 0:
+        v = validate(engine, val, config, world)
+        result["val"].append((0, v))
+        log.record(0, f"step 0: val loss {v:.4f}", **{"val/loss": v})
+    tokens_per_step = t.batch_size * seq_len
+    clock = time.perf_counter()
+    for step in range(start, t.steps):
+        batch = batches.global_batch(step)
+        loss_sum = torch.zeros(())
+        for micro in range(grad_accum):
+            rows = rank_rows(batch, world.rank, world.world_size, t.micro_batch_size, micro).to(world.device)
+            _, loss = engine(rows[:, :-1], rows[:, 1:])
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the update only at the last micro step
+            loss_sum += loss.detach().float().cpu()
+        loss_value = mean_over_ranks(loss_sum, grad_accum)
+        result["losses"].append(loss_value)
+        done = step + 1
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+        values = {"train/loss": loss_value, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm,
+                  "train/tokens_per_s": tokens_per_step / elapsed, "train/memory_mib": memory_mib(world)}
+        console = None
+        if done % t.log_interval == 0 or done == t.steps:
+            console = (f"step {done}/{t.steps} | loss {loss_value:.4f} | lr {values['train/lr']:.2e} | "
+                       f"grad {grad_norm:.3f} | {values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
+        log.record(done, console, **values)
+        if val and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
+            v = validate(engine, val, config, world)
+            result["val"].append((done, v))
+            log.record(done, f"step {done}: val loss {v:.4f}", **{"val/loss": v})
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
+            save_checkpoint(engine, run_dir, done, config, world)
+        clock = time.perf_counter()
+    log.close()
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_command(main))

@@ -1,0 +1,34 @@
+"""Install twicing-lm: packages lm, data_prep, launch and the `lm` console script.
+
+torch is required but not pinned here: a machine that already has a (CUDA) torch keeps it.
+scripts/bootstrap.sh installs a CPU torch first on machines without one.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="twicing-lm",
+    version="0.1.0",
+    description="GPT training stack with twicing attention, DeepSpeed ZeRO and tensor parallelism",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lm", "lm.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
+    package_data={"lm": ["../configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "sentencepiece>=0.2",
+        "datasets>=2.19",
+        "numpy>=1.24",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["lm = lm.cli:main"]},
+)
