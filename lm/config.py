@@ -66,7 +66,7 @@ class ModelConfig:
             return []
         if sel == "all":
             return list(range(n))
-        if sel.startswith("last:") and sel[5:].isdigit() and 0 <= int(sel[5:]) <= n:
+        if sel.startswith("last:") and sel[5:].isascii() and sel[5:].isdigit() and int(sel[5:]) <= n:
             return list(range(n - int(sel[5:]), n))
         raise UserError(f"model.twicing_layers must be 'none', 'all', 'last:K' (K <= {n}) or a list of layers, got {sel!r}")
 
@@ -152,8 +152,8 @@ class RunConfig:
         sections = {}
         for key, value in raw.items():
             if key not in _SECTIONS:
-                raise UserError(f"{source}: unknown section {key!r}{_did_you_mean(key, _SECTIONS)}")
-            sections[key] = _build(_SECTIONS[key], value, f"{source}: {key}")
+                raise UserError(f"{source}: unknown section {key!r}{_did_you_mean(str(key), _SECTIONS)}")
+            sections[key] = _build(_SECTIONS[key], value, source, key)
         return cls(**sections)
 
 
@@ -178,10 +178,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise UserError(f"override {item!r} is not of the form section.key=value")
-        target = raw.setdefault(section, {})
+        if raw.get(section) is None:
+            raw[section] = {}
+        target = raw[section]
         if not isinstance(target, dict):
             raise UserError(f"override {item!r}: {section!r} is not a section")
-        target[name] = yaml.safe_load(value)
+        try:
+            target[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML") from None
     return RunConfig.from_dict(raw, source=str(path))
 
 
@@ -190,7 +195,8 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _build(cls, raw: Any, where: str):
+def _build(cls, raw: Any, source: str, section: str):
+    where = f"{source}: {section}"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -206,7 +212,7 @@ def _build(cls, raw: Any, where: str):
     try:
         return cls(**values)
     except UserError as exc:
-        raise UserError(f"{where.split(':')[0]}: {exc}") from None
+        raise UserError(f"{source}: {exc}") from None
 
 
 def _matches(value: Any, hint) -> bool:
@@ -220,10 +226,18 @@ def _matches(value: Any, hint) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_float_text(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, origin or hint)
+
+
+def _is_float_text(value: Any) -> bool:
+    """YAML 1.1 reads `6e-4` (no dot) as a string; a float field accepts it as the number."""
+    try:
+        return isinstance(value, str) and float(value) == float(value)  # excludes nan
+    except ValueError:
+        return False
 
 
 def _describe(hint) -> str:

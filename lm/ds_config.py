@@ -21,8 +21,10 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int) -> dict:
     for key in train.deepspeed:
         if key in DERIVED:
             raise UserError(f"train.deepspeed.{key} is derived from {DERIVED[key]}; set it there instead")
-    stage = train.deepspeed.get("zero_optimization", {}).get("stage", train.zero_stage)
-    if stage != train.zero_stage:
+    zero = train.deepspeed.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError("train.deepspeed.zero_optimization must be a mapping")
+    if zero.get("stage", train.zero_stage) != train.zero_stage:
         raise UserError("train.deepspeed.zero_optimization.stage conflicts with train.zero_stage; set train.zero_stage")
     config = {
         "train_batch_size": train.batch_size,

@@ -109,7 +109,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        # The loss in at least fp32, also when the logits are bf16.
+        logits_for_loss = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits_for_loss.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:

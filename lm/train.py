@@ -41,13 +41,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume", default="none", metavar="auto|none|PATH",
         help="auto: continue from the newest complete checkpoint in train.out_dir, if any; PATH: a run or checkpoint directory",
     )
+    p.add_argument(
+        "--stop-at", type=int, default=None, metavar="STEP",
+        help="stop after STEP steps and checkpoint, keeping the schedule of train.steps (continue with --resume auto)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    train(load_config(args.config, args.set), resume=args.resume)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UserError(f"--stop-at must be positive, got {args.stop_at}")
+    train(load_config(args.config, args.set), resume=args.resume, stop_at=args.stop_at)
     return 0
 
 
@@ -86,11 +92,12 @@ def build_engine(config: RunConfig, world: World):
     t = config.train
     optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = build_scheduler(optimizer, t)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters away
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(t, world.world_size), dist_init_required=False,
     )
-    return engine
+    return engine, n_params
 
 
 def mean_over_ranks(value: torch.Tensor, count: int) -> float:
@@ -183,8 +190,11 @@ def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: 
     dist.barrier()
 
 
-def train(config: RunConfig, resume: str = "none") -> dict:
-    """Run (or continue) training; returns the per-step losses and validation results."""
+def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -> dict:
+    """Run (or continue) training; returns the per-step losses and validation results.
+
+    `stop_at` ends this invocation early (with a checkpoint) without changing the LR schedule.
+    """
     run_dir = Path(config.train.out_dir)
     shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
     resume_from = find_resume_point(config, resume)
@@ -194,7 +204,9 @@ def train(config: RunConfig, resume: str = "none") -> dict:
     seq_len = config.model.block_size
     batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
     val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
-    engine = build_engine(config, world)
+    engine, n_params = build_engine(config, world)
+    # Dropout draws from a stream of its own per data-parallel rank; weights were drawn alike.
+    torch.manual_seed(t.seed + 1 + world.rank)
     grad_accum = t.grad_accum_steps(world.world_size)
     start = 0
     if resume_from is not None:
@@ -204,9 +216,8 @@ def train(config: RunConfig, resume: str = "none") -> dict:
     prepare_run_dir(run_dir, config, shards, world)
     log = RunLog(run_dir, config, world)
     if world.is_main:
-        n = sum(p.numel() for p in GPT(config.model).parameters())
         print(
-            f"training {n / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
+            f"training {n_params / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
             f"{t.precision}, {world.world_size} rank(s) x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
             + (f", resuming at step {start}" if start else ""),
             flush=True,
@@ -218,7 +229,8 @@ def train(config: RunConfig, resume: str = "none") -> dict:
         log.record(0, f"step 0: val loss {v:.4f}", **{"val/loss": v})
     tokens_per_step = t.batch_size * seq_len
     clock = time.perf_counter()
-    for step in range(start, t.steps):
+    last = min(t.steps, stop_at or t.steps)
+    for step in range(start, last):
         batch = batches.global_batch(step)
         loss_sum = torch.zeros(())
         for micro in range(grad_accum):
@@ -244,7 +256,7 @@ def train(config: RunConfig, resume: str = "none") -> dict:
             v = validate(engine, val, config, world)
             result["val"].append((done, v))
             log.record(done, f"step {done}: val loss {v:.4f}", **{"val/loss": v})
-        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last:
             save_checkpoint(engine, run_dir, done, config, world)
         clock = time.perf_counter()
     log.close()

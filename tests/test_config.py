@@ -1,0 +1,430 @@
+"""Specification of the run configuration: loading and validating YAML (lm.config) and the
+DeepSpeed config derived from it (lm.ds_config).
+
+Every mistake a user can make in a config file or a `--set section.key=value` override must end
+in a `UserError` whose message is one line and names the offending key.
+"""
+
+import copy
+
+import pytest
+import yaml
+
+from lm.attention import ATTENTION
+from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from lm.ds_config import DERIVED, deepspeed_config
+from lm.errors import UserError
+
+VALID = {
+    "model": {
+        "vocab_size": 97, "block_size": 16, "n_layer": 4, "n_head": 4, "n_embd": 32, "d_ff": 48,
+        "twicing_layers": "last:2",
+    },
+    "data": {"path": "shards/demo"},
+    "train": {
+        "steps": 10, "batch_size": 8, "micro_batch_size": 2, "lr": 1.0e-3, "min_lr": 1.0e-4,
+        "zero_stage": 2, "precision": "bf16",
+    },
+}
+
+
+def write_yaml(tmp_path, config, name="run.yaml"):
+    """Write `config` (a dict, or raw YAML text) to a file and return its path."""
+    path = tmp_path / name
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def with_value(section, key, value):
+    """VALID with one key of one section replaced."""
+    config = copy.deepcopy(VALID)
+    config[section][key] = value
+    return config
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message, f"not a single-line message: {message!r}"
+    return message
+
+
+def load_error(tmp_path, config, overrides=()) -> str:
+    """The single-line message of the UserError raised by loading `config` with `overrides`."""
+    with pytest.raises(UserError) as info:
+        load_config(write_yaml(tmp_path, config), list(overrides))
+    return one_line(info)
+
+
+# --------------------------------------------------------------------------- loading a valid file
+
+
+def test_valid_file_builds_typed_run_config_with_defaults_for_missing_keys(tmp_path):
+    config = load_config(write_yaml(tmp_path, VALID))
+    assert isinstance(config, RunConfig)
+    assert isinstance(config.model, ModelConfig)
+    assert isinstance(config.data, DataConfig)
+    assert isinstance(config.train, TrainConfig)
+    assert (config.model.n_layer, config.model.n_embd, config.model.twicing_layers) == (4, 32, "last:2")
+    assert config.data.path == "shards/demo"
+    assert (config.train.zero_stage, config.train.precision, config.train.lr) == (2, "bf16", 1.0e-3)
+    # keys the file leaves out keep the dataclass defaults
+    assert config.train.seed == TrainConfig().seed
+    assert config.data.verify_checksums is True
+    assert config.model.dropout == 0.0
+
+
+def test_empty_file_and_empty_sections_give_the_default_config(tmp_path):
+    assert load_config(write_yaml(tmp_path, "")) == RunConfig()
+    assert load_config(write_yaml(tmp_path, "model:\ndata:\ntrain:\n")) == RunConfig()
+
+
+def test_to_dict_round_trips_through_yaml(tmp_path):
+    """The dict a checkpoint stores loads back into an equal config."""
+    config = load_config(write_yaml(tmp_path, VALID))
+    assert load_config(write_yaml(tmp_path, config.to_dict(), name="again.yaml")) == config
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_shipped_demo_config_loads():
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    config = load_config(demo)
+    assert config.model.layer_attention()[-2:] == ["twicing", "twicing"]
+
+
+# --------------------------------------------------------------------------- unknown names
+
+
+def test_unknown_section_is_named_with_the_close_match(tmp_path):
+    config = copy.deepcopy(VALID)
+    config["modle"] = config.pop("model")
+    message = load_error(tmp_path, config)
+    assert "unknown section 'modle'" in message
+    assert "did you mean 'model'?" in message
+
+
+@pytest.mark.parametrize(
+    "section, wrong, right",
+    [("model", "n_layers", "n_layer"), ("model", "twicing_layer", "twicing_layers"),
+     ("train", "micro_batch", "micro_batch_size"), ("data", "pth", "path")],
+)
+def test_unknown_key_is_named_with_the_close_match(tmp_path, section, wrong, right):
+    message = load_error(tmp_path, with_value(section, wrong, 1))
+    assert f"{section}: unknown key '{wrong}'" in message
+    assert f"did you mean '{right}'?" in message
+
+
+def test_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
+    message = load_error(tmp_path, with_value("train", "qqqqqq", 1))
+    assert "unknown key 'qqqqqq'" in message
+    assert "did you mean" not in message
+
+
+# --------------------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("model", "n_layer", "two"),  # string for int
+        ("model", "n_layer", True),  # bool is not an int here
+        ("model", "n_layer", 2.0),  # float for int, even a whole one
+        ("model", "d_ff", 4.5),
+        ("train", "lr", "fast"),
+        ("train", "lr", True),  # bool is not a float either
+        ("model", "bias", 1),  # int for bool
+        ("data", "path", 5),
+        ("model", "twicing_layers", 2),
+        ("model", "twicing_layers", [1.0]),
+        ("model", "twicing_layers", [True]),
+        ("train", "deepspeed", [1, 2]),
+    ],
+)
+def test_wrong_type_is_rejected_naming_the_key(tmp_path, section, key, value):
+    message = load_error(tmp_path, with_value(section, key, value))
+    assert f"{section}.{key}: expected" in message
+    assert repr(value) in message
+
+
+def test_int_is_accepted_for_float_and_converted(tmp_path):
+    config = load_config(write_yaml(tmp_path, with_value("train", "lr", 1)))
+    assert config.train.lr == 1.0 and type(config.train.lr) is float
+    config = load_config(write_yaml(tmp_path, with_value("model", "init_std", 0)))
+    assert type(config.model.init_std) is float
+
+
+def test_null_is_accepted_for_optional_d_ff_and_means_four_times_n_embd(tmp_path):
+    config = load_config(write_yaml(tmp_path, with_value("model", "d_ff", None)))
+    assert config.model.d_ff is None
+    assert config.model.ffn_dim == 4 * 32
+
+
+@pytest.mark.parametrize(
+    "key, value", [("zero_stage", 4), ("zero_stage", "2"), ("zero_stage", True), ("precision", "fp16"), ("precision", "BF16")]
+)
+def test_literal_fields_reject_values_outside_their_choices(tmp_path, key, value):
+    message = load_error(tmp_path, with_value("train", key, value))
+    assert f"train.{key}: expected one of" in message
+
+
+@pytest.mark.parametrize("key, value", [("zero_stage", 0), ("zero_stage", 3), ("precision", "fp32")])
+def test_literal_fields_accept_their_choices(tmp_path, key, value):
+    assert getattr(load_config(write_yaml(tmp_path, with_value("train", key, value))).train, key) == value
+
+
+def test_yaml_float_without_a_dot_is_read_as_the_number(tmp_path):
+    """PyYAML reads `6e-4` as a string (YAML 1.1); a float field takes it as the number it means."""
+    assert load_config(write_yaml(tmp_path, "train:\n  lr: 6e-4\n")).train.lr == 6.0e-4
+    assert load_config(write_yaml(tmp_path, "train:\n  lr: 6.0e-4\n")).train.lr == 6.0e-4
+    assert "train.lr: expected float, got 'fast'" in load_error(tmp_path, "train:\n  lr: fast\n")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_n_embd_must_be_divisible_by_n_head(tmp_path):
+    config = with_value("model", "n_embd", 30)
+    message = load_error(tmp_path, config)
+    assert "model.n_embd (30) must be divisible by model.n_head (4)" in message
+    assert message.startswith(str(tmp_path / "run.yaml") + ": ")
+
+
+@pytest.mark.parametrize("section, key", [("model", "n_layer"), ("model", "vocab_size"), ("train", "steps"), ("train", "batch_size")])
+def test_sizes_must_be_positive(tmp_path, section, key):
+    assert f"{section}.{key} must be positive, got 0" in load_error(tmp_path, with_value(section, key, 0))
+
+
+def test_batch_size_must_be_a_multiple_of_micro_batch_size(tmp_path):
+    config = copy.deepcopy(VALID)
+    config["train"].update(batch_size=10, micro_batch_size=4)
+    message = load_error(tmp_path, config)
+    assert "train.batch_size (10) must be a multiple of train.micro_batch_size (4)" in message
+
+
+def test_min_lr_may_not_exceed_lr(tmp_path):
+    assert "train.min_lr" in load_error(tmp_path, with_value("train", "min_lr", 1.0))
+
+
+@pytest.mark.parametrize("dp, accum", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_grad_accum_steps_fills_the_global_batch(dp, accum):
+    train = TrainConfig(batch_size=32, micro_batch_size=4)
+    assert train.grad_accum_steps(dp) == accum
+    assert train.micro_batch_size * train.grad_accum_steps(dp) * dp == train.batch_size
+
+
+@pytest.mark.parametrize("dp", [3, 16])
+def test_grad_accum_steps_error_names_the_numbers(dp):
+    with pytest.raises(UserError) as info:
+        TrainConfig(batch_size=32, micro_batch_size=4).grad_accum_steps(dp)
+    message = one_line(info)
+    assert "train.batch_size (32)" in message
+    assert "micro_batch_size (4)" in message
+    assert f"data-parallel size ({dp})" in message
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
+    overrides = [
+        "model.n_layer=2",
+        "model.twicing_layers=[0, 1]",
+        "model.d_ff=null",
+        "train.lr=0.5",
+        "train.tensorboard=false",
+        "data.path=other/dir",
+    ]
+    config = load_config(write_yaml(tmp_path, VALID), overrides)
+    assert config.model.n_layer == 2 and type(config.model.n_layer) is int
+    assert config.model.twicing_layers == [0, 1]
+    assert config.model.d_ff is None
+    assert config.train.lr == 0.5
+    assert config.train.tensorboard is False
+    assert config.data.path == "other/dir"
+    assert config.model.n_embd == 32  # untouched keys stay as in the file
+
+
+def test_later_override_wins_and_value_may_contain_equals_sign(tmp_path):
+    config = load_config(write_yaml(tmp_path, VALID), ["model.n_layer=2", "model.n_layer=3", "data.path=a=b"])
+    assert config.model.n_layer == 3
+    assert config.data.path == "a=b"
+
+
+def test_override_may_add_a_section_the_file_lacks(tmp_path):
+    config = load_config(write_yaml(tmp_path, {"model": VALID["model"]}), ["train.steps=3"])
+    assert config.train.steps == 3
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    assert "model.n_layer: expected int, got 'two'" in load_error(tmp_path, VALID, ["model.n_layer=two"])
+    assert "did you mean 'n_layer'?" in load_error(tmp_path, VALID, ["model.n_layers=2"])
+    assert "did you mean 'model'?" in load_error(tmp_path, VALID, ["modle.n_layer=2"])
+    assert "must be divisible" in load_error(tmp_path, VALID, ["model.n_head=3"])
+
+
+@pytest.mark.parametrize("override", ["model.n_layer", "n_layer=2", "model.=2", "=2", ""])
+def test_override_not_of_the_form_section_key_value_is_rejected(tmp_path, override):
+    message = load_error(tmp_path, VALID, [override])
+    assert "is not of the form section.key=value" in message
+
+
+def test_override_into_a_scalar_is_rejected(tmp_path):
+    assert "'data' is not a section" in load_error(tmp_path, "data: 3\n", ["data.path=x"])
+
+
+def test_override_value_that_is_not_valid_yaml_is_a_user_error(tmp_path):
+    message = load_error(tmp_path, VALID, ["model.twicing_layers=[1,"])
+    assert "model.twicing_layers" in message
+
+
+def test_override_into_an_empty_section_works(tmp_path):
+    assert load_config(write_yaml(tmp_path, "model:\n"), ["model.n_layer=2"]).model.n_layer == 2
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_missing_file_is_a_user_error_naming_the_path(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert f"config file not found: {tmp_path / 'nope.yaml'}" == one_line(info)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path)  # a directory is not a config file
+
+
+def test_invalid_yaml_is_a_user_error_with_the_line(tmp_path):
+    message = load_error(tmp_path, "model:\n  n_layer: 2\n  twicing_layers: [1,\n")
+    assert "not valid YAML" in message
+    assert "(line " in message
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "42\n", "just text\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    assert "expected a mapping with sections model, data, train" in load_error(tmp_path, text)
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    assert "model: expected a mapping, got list" in load_error(tmp_path, "model: [1, 2]\n")
+
+
+def test_non_string_section_name_is_a_user_error(tmp_path):
+    assert "unknown section 1" in load_error(tmp_path, "1: {}\n")
+
+
+def test_value_error_names_a_path_containing_a_colon(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  n_layer: 0\n", name="run:v2.yaml")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: model.n_layer must be positive")
+
+
+# --------------------------------------------------------------------------- twicing layer selection
+
+
+@pytest.mark.parametrize(
+    "selector, n_layer, expected",
+    [
+        ("none", 16, []),
+        ("all", 4, [0, 1, 2, 3]),
+        ("last:2", 16, [14, 15]),  # the paper's language model
+        ("last:0", 16, []),
+        ("last:16", 16, list(range(16))),
+        ([3, 0, 3], 16, [0, 3]),  # sorted, duplicates dropped
+        ([], 16, []),
+    ],
+)
+def test_twicing_layer_indices(selector, n_layer, expected):
+    assert ModelConfig(n_layer=n_layer, twicing_layers=selector).twicing_layer_indices() == expected
+
+
+def test_layer_attention_of_the_papers_language_model():
+    config = ModelConfig(n_layer=16, twicing_layers="last:2")
+    assert config.layer_attention() == ["softmax"] * 14 + ["twicing"] * 2
+
+
+@pytest.mark.parametrize("selector", [[16], [-1], [0, 99], "last:17", "last:-1", "last:", "first:2", "ALL", "", "2"])
+def test_invalid_twicing_selector_is_rejected_at_construction(selector):
+    with pytest.raises(UserError) as info:
+        ModelConfig(n_layer=16, twicing_layers=selector)
+    assert "model.twicing_layers" in one_line(info)
+
+
+def test_out_of_range_layer_is_named():
+    with pytest.raises(UserError, match="layer 16 is out of range for n_layer=16"):
+        ModelConfig(n_layer=16, twicing_layers=[2, 16])
+
+
+def test_reference_impl_selects_the_reference_variants():
+    config = ModelConfig(n_layer=3, twicing_layers=[1], attention_impl="reference")
+    assert config.layer_attention() == ["softmax_reference", "twicing_reference", "softmax_reference"]
+    fused = ModelConfig(n_layer=3, twicing_layers=[1]).layer_attention()
+    assert fused == ["softmax", "twicing", "softmax"]
+    assert set(config.layer_attention() + fused) <= set(ATTENTION)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+
+def test_deepspeed_config_is_derived_from_the_train_config():
+    train = TrainConfig(batch_size=32, micro_batch_size=4, grad_clip=0.5, zero_stage=2, precision="bf16")
+    ds = deepspeed_config(train, data_parallel_size=2)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4
+    # DeepSpeed's own invariant
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["bf16"] == {"enabled": True}
+    assert "fp16" not in ds
+
+
+def test_fp32_run_disables_bf16():
+    assert deepspeed_config(TrainConfig(precision="fp32"), 1)["bf16"] == {"enabled": False}
+
+
+def test_deepspeed_config_rejects_a_data_parallel_size_that_does_not_divide_the_batch():
+    with pytest.raises(UserError, match=r"data-parallel size \(3\)"):
+        deepspeed_config(TrainConfig(batch_size=8, micro_batch_size=2), 3)
+
+
+def test_extra_deepspeed_keys_are_merged_deeply():
+    extra = {
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7},
+        "activation_checkpointing": {"partition_activations": True},
+        "steps_per_print": 10,
+    }
+    train = TrainConfig(zero_stage=2, deepspeed=copy.deepcopy(extra))
+    ds = deepspeed_config(train, 1)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7}
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+    assert ds["steps_per_print"] == 10  # a non-derived default of ours may be overridden
+    assert ds["train_batch_size"] == train.batch_size
+    assert train.deepspeed == extra  # the train config is not modified
+
+
+@pytest.mark.parametrize("key", sorted(DERIVED))
+def test_setting_a_derived_key_in_train_deepspeed_is_rejected(key):
+    with pytest.raises(UserError) as info:
+        deepspeed_config(TrainConfig(deepspeed={key: 1}), 1)
+    message = one_line(info)
+    assert f"train.deepspeed.{key} is derived from train." in message
+
+
+def test_the_derived_keys_cover_batch_accumulation_clipping_and_precision():
+    assert {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+            "gradient_clipping", "bf16", "fp16"} <= set(DERIVED)
+
+
+def test_conflicting_zero_stage_is_rejected():
+    with pytest.raises(UserError) as info:
+        deepspeed_config(TrainConfig(zero_stage=1, deepspeed={"zero_optimization": {"stage": 3}}), 1)
+    assert "set train.zero_stage" in one_line(info)
+
+
+def test_null_zero_optimization_is_a_user_error_or_ignored():
+    try:
+        deepspeed_config(TrainConfig(deepspeed={"zero_optimization": None}), 1)
+    except UserError:
+        pass

@@ -1,0 +1,115 @@
+"""Specification of training under DeepSpeed: equal to plain PyTorch, exact resume, clear errors."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
+from lm.config import RunConfig
+from lm.plain_loop import train_plain
+
+# Measured: every ZeRO stage, with 1 and 2 processes, stays within 6.1e-8 (relative) of the plain
+# loop over these 6 steps; fp32 rounding (eps 1.2e-7) from different reduction orders is all that
+# differs. 2e-6 leaves room for other BLAS builds while catching any real mistake (a wrong
+# gradient scale, a missed clip, a skipped batch shifts losses by 1e-3 or more).
+RELATIVE_TOLERANCE = 2e-6
+
+
+def losses_from(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp_path, nproc):
+    config = tiny_run_config(tiny_shards, tmp_path / "runs")
+    reference = train_plain(RunConfig.from_dict(config))["losses"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "tests" / "zero_stages_run.py"), str(tmp_path / "config.json"), str(tmp_path / "losses.json"),
+               "0", "1", "2", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_stage = json.loads((tmp_path / "losses.json").read_text())
+    assert sorted(by_stage) == ["0", "1", "2", "3"]
+    assert reference[-1] < reference[0] - 0.5  # the run really learns
+    for stage, losses in by_stage.items():
+        assert losses == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with {nproc} process(es)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,stage", [(2, 2), (1, 3)])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_shards, tmp_path, nproc, stage):
+    # Dropout on, so the restored RNG state matters too.
+    train = {"steps": 20, "zero_stage": stage, "eval_interval": 5}
+    straight = write_config(tmp_path / "straight.yaml", tiny_run_config(tiny_shards, tmp_path / "straight", {"dropout": 0.1}, train))
+    split = write_config(tmp_path / "split.yaml", tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, train))
+    for args in (["--config", str(straight)], ["--config", str(split), "--stop-at", "10"],
+                 ["--config", str(split), "--resume", "auto"]):
+        result = run_lm("lm.train", *args, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted, resumed = losses_from(tmp_path / "straight"), losses_from(tmp_path / "split")
+    assert sorted(resumed) == list(range(1, 21))
+    assert resumed == uninterrupted  # bitwise: float equality of every step's loss
+
+
+def test_a_bad_config_key_ends_with_one_clear_line(tiny_shards, tmp_path):
+    config = tiny_run_config(tiny_shards, tmp_path / "run")
+    config["model"]["n_layers"] = 3
+    result = run_lm("train", "--config", str(write_config(tmp_path / "bad.yaml", config)))
+    assert_one_error_line(result, "unknown key 'n_layers'", "did you mean 'n_layer'")
+
+
+def test_a_missing_data_path_ends_with_one_clear_line(tiny_shards, tmp_path):
+    config = tiny_run_config(tmp_path / "no-such-shards", tmp_path / "run")
+    result = run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
+    assert_one_error_line(result, "no-such-shards")
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_large_a_vocabulary_for_the_model_is_refused(tiny_shards, tmp_path):
+    config = tiny_run_config(tiny_shards, tmp_path / "run", model={"vocab_size": 100})
+    result = run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
+    assert_one_error_line(result, "vocabulary mismatch", "384", "100")
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_model_and_existing_runs_are_refused_untouched(tiny_shards, tmp_path):
+    config = tiny_run_config(tiny_shards, tmp_path / "run", train={"steps": 2})
+    path = write_config(tmp_path / "c.yaml", config)
+    assert run_lm("train", "--config", str(path)).returncode == 0
+    before = tree_digest(tmp_path / "run")
+
+    # Starting again into the same directory would overwrite the run.
+    assert_one_error_line(run_lm("train", "--config", str(path)), "already holds a run", "--resume auto")
+
+    # Resuming with another architecture names the difference.
+    other = tiny_run_config(tiny_shards, tmp_path / "run", model={"n_layer": 3})
+    result = run_lm("train", "--config", str(write_config(tmp_path / "o.yaml", other)), "--resume", "auto")
+    assert_one_error_line(result, "different model", "model.n_layer is 2 there and 3 here")
+
+    # So does loading it into another run directory.
+    elsewhere = tiny_run_config(tiny_shards, tmp_path / "other-run", model={"n_embd": 64})
+    result = run_lm("train", "--config", str(write_config(tmp_path / "e.yaml", elsewhere)), "--resume", str(tmp_path / "run"))
+    assert_one_error_line(result, "different model", "n_embd")
+    assert tree_digest(tmp_path / "run") == before
