@@ -15,6 +15,8 @@ also records the step, the data position and the config, so a checkpoint can be 
 checked against a model without unpickling anything.
 """
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -124,7 +126,9 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
         select_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # DeepSpeed narrates the consolidation on stdout, which must stay clean for --json.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     weights = {k: v.float() for k, v in weights.items()}
     # Tied weights are stored once by DeepSpeed's consolidation; restore both names.
     if "lm_head.weight" in weights and "transformer.wte.weight" not in weights:

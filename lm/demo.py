@@ -44,12 +44,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    import torch
+
     from data_prep.corpus import embedded_corpus, split_train_val
     from data_prep.prep import prepare_shards
     from launch.local import deepspeed_local_command, local_environment
     from lm.checkpoint import load_for_inference
     from lm.evaluate import evaluate_text
-    from lm.generate import generate
+    from lm.generate import continuation_text, generate
 
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -84,11 +86,10 @@ def main(argv=None) -> int:
     val = [m["val/loss"] for m in metrics if "val/loss" in m]
     model, tokenizer, tag_dir = load_for_inference(out)
     report = evaluate_text(model, tokenizer, val_text)
-    import torch
-
     sample_prompt = "The import statement"
-    sample = tokenizer.decode(generate(model, tokenizer.encode(sample_prompt), 40, temperature=0.8, top_k=40,
-                                       generator=torch.Generator().manual_seed(0)))
+    prompt_ids = tokenizer.encode(sample_prompt)
+    new_ids = generate(model, prompt_ids, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    sample = continuation_text(tokenizer, prompt_ids, new_ids)
     summary = {
         "train_loss_start": losses[0],
         "train_loss_end": losses[-1],

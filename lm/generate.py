@@ -35,6 +35,12 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     return ids[0, len(prompt_ids):].tolist()
 
 
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new ids add to the prompt (decoding them alone would drop a leading space)."""
+    prompt = tokenizer.decode(prompt_ids)
+    return tokenizer.decode(prompt_ids + new_ids)[len(prompt):]
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Keep the top-k logits and the smallest set whose probability reaches top_p; others -> -inf."""
     if top_k is not None and top_k < logits.numel():
@@ -74,8 +80,9 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     outputs = []
     for prompt in args.prompt:
-        new = generate(model, tokenizer.encode(prompt), args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
-        outputs.append({"prompt": prompt, "completion": tokenizer.decode(new)})
+        prompt_ids = tokenizer.encode(prompt)
+        new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+        outputs.append({"prompt": prompt, "completion": continuation_text(tokenizer, prompt_ids, new)})
     if args.json:
         print(json.dumps({"checkpoint": str(tag_dir), "outputs": outputs}))
     else:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or refresh) .venv in this checkout with twicing-lm and everything it needs.
+#
+# torch: a machine whose python3 already has torch (a CUDA build, say) keeps it: the venv sees the
+# system packages. Otherwise TORCH_SPEC is installed (default torch==2.13.0, which on our CPU
+# machines is a local CPU wheel; an unpinned torch would pull a multi-GB CUDA build).
+# Idempotent and quick when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  if "$python" -c "import torch" 2>/dev/null; then
+    echo "bootstrap: reusing this machine's torch ($("$python" -c 'import torch; print(torch.__version__)'))"
+    "$python" -m venv --system-site-packages .venv
+  else
+    "$python" -m venv .venv
+  fi
+fi
+
+stamp=.venv/.twicing-lm-installed
+wanted=$(cat setup.py scripts/bootstrap.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+  exit 0
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "bootstrap: installing $torch_spec"
+  .venv/bin/python -m pip install -q "$torch_spec"
+fi
+echo "bootstrap: installing twicing-lm and its dependencies into .venv"
+.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import deepspeed, sentencepiece, lm" >/dev/null 2>&1 || { echo "bootstrap: installation failed" >&2; exit 1; }
+echo "$wanted" > "$stamp"
