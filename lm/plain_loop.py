@@ -17,7 +17,10 @@ from lm.shards import ShardSet
 
 
 def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
-    """Train for `steps` (default train.steps) optimizer steps; returns losses and tokens/s."""
+    """Train for `steps` (default train.steps) optimizer steps.
+
+    Returns the per-step losses and wall-clock seconds, and the whole run's tokens/s.
+    """
     t = config.train
     steps = t.steps if steps is None else steps
     shards = ShardSet.open(config.data.path, verify=False)
@@ -29,8 +32,9 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     forward = torch.compile(model) if compile else model
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     accum = t.batch_size // t.micro_batch_size
-    losses, start = [], time.perf_counter()
+    losses, step_seconds, start = [], [], time.perf_counter()
     for step in range(steps):
+        step_start = time.perf_counter()
         batch = batches.global_batch(step).to(device)
         total = 0.0
         for micro in range(accum):
@@ -45,5 +49,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         losses.append(total / accum)
+        step_seconds.append(time.perf_counter() - step_start)
     seconds = time.perf_counter() - start
-    return {"losses": losses, "seconds": seconds, "tokens_per_s": steps * t.batch_size * config.model.block_size / seconds}
+    tokens = steps * t.batch_size * config.model.block_size
+    return {"losses": losses, "step_seconds": step_seconds, "seconds": seconds, "tokens_per_s": tokens / seconds}
