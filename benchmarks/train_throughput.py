@@ -56,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--shards", default=None, help="existing shards (default: prepare the demo's)")
+    p.add_argument("--shards", default=None, help="existing shards (default: the demo corpus, 2048-piece tokenizer)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--compile", action="store_true", help="torch.compile the plain loop's model")
     args = p.parse_args()
@@ -72,7 +72,7 @@ def main() -> None:
         shards = args.shards
         if shards is None:
             train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            shards = str(prepare_shards(train_docs, val_docs, work / "data", vocab_size=config["model"]["vocab_size"], workers=2))
+            shards = str(prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, config["model"]["vocab_size"]), workers=2))
         config["data"]["path"] = shards
         config["train"]["steps"] = args.steps
         run_config = RunConfig.from_dict(config)

@@ -100,8 +100,9 @@ def build_engine(config: RunConfig, world: World):
     return engine, n_params
 
 
-def mean_over_ranks(value: torch.Tensor, count: int) -> float:
-    total = torch.stack([value.detach().float().sum().cpu(), torch.tensor(float(count))])
+def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
+    # Collectives run on the backend's device: NCCL has no CPU tensors.
+    total = torch.stack([value.detach().float().sum(), torch.tensor(float(count))]).to(device)
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -126,7 +127,7 @@ def validate(engine, windows: list[torch.Tensor], config: RunConfig, world: Worl
         per_row = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none").mean(dim=1)
         total += (per_row.cpu() * weights[i : i + mb]).sum()
     engine.train()
-    stats = torch.stack([total, weights.sum()])
+    stats = torch.stack([total, weights.sum()]).to(world.device)
     dist.all_reduce(stats)
     return (stats[0] / stats[1]).item()
 
@@ -239,7 +240,7 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the last micro step
             loss_sum += loss.detach().float().cpu()
-        loss_value = mean_over_ranks(loss_sum, grad_accum)
+        loss_value = mean_over_ranks(loss_sum, grad_accum, world.device)
         result["losses"].append(loss_value)
         done = step + 1
         grad_norm = engine.get_global_grad_norm()
