@@ -95,16 +95,6 @@ class WindowBatches:
         return k // self.batches_per_epoch
 
 
-def grad_accum_steps(global_batch_size: int, world_size: int, micro_batch: int) -> int:
-    """Micro steps per optimizer step so that world_size * grad_accum * micro_batch rows
-    make one global batch; UserError when the sizes do not divide."""
-    per_step = world_size * micro_batch
-    if micro_batch < 1 or world_size < 1 or global_batch_size % per_step:
-        raise UserError(f"global batch size {global_batch_size} is not a multiple of "
-                        f"world size {world_size} x micro batch {micro_batch}")
-    return global_batch_size // per_step
-
-
 def rank_rows(batch: torch.Tensor, rank: int, world_size: int, micro_batch: int,
               micro_step: int) -> torch.Tensor:
     """The rows of a global batch that data-parallel `rank` uses at micro step `micro_step`.
@@ -115,7 +105,9 @@ def rank_rows(batch: torch.Tensor, rank: int, world_size: int, micro_batch: int,
     micro_batch rows, so a single process with grad_accum' = world_size * grad_accum and
     the same micro_batch sees exactly the same rows in the same order, block by block.
     """
-    grad_accum = grad_accum_steps(batch.shape[0], world_size, micro_batch)
+    grad_accum, leftover = divmod(batch.shape[0], world_size * micro_batch)
+    if leftover:  # TrainConfig.grad_accum_steps refuses such sizes before training starts
+        raise ValueError(f"a batch of {batch.shape[0]} rows does not split into {world_size} ranks x micro batches of {micro_batch}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if not 0 <= micro_step < grad_accum:

@@ -37,7 +37,9 @@ def sliding_window_nll(model, ids: list[int], bos_id: int, context: int, stride:
         targets = sequence[start + 1 : end + 1].to(device)
         logits, _ = model(inputs[None])
         keep = end - begin_score  # the targets this window is responsible for
-        nll = F.cross_entropy(logits[0, -keep:].float(), targets[-keep:], reduction="sum")
+        scores = logits[0, -keep:]
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+        nll = F.cross_entropy(scores, targets[-keep:], reduction="sum")
         total += nll.item()
         scored += keep
     return total, scored

@@ -205,10 +205,10 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     seq_len = config.model.block_size
     batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
     val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
+    grad_accum = t.grad_accum_steps(world.world_size)  # refuses sizes that do not divide
     engine, n_params = build_engine(config, world)
     # Dropout draws from a stream of its own per data-parallel rank; weights were drawn alike.
     torch.manual_seed(t.seed + 1 + world.rank)
-    grad_accum = t.grad_accum_steps(world.world_size)
     start = 0
     if resume_from is not None:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)

@@ -26,7 +26,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "bootstrap: installing $torch_spec"
-  .venv/bin/python -m pip install -q "$torch_spec"
+  .venv/bin/python -m pip install -q "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 echo "bootstrap: installing twicing-lm and its dependencies into .venv"
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true

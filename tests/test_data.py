@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import (WindowBatches, eval_windows, grad_accum_steps, rank_rows,
+from lm.data import (WindowBatches, eval_windows, rank_rows,
                      split_among_ranks)
 from lm.errors import UserError
 
@@ -73,7 +73,7 @@ def test_too_few_windows_for_one_batch_is_a_user_error_naming_the_numbers():
 def test_ranks_rows_of_a_global_batch_are_disjoint_and_cover_it():
     world, micro = 3, 2
     batch = WindowBatches(shards(500), SEQ, 12, seed=0).global_batch(0)
-    accum = grad_accum_steps(12, world, micro)
+    accum = 12 // (world * micro)
     assert accum == 2
     rows = [rank_rows(batch, r, world, micro, m) for m in range(accum) for r in range(world)]
     firsts = torch.cat(rows)[:, 0].tolist()
@@ -83,15 +83,16 @@ def test_ranks_rows_of_a_global_batch_are_disjoint_and_cover_it():
 def test_rank_rows_match_a_single_process_with_world_times_the_accumulation():
     world, micro = 2, 3
     batch = WindowBatches(shards(500), SEQ, 12, seed=0).global_batch(5)
-    single = [rank_rows(batch, 0, 1, micro, m) for m in range(grad_accum_steps(12, 1, micro))]
-    for m in range(grad_accum_steps(12, world, micro)):
+    single = [rank_rows(batch, 0, 1, micro, m) for m in range(12 // micro)]
+    for m in range(12 // (world * micro)):
         for r in range(world):
             assert torch.equal(rank_rows(batch, r, world, micro, m), single[m * world + r])
 
 
-def test_batch_that_does_not_divide_among_ranks_is_a_user_error():
-    with pytest.raises(UserError, match="not a multiple"):
-        grad_accum_steps(10, 4, 2)
+def test_batch_that_does_not_divide_among_ranks_is_refused():
+    batch = WindowBatches(shards(500), SEQ, 10, seed=0).global_batch(0)
+    with pytest.raises(ValueError, match="does not split"):
+        rank_rows(batch, 0, 4, 2, 0)
 
 
 def test_eval_windows_are_in_shard_order_and_capped():
