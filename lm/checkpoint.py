@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lm.config import ModelConfig, RunConfig
+from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.distributed import select_accelerator
 from lm.errors import UserError
 
@@ -92,6 +92,16 @@ def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
             )
 
 
+def check_same_layout(tag_dir: Path, train: TrainConfig) -> None:
+    """Resuming needs the tensor-parallel layout the checkpoint was written with."""
+    saved = read_marker(tag_dir)["config"]["train"].get("tensor_parallel", 1)
+    if saved != train.tensor_parallel:
+        raise UserError(
+            f"checkpoint {tag_dir} was written with train.tensor_parallel={saved}, not {train.tensor_parallel}; "
+            "resume with the same layout"
+        )
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -117,6 +127,9 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage (TP = 1)."""
     info = read_marker(tag_dir)
     stage = info["config"]["train"]["zero_stage"]
+    tp = info["config"]["train"].get("tensor_parallel", 1)
+    if tp != 1:
+        raise UserError(f"checkpoint {tag_dir} is split over {tp} tensor-parallel ranks; merging them for inference is not implemented yet")
     if stage == 0:
         # Without ZeRO the model-states file holds the whole module; DeepSpeed pickles more than
         # tensors into it, so only checkpoints this project wrote (complete.json present) get here.

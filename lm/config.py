@@ -104,6 +104,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: Literal[0, 1, 2, 3] = 0
+    tensor_parallel: int = 1  # ranks per tensor-parallel group; data-parallel size = world / this
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
@@ -114,7 +115,7 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batch_size", "log_interval"):
+        for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "weight_decay", "grad_clip"):
@@ -142,6 +143,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        check_tensor_parallel(self.model, self.train.tensor_parallel)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -154,7 +158,19 @@ class RunConfig:
             if key not in _SECTIONS:
                 raise UserError(f"{source}: unknown section {key!r}{_did_you_mean(str(key), _SECTIONS)}")
             sections[key] = _build(_SECTIONS[key], value, source, key)
-        return cls(**sections)
+        try:
+            return cls(**sections)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    """Tensor parallelism splits heads, MLP units and the vocabulary: each must divide by tp."""
+    for name, value in (("model.n_head", model.n_head), ("model.vocab_size", model.vocab_size),
+                        ("model.d_ff", model.ffn_dim)):
+        if value % tp:
+            hint = "; it may exceed the tokenizer's vocabulary, so round it up" if name == "model.vocab_size" else ""
+            raise UserError(f"{name} ({value}) is not divisible by train.tensor_parallel ({tp}){hint}")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

@@ -24,7 +24,8 @@ from lm.config import ModelConfig
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, attention: str):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head = config.n_head  # heads computed here: n_head / tp under tensor parallelism
+        self.head_dim = config.n_embd // config.n_head
         self.attention_name = attention
         self.attend = get_attention(attention)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -32,11 +33,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        # (B, T, 3C) -> three (B, n_head, T, head_dim) tensors
-        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        # (B, T, 3 * heads * head_dim) -> three (B, heads, T, head_dim) tensors
+        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         y = self.attend(q, k, v)
-        y = y.transpose(1, 2).reshape(b, t, c)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -97,8 +98,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for token ids (B, T); with targets also the mean cross-entropy."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """Logits (B, T, vocab) for token ids (B, T); with targets also the cross-entropy.
+
+        reduction "mean" gives the mean over all tokens, "none" the (B, T) per-token losses.
+        Under tensor parallelism the logits are this rank's vocabulary slice (lm.parallel).
+        """
         t = idx.size(1)
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.config.block_size})")
@@ -109,10 +114,14 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        # The loss in at least fp32, also when the logits are bf16.
-        logits_for_loss = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits_for_loss.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, self.cross_entropy(logits, targets, reduction)
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Token cross-entropy in at least fp32 (also for bf16 logits); replaced under TP."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss if reduction != "none" else loss.view(targets.shape)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (and the embedding), none on biases and LayerNorm gains."""

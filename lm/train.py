@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from lm import checkpoint as ckpt
@@ -29,6 +28,7 @@ from lm.distributed import World, init_distributed, quiet_deepspeed
 from lm.ds_config import deepspeed_config
 from lm.errors import UserError, run_command
 from lm.model import GPT
+from lm.parallel import ParallelGroups, build_groups, shard_model
 from lm.schedule import build_scheduler
 from lm.shards import ShardSet
 
@@ -81,21 +81,23 @@ def find_resume_point(config: RunConfig, resume: str) -> Path | None:
         tag_dir = ckpt.resolve_checkpoint(resume)
     if tag_dir is not None:
         ckpt.check_same_model(tag_dir, config.model)
+        ckpt.check_same_layout(tag_dir, config.train)
     return tag_dir
 
 
-def build_engine(config: RunConfig, world: World):
+def build_engine(config: RunConfig, world: World, groups: ParallelGroups):
     import deepspeed
 
     torch.manual_seed(config.train.seed)  # same initial weights on every rank and layout
-    model = GPT(config.model).to(world.device)
+    model = GPT(config.model)
+    n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
+    model = shard_model(model, groups).to(world.device)
     t = config.train
     optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = build_scheduler(optimizer, t)
-    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters away
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(t, world.world_size), dist_init_required=False,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
+        config=deepspeed_config(t, groups.dp_size), dist_init_required=False,
     )
     return engine, n_params
 
@@ -108,23 +110,24 @@ def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> fl
 
 
 @torch.no_grad()
-def validate(engine, windows: list[torch.Tensor], config: RunConfig, world: World) -> float:
-    """Mean token loss over the validation windows, split across ranks.
+def validate(engine, windows: list[torch.Tensor], config: RunConfig, world: World, groups: ParallelGroups) -> float:
+    """Mean token loss over the validation windows, split across data-parallel ranks.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
-    padding its share with zero-weight copies of the first window.
+    padding its share with zero-weight copies of the first window. The ranks of a TP group score
+    the same windows; summing over the world counts each TP replica alike, so the mean holds.
     """
     engine.eval()
-    mine = windows[world.rank :: world.world_size]
-    per_rank = -(-len(windows) // world.world_size)
+    mine = windows[groups.dp_rank :: groups.dp_size]
+    per_rank = -(-len(windows) // groups.dp_size)
     weights = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)))
     mine = mine + [windows[0]] * (per_rank - len(mine))
     total = torch.zeros(())
     mb = config.train.micro_batch_size
     for i in range(0, per_rank, mb):
         rows = torch.stack(mine[i : i + mb]).to(world.device)
-        logits, _ = engine(rows[:, :-1])
-        per_row = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none").mean(dim=1)
+        _, per_token = engine(rows[:, :-1], rows[:, 1:], reduction="none")
+        per_row = per_token.float().mean(dim=1)
         total += (per_row.cpu() * weights[i : i + mb]).sum()
     engine.train()
     stats = torch.stack([total, weights.sum()]).to(world.device)
@@ -202,13 +205,15 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     world = init_distributed()
     quiet_deepspeed()
     t = config.train
+    groups = build_groups(t.tensor_parallel)
     seq_len = config.model.block_size
     batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
     val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
-    grad_accum = t.grad_accum_steps(world.world_size)  # refuses sizes that do not divide
-    engine, n_params = build_engine(config, world)
-    # Dropout draws from a stream of its own per data-parallel rank; weights were drawn alike.
-    torch.manual_seed(t.seed + 1 + world.rank)
+    grad_accum = t.grad_accum_steps(groups.dp_size)  # refuses sizes that do not divide
+    engine, n_params = build_engine(config, world, groups)
+    # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
+    # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
+    torch.manual_seed(t.seed + 1 + groups.dp_rank)
     start = 0
     if resume_from is not None:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
@@ -219,13 +224,13 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     if world.is_main:
         print(
             f"training {n_params / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
-            f"{t.precision}, {world.world_size} rank(s) x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
+            f"{t.precision}, TP {groups.tp_size} x DP {groups.dp_size} x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
             + (f", resuming at step {start}" if start else ""),
             flush=True,
         )
     result = {"losses": [], "val": []}
     if val and start == 0:
-        v = validate(engine, val, config, world)
+        v = validate(engine, val, config, world, groups)
         result["val"].append((0, v))
         log.record(0, f"step 0: val loss {v:.4f}", **{"val/loss": v})
     tokens_per_step = t.batch_size * seq_len
@@ -235,7 +240,7 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
         batch = batches.global_batch(step)
         loss_sum = torch.zeros(())
         for micro in range(grad_accum):
-            rows = rank_rows(batch, world.rank, world.world_size, t.micro_batch_size, micro).to(world.device)
+            rows = rank_rows(batch, groups.dp_rank, groups.dp_size, t.micro_batch_size, micro).to(world.device)
             _, loss = engine(rows[:, :-1], rows[:, 1:])
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the last micro step
@@ -254,7 +259,7 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
                        f"grad {grad_norm:.3f} | {values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
         log.record(done, console, **values)
         if val and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
-            v = validate(engine, val, config, world)
+            v = validate(engine, val, config, world, groups)
             result["val"].append((done, v))
             log.record(done, f"step {done}: val loss {v:.4f}", **{"val/loss": v})
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last:

@@ -1,0 +1,11 @@
+"""Megatron-style tensor parallelism, kept apart from the model's math.
+
+`groups.build_groups` splits the world into tensor-parallel groups of consecutive ranks and
+data-parallel groups across them, exposed as the `mpu` object DeepSpeed takes; `shard.shard_model`
+turns a (full, identically seeded) GPT into this rank's slice, built from the layers in `layers`.
+"""
+
+from lm.parallel.groups import ParallelGroups, build_groups
+from lm.parallel.shard import shard_model
+
+__all__ = ["ParallelGroups", "build_groups", "shard_model"]

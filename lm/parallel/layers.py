@@ -1,0 +1,165 @@
+"""Tensor-parallel building blocks (Shoeybi et al., "Megatron-LM", 2019).
+
+A column-parallel linear layer holds a slice of the output features: its input is replicated on
+every TP rank, so its forward is local and its backward must sum the input gradient over the TP
+group (`copy_to_tensor_parallel`). A row-parallel linear layer holds a slice of the input
+features: each rank computes a partial product that is summed over the group in the forward
+(`reduce_from_tensor_parallel`), whose backward is the identity. Attention blocks use
+column-then-row (QKV, then the output projection) and so do MLPs (c_fc, then c_proj): one
+all-reduce per block forward and one per block backward.
+
+The vocabulary is split too: each rank embeds the ids in its range of the vocabulary and the
+partial embeddings are summed; the tied output projection gives each rank the logits of its
+range, and the cross-entropy is computed from those slices without ever gathering full logits.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity in the forward; all-reduce (sum) of the gradient over the TP group in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """All-reduce (sum) over the TP group in the forward; identity in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTensorParallel.apply(x, group)
+
+
+def reduce_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTensorParallel.apply(x, group)
+
+
+def mark_sharded(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
+    """Tag a parameter as this rank's slice `index` along `dim` of the full parameter.
+
+    DeepSpeed reads `tensor_model_parallel` (and the older `model_parallel`) so that the gradient
+    norm counts sharded parameters on every TP rank and replicated ones once.
+    """
+    param.tensor_model_parallel = True
+    param.model_parallel = True
+    param.partition_dim = dim
+    param.full_index = index
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local, with W_local the rows `index` of the full weight."""
+
+    def __init__(self, full: nn.Linear, index: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = mark_sharded(nn.Parameter(full.weight.detach()[index].clone()), 0, index)
+        self.bias = None
+        if full.bias is not None:
+            self.bias = mark_sharded(nn.Parameter(full.bias.detach()[index].clone()), 0, index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over TP ranks of x_local W_local^T, plus the (replicated) bias once."""
+
+    def __init__(self, full: nn.Linear, index: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = mark_sharded(nn.Parameter(full.weight.detach()[:, index].clone()), 1, index)
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embeds the ids in [vocab_start, vocab_start + rows); the TP group sums the partial results."""
+
+    def __init__(self, full: nn.Embedding, vocab_start: int, rows: int, group):
+        super().__init__()
+        self.group = group
+        self.vocab_start = vocab_start
+        index = torch.arange(vocab_start, vocab_start + rows)
+        self.weight = mark_sharded(nn.Parameter(full.weight.detach()[index].clone()), 0, index)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.size(0))
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(out, self.group)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Logits of this rank's vocabulary range, from the (tied) vocabulary-parallel embedding."""
+
+    def __init__(self, embedding: VocabParallelEmbedding):
+        super().__init__()
+        self.group = embedding.group
+        self.weight = embedding.weight  # tied, as in the unsharded model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group):
+        ctx.input_dtype = logits.dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        # A max over the whole vocabulary keeps exp() in range on every rank.
+        shift = logits.max(dim=-1).values
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - shift.unsqueeze(-1)
+        local = targets - vocab_start
+        mine = (local >= 0) & (local < logits.size(-1))
+        local = local.masked_fill(~mine, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        # One collective for both sums: the target's logit lives on exactly one rank.
+        both = torch.stack([target_logit, sum_exp])
+        dist.all_reduce(both, group=group)
+        target_logit, sum_exp = both
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), mine, local)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, mine, local = ctx.saved_tensors
+        # d loss / d logits = softmax - one_hot(target), the one-hot only on the owning rank.
+        grad_logits = softmax.scatter_add(-1, local.unsqueeze(-1), -mine.unsqueeze(-1).to(softmax.dtype))
+        return (grad_logits * grad.unsqueeze(-1)).to(ctx.input_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
+                                 vocab_start: int, group) -> torch.Tensor:
+    """Cross-entropy of vocabulary-sliced logits (B, T, V/tp) against full-vocabulary targets."""
+    loss = _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss

@@ -1,0 +1,81 @@
+"""TP = world size versus the full model, on every rank (run by torchrun; used by test_tensor_parallel.py).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/tp_equivalence_run.py OUT.json
+
+For softmax and twicing models: logits (gathered over the vocabulary slices), loss and gradients
+(each rank's slice against the same slice of the full gradient), as worst relative errors; and
+the number of collectives one forward+backward issues. Rank 0 writes OUT.json.
+"""
+
+import json
+import sys
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+from lm.config import ModelConfig
+from lm.distributed import init_distributed
+from lm.model import GPT
+from lm.parallel import build_groups, shard_model
+
+CONFIG = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=64)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def gathered_logits(logits: torch.Tensor, group, tp: int) -> torch.Tensor:
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def compare(twicing_layers: str, groups) -> dict:
+    config = ModelConfig(**CONFIG, twicing_layers=twicing_layers)
+    torch.manual_seed(0)
+    full = GPT(config)
+    torch.manual_seed(0)
+    sharded = shard_model(GPT(config), groups)
+    ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_loss = full(ids, targets)
+    ref_loss.backward()
+    calls = {"n": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["n"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    with mock.patch.object(dist, "all_reduce", counting_all_reduce):
+        logits, loss = sharded(ids, targets)
+        loss.backward()
+    errors = {
+        "logits": relative(gathered_logits(logits, groups.tp_group, groups.tp_size), ref_logits),
+        "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+    }
+    full_params = dict(full.named_parameters())
+    worst, checked = 0.0, 0
+    for name, p in sharded.named_parameters():
+        ref = full_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            ref = ref.index_select(p.partition_dim, p.full_index)
+        worst = max(worst, relative(p.grad, ref))
+        checked += 1
+    errors["grads"] = worst
+    return {"errors": errors, "parameters_checked": checked, "all_reduces": calls["n"]}
+
+
+def main(out_path: str) -> None:
+    init_distributed()
+    groups = build_groups(dist.get_world_size())
+    results = {name: compare(name, groups) for name in ("none", "all")}
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
