@@ -1,9 +1,11 @@
 """Process-group set-up for every way a run can start.
 
-A run may be started by the deepspeed launcher, torchrun, mpirun, or as a plain `python` process.
-The first three set (or let DeepSpeed discover) RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT. A plain process sets none of them, and DeepSpeed would then try MPI discovery and pick
-a non-loopback address; so a lone process gets an explicit single-rank loopback world instead.
+A run may be started by the deepspeed launcher or torchrun, which set RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; by mpirun (Open MPI or MPICH), whose ranks carry the
+MPI launcher's own variables instead; or as a plain `python` process, which has none. MPI ranks
+get the torch variables from the launcher's, keeping a MASTER_ADDR / MASTER_PORT the user
+exported (DeepSpeed's own MPI discovery would replace them with the first address of
+`hostname -I`); a lone process gets an explicit single-rank loopback world.
 """
 
 import os
@@ -12,8 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from lm.errors import UserError
+
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+# (rank, world size, local rank, local size) as Open MPI and MPICH/Hydra name them.
+MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+DEFAULT_MASTER_PORT = "29500"
 
 
 @dataclass(frozen=True)
@@ -40,13 +49,34 @@ def select_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def mpi_master_address() -> str:
+    """Rank 0's address, broadcast over MPI (needs mpi4py and an MPI library)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError("started by mpirun without MASTER_ADDR set: export MASTER_ADDR (mpirun -x MASTER_ADDR=...) "
+                        "or install mpi4py (pip install 'twicing-lm[mpi]')") from None
+    comm = MPI.COMM_WORLD
+    address = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    return comm.bcast(address, root=0)
+
+
 def prepare_environment() -> None:
     """Environment that must be set before deepspeed is imported."""
     select_accelerator()
-    started_by_mpi = any(v in os.environ for v in MPI_RANK_VARIABLES)
-    if not started_by_mpi and not all(v in os.environ for v in DIST_VARIABLES):
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if all(v in os.environ for v in DIST_VARIABLES):
+        return
+    for rank, size, local_rank, local_size in MPI_VARIABLES:
+        if rank in os.environ:
+            os.environ.update(RANK=os.environ[rank], WORLD_SIZE=os.environ[size],
+                              LOCAL_RANK=os.environ.get(local_rank, "0"),
+                              LOCAL_WORLD_SIZE=os.environ.get(local_size, os.environ[size]))
+            os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+            if "MASTER_ADDR" not in os.environ:
+                os.environ["MASTER_ADDR"] = mpi_master_address()
+            return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed() -> World:
@@ -57,7 +87,7 @@ def init_distributed() -> World:
     cuda = torch.cuda.is_available()
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL picks a device
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

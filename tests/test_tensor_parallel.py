@@ -1,6 +1,7 @@
 """Specification of tensor parallelism: TP x DP layouts equal to the unsplit model, under every ZeRO stage."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
 from lm.config import RunConfig
+from lm.distributed import free_port
 from lm.plain_loop import train_plain
 from test_training import assert_one_error_line, losses_from
 
@@ -33,6 +35,7 @@ def test_tp2_logits_loss_and_gradients_equal_the_full_model(tmp_path):
         errors = results[attention]["errors"]
         assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, (attention, errors)
         assert results[attention]["parameters_checked"] == 3 * 12 + 4  # every parameter's gradient
+        assert results[attention]["init_is_exact_slice"]  # TP=2 starts as the exact slice of TP=1
     # Twicing adds no communication: its second pass needs only the local heads.
     assert results["all"]["all_reduces"] == results["none"]["all_reduces"]
 
@@ -98,3 +101,21 @@ def test_a_world_size_that_tp_does_not_divide_is_refused(tiny_shards, tmp_path):
     config = tiny_run_config(tiny_shards, tmp_path / "run", train={"tensor_parallel": 2})
     result = run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
     assert_one_error_line(result, "train.tensor_parallel (2) must divide the number of processes (1)")
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (scripts/bootstrap.sh --mpi installs Open MPI)")
+def test_mpirun_alone_trains_tp2_like_the_unsplit_model(tiny_shards, tmp_path):
+    """No deepspeed launcher, no torchrun: the ranks find each other from Open MPI's variables."""
+    config = tiny_run_config(tiny_shards, tmp_path / "run", train={"tensor_parallel": 2, "zero_stage": 2})
+    reference = train_plain(RunConfig.from_dict(config))["losses"]
+    path = write_config(tmp_path / "c.yaml", config)
+    env = cpu_env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "btl", "self,vader",
+               "--mca", "oob_tcp_if_include", "lo", *[a for v in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+                                                                  "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR") for a in ("-x", v)],
+               sys.executable, "-m", "lm.train", "--config", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = losses_from(tmp_path / "run")
+    assert [losses[s] for s in sorted(losses)] == pytest.approx(reference, rel=TRAINING_TOLERANCE)
