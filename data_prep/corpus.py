@@ -1,7 +1,8 @@
-"""Corpus sources: the embedded demo corpus, local text files, and the train/val split.
+"""Documents from text: the embedded demo corpus, UTF-8 lines, WikiText article splitting,
+and the deterministic train/val split.
 
-A corpus is a list of documents (str). Each document later becomes one span of token ids
-followed by an end-of-document token in the shards.
+A document is a str; each becomes one span of token ids followed by an end-of-document
+token in the shards. Readers stream (one line at a time) so corpora need not fit in memory.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,29 +30,61 @@ def embedded_corpus() -> list[str]:
     return [text.strip() for _, text in sorted(topics.items()) if text.strip()]
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(path: Path, data: bytes, offset: int = 0) -> str:
+    """UTF-8 text of `data`, which starts at byte `offset` of `path` (for the error line)."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not valid UTF-8 (bad byte 0x{data[e.start]:02x} at byte "
-                        f"offset {e.start})") from None
-    return text.removeprefix("\ufeff")  # a byte-order mark is not text
+                        f"offset {offset + e.start})") from None
+
+
+def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 file without their "\n", read one at a time.
+
+    Binary reading splits on "\n" only: str.splitlines would also split on form feeds and
+    other separators that are content here. A leading byte-order mark is dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"input {path} is not a regular file")
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            line = _decode(path, raw, offset)
+            if offset == 0:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            offset += len(raw)
+            yield line.removesuffix("\n")
+
+
+def iter_articles(lines: Iterable[str]) -> Iterator[str]:
+    """Group WikiText-style lines into one document per ` = Title = ` article, streaming.
+
+    Section headings (` = = Section = = `) stay inside their article. Text before the first
+    heading is a document of its own; text without any heading is one document. Documents
+    are stripped and empty ones dropped.
+    """
+    chunk: list[str] = []
+    has_text = False
+    for line in lines:
+        if has_text and _ARTICLE_HEADING.match(line.rstrip("\r")):
+            doc = "\n".join(chunk).strip()
+            if doc:
+                yield doc
+            chunk, has_text = [], False
+        chunk.append(line)
+        has_text = has_text or bool(line.strip())
+    doc = "\n".join(chunk).strip()
+    if doc:
+        yield doc
 
 
 def split_articles(text: str) -> list[str]:
-    """Split WikiText-style text into one document per ` = Title = ` article.
-
-    Text before the first heading becomes a document of its own. Text without any heading
-    is returned as one document. Documents are stripped; empty ones dropped.
-    """
-    # Split on "\n" only: str.splitlines would also split on form feeds and other
-    # separators that are content here.
-    docs: list[list[str]] = [[]]
-    for line in text.split("\n"):
-        if _ARTICLE_HEADING.match(line.rstrip("\r")) and any(s.strip() for s in docs[-1]):
-            docs.append([])
-        docs[-1].append(line)
-    return [d for d in ("\n".join(chunk).strip() for chunk in docs) if d]
+    """`iter_articles` over a whole text held in memory."""
+    return list(iter_articles(text.split("\n")))
 
 
 def read_text_files(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -61,14 +94,24 @@ def read_text_files(paths: Iterable[str | os.PathLike]) -> list[str]:
         raise UserError("no input files given")
     docs: list[str] = []
     for path in paths:
-        if not path.exists():
-            raise UserError(f"input file {path} does not exist")
-        if not path.is_file():
-            raise UserError(f"input {path} is not a regular file")
-        docs.extend(split_articles(_decode(path, path.read_bytes())))
+        docs.extend(iter_articles(iter_file_lines(path)))
     if not docs:
         raise UserError(f"the input files contain no text: {', '.join(map(str, paths))}")
     return docs
+
+
+def held_out_indices(n: int, val_fraction: float, seed: int = 0) -> set[int]:
+    """Indices of the documents `split_train_val` holds out of n for validation."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if seed < 0:
+        raise UserError(f"seed must be non-negative, got {seed}")
+    if n == 0:
+        raise UserError("the corpus is empty: nothing to split into train and val")
+    if n == 1:
+        return set()
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    return set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
 
 
 def split_train_val(docs: Sequence[str], val_fraction: float,
@@ -78,17 +121,7 @@ def split_train_val(docs: Sequence[str], val_fraction: float,
     With two or more documents, each side gets at least one; a single document all goes
     to train. Both sides keep the corpus order.
     """
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if seed < 0:
-        raise UserError(f"seed must be non-negative, got {seed}")
-    n = len(docs)
-    if n == 0:
-        raise UserError("the corpus is empty: nothing to split into train and val")
-    if n == 1:
-        return [docs[0]], []
-    n_val = min(max(round(n * val_fraction), 1), n - 1)
-    held = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    held = held_out_indices(len(docs), val_fraction, seed)
     train = [d for i, d in enumerate(docs) if i not in held]
     val = [d for i, d in enumerate(docs) if i in held]
     return train, val

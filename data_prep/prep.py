@@ -1,117 +1,75 @@
 """`lm prep`: train a sentencepiece tokenizer and write token shards, in parallel.
 
-Documents are tokenised by a pool of worker processes, but results are consumed in corpus
-order (ordered imap), so the shard bytes are the same for any number of workers.
+The command line picks a corpus source (`--input`, `--dataset`, `--wikitext-dir`,
+`--hf-dataset`) and options, then hands over to `data_prep.pipeline`. Started by `mpirun`
+(or `srun` with PMI), every rank takes part; see the --help epilog. `prepare_shards` is the
+Python entry point for documents already in memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from tqdm import tqdm
-
-from data_prep.corpus import read_text_files, split_train_val
-from data_prep.tokenizer import Tokenizer, train_sentencepiece
+from data_prep import pipeline, ranks as ranks_mod, sources, wikitext
+from data_prep.pipeline import PrepOptions
 from lm import shards
 from lm.errors import UserError
 
-TOKENIZER_NAME = "tokenizer.model"
-SPLITS = ("train", "val")
-_CHUNKSIZE = 16  # documents per pool task: amortises inter-process traffic
+TOKENIZER_NAME = pipeline.TOKENIZER_NAME
 
-_worker_tokenizer: Tokenizer | None = None  # each pool process loads the model once
+EPILOG = """\
+sources (exactly one):
+  --input FILE...        text files (one document each, or one per ' = Title = ' article),
+                         .jsonl (one document per line's --text-field), .parquet / .arrow
+                         (one document per row); globs like 'data/*.txt' are expanded.
+                         --val-fraction of the documents become the val split.
+  --dataset NAME         WikiText by name (wikitext-103-raw, wikitext-103, wikitext-2-raw,
+                         wikitext-2) from the Hugging Face hub (Salesforce/wikitext), with its
+                         own splits: train, val (= valid), test. One document per article.
+  --wikitext-dir DIR     WikiText offline from a local copy: wiki.{train,valid,test}.{raw,tokens},
+                         or parquet / arrow / jsonl dumps of the hub dataset. Add --dataset to
+                         pick raw or tokens when DIR holds both.
+  --hf-dataset NAME      any hub dataset: one document per row of --text-field (with
+                         --hf-config, --hf-split; --hf-val-split or else --val-fraction).
+                         Offline, a dataset already in the datasets cache loads with
+                         HF_DATASETS_OFFLINE=1.
 
+parallelism: each split is cut into work units of --docs-per-unit documents (fewer once
+  --unit-chars characters are in); units are tokenised by --workers processes, and under
+  mpirun by every rank (unit u on rank u % size, each rank with its own --workers). Each
+  unit becomes a part file in DIR/.prep; rank 0 then joins them in unit order into shards of
+  about --tokens-per-shard tokens and writes manifest.json last. The bytes written do not
+  depend on --workers or the number of ranks. With several nodes, --out must be on a shared
+  filesystem. Example:
+    mpirun -np 4 python -m data_prep.prep --dataset wikitext-103-raw --out data/wt103
 
-def _init_worker(model_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
-
-
-def _encode(doc: str) -> list[int]:
-    return _worker_tokenizer.encode(doc)
-
-
-def _encoded(docs: Sequence[str], tok: Tokenizer, pool) -> Iterator[list[int]]:
-    """Token ids of each document, in corpus order."""
-    if pool is None:
-        return map(tok.encode, docs)
-    return pool.imap(_encode, docs, chunksize=_CHUNKSIZE)
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier prep unless asked to; never delete anything else."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output path {out_dir} exists and is not a directory")
-    if not out_dir.is_dir() or overwrite:
-        return
-    if (out_dir / shards.MANIFEST).exists():
-        raise UserError(f"{out_dir} already holds token shards; pass --overwrite "
-                        "(overwrite=True) to replace them")
-    ours = [p.name for p in out_dir.iterdir() if p.name == TOKENIZER_NAME
-            or (p.suffix in (".bin", ".idx") and p.stem.split("-")[0] in SPLITS)]
-    if ours:
-        raise UserError(f"{out_dir} already has files a prep would replace ({sorted(ours)[0]}, "
-                        "...); pass --overwrite (overwrite=True) to replace them")
-
-
-def _old_shard_files(out_dir: Path) -> set[str]:
-    """Files named by an existing manifest, so an overwrite can remove the ones it orphans."""
-    try:
-        old = shards.ShardSet.open(out_dir, verify=False).manifest["splits"]
-    except UserError:
-        return set()
-    return {e[key] for entries in old.values() for e in entries for key in ("file", "index")}
+resuming: an interrupted run leaves DIR/.prep; rerun the same command with --resume and
+  finished units (checksum-verified) are skipped. --out must otherwise be empty or new
+  (--overwrite replaces an earlier prep; other files there are left alone).
+"""
 
 
 def prepare_shards(train_docs: Sequence[str], val_docs: Sequence[str],
                    out_dir: str | os.PathLike, *, vocab_size: int, workers: int = 1,
                    tokens_per_shard: int = 50_000_000, model_type: str = "bpe",
-                   overwrite: bool = False, seed: int = 0,
-                   max_sentences: int | None = None) -> Path:
+                   overwrite: bool = False, seed: int = 0, max_sentences: int | None = None,
+                   resume: bool = False, docs_per_unit: int = 1024,
+                   character_coverage: float = 0.9995) -> Path:
     """Train `out_dir/tokenizer.model` on train_docs, then tokenise both splits into shards.
 
     Returns out_dir. The manifest is written last, so an interrupted run leaves no manifest.
     """
-    out_dir = Path(out_dir)
     if not train_docs:
         raise UserError("no training documents to prepare")
-    if workers < 1:
-        raise UserError(f"workers must be at least 1, got {workers}")
-    _check_out_dir(out_dir, overwrite)
-    old_files = _old_shard_files(out_dir) if overwrite else set()
-    # From here the old manifest no longer describes the directory: drop it first.
-    (out_dir / shards.MANIFEST).unlink(missing_ok=True)
-
-    model_path = train_sentencepiece(train_docs, out_dir / Path(TOKENIZER_NAME).stem, vocab_size,
-                                     model_type=model_type, max_sentences=max_sentences,
-                                     seed=seed)
-    tok = Tokenizer(model_path)
-    dtype = shards.dtype_for_vocab(tok.vocab_size)
-    entries: dict[str, list[dict]] = {}
-    pool = (multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(model_path),))
-            if workers > 1 else None)
-    try:
-        for split, docs in zip(SPLITS, (train_docs, val_docs)):
-            with shards.ShardWriter(out_dir, split, dtype, tokens_per_shard, tok.eod_id) as w:
-                for ids in tqdm(_encoded(docs, tok, pool), total=len(docs),
-                                desc=f"tokenising {split}", unit="doc", disable=None):
-                    w.add_document(ids)
-            entries[split] = w.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    shards.write_manifest(out_dir, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
-                          pad_id=tok.pad_id, tokenizer_path=model_path, splits=entries)
-    new_files = {e[key] for es in entries.values() for e in es for key in ("file", "index")}
-    for name in old_files - new_files:
-        (out_dir / name).unlink(missing_ok=True)
-    return out_dir
+    opts = PrepOptions(vocab_size=vocab_size, workers=workers, tokens_per_shard=tokens_per_shard,
+                       model_type=model_type, overwrite=overwrite, seed=seed,
+                       max_sentences=max_sentences, resume=resume, docs_per_unit=docs_per_unit,
+                       character_coverage=character_coverage)
+    return pipeline.run(sources.list_corpus(train_docs, val_docs), out_dir, opts)
 
 
 def _positive_int(text: str) -> int:
@@ -124,55 +82,138 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors, like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see lm prep --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lm prep",
-        description="Train a sentencepiece tokenizer on text files and write token shards "
-                    "(manifest.json, tokenizer.model, {train,val}-NNNNN.bin/.idx) to --out.",
-        epilog="Each input file is one document, unless it has WikiText-style ' = Title = ' "
-               "lines, which start a new document each. The output does not depend on "
-               "--workers.")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="UTF-8 text files to read")
-    p.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
-    p.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
-                   help="tokenizer vocabulary size (default: %(default)s)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                   help="tokenising processes (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
-                   help="fraction of documents held out for validation (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the train/val split and tokenizer training (default: %(default)s)")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
-                   help="sentencepiece model type (default: %(default)s)")
-    p.add_argument("--tokens-per-shard", type=_positive_int, default=50_000_000, metavar="N",
-                   help="start a new shard file after this many tokens (default: %(default)s)")
-    p.add_argument("--max-sentences", type=_positive_int, default=None, metavar="N",
-                   help="train the tokenizer on at most the first N lines (default: all)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the shards of an earlier prep in --out")
+    p = _Parser(
+        prog="lm prep", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a sentencepiece tokenizer and write token shards (manifest.json,\n"
+                    "tokenizer.model, {split}-NNNNN.bin/.idx) to --out.")
+    src = p.add_argument_group("source (one of)")
+    src.add_argument("--input", nargs="+", metavar="FILE",
+                     help="text/jsonl/parquet/arrow files or globs")
+    src.add_argument("--dataset", metavar="NAME", help="WikiText: " + ", ".join(wikitext.CONFIGS))
+    src.add_argument("--wikitext-dir", metavar="DIR", help="local WikiText copy (offline)")
+    src.add_argument("--hf-dataset", metavar="NAME", help="any Hugging Face dataset name")
+    src.add_argument("--hf-config", metavar="C", help="its config (subset) name")
+    src.add_argument("--hf-split", default="train", metavar="S",
+                     help="its split to train on (default: %(default)s)")
+    src.add_argument("--hf-val-split", metavar="S", help="its split to use as val "
+                     "(default: carve --val-fraction out of --hf-split)")
+    src.add_argument("--hf-streaming", action="store_true",
+                     help="stream hub data instead of downloading it to the datasets cache")
+    src.add_argument("--text-field", "--jsonl-field", default="text", metavar="F",
+                     help="field holding the text in jsonl/parquet/arrow/hub rows "
+                          "(default: %(default)s)")
+    src.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                     help="fraction of documents held out as val, for sources without a val "
+                          "split (default: %(default)s)")
+    tok = p.add_argument_group("tokenizer (sentencepiece, byte fallback: no input is unknown)")
+    tok.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
+                     help="vocabulary size (default: %(default)s)")
+    tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                     help="sentencepiece model type (default: %(default)s)")
+    tok.add_argument("--character-coverage", type=_fraction, default=0.9995, metavar="F",
+                     help="share of characters given their own pieces; the rest are spelled "
+                          "as bytes (default: %(default)s)")
+    tok.add_argument("--max-sentences", type=_positive_int, default=1_000_000, metavar="N",
+                     help="train on a seeded random sample of N lines (default: %(default)s)")
+    tok.add_argument("--tokenizer", metavar="MODEL",
+                     help="use this sentencepiece model instead of training one")
+    tok.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="seed of the val split and the tokenizer sample (default: %(default)s)")
+    run = p.add_argument_group("sharding and parallelism")
+    run.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
+    run.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                     help="tokenising processes per rank (default: %(default)s)")
+    run.add_argument("--tokens-per-shard", type=_positive_int, default=50_000_000, metavar="N",
+                     help="start a new shard file after this many tokens (default: %(default)s)")
+    run.add_argument("--docs-per-unit", type=_positive_int, default=1024, metavar="N",
+                     help="documents per work unit (default: %(default)s)")
+    run.add_argument("--unit-chars", type=_positive_int, default=1 << 22, metavar="N",
+                     help="close a work unit early at this many characters (default: %(default)s)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted prep in --out, skipping finished units")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier prep in --out")
+    run.add_argument("--mpi", action="store_true",
+                     help="use mpi4py ranks even if no MPI launcher is detected")
     return p
+
+
+def corpus_from_args(args: argparse.Namespace) -> sources.Corpus:
+    """The one source the arguments name; a bad combination is a UserError."""
+    named = (("--input", args.input), ("--wikitext-dir", args.wikitext_dir),
+             ("--hf-dataset", args.hf_dataset))
+    chosen = [flag for flag, value in named if value]
+    if args.dataset and not args.wikitext_dir:
+        chosen.append("--dataset")
+    if len(chosen) != 1:
+        raise UserError("give exactly one source: --input, --dataset, --wikitext-dir or "
+                        f"--hf-dataset (got {', '.join(chosen) or 'none'})")
+    if args.wikitext_dir:
+        return wikitext.dir_corpus(args.wikitext_dir, args.dataset)
+    if args.dataset:
+        return wikitext.hub_corpus(args.dataset, streaming=args.hf_streaming)
+    if not 0 < args.val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1 (exclusive), "
+                        f"got {args.val_fraction}")
+    if args.hf_dataset:
+        return sources.hf_corpus(args.hf_dataset, args.text_field, config=args.hf_config,
+                                 split=args.hf_split, val_split=args.hf_val_split,
+                                 val_fraction=args.val_fraction, seed=args.seed,
+                                 streaming=args.hf_streaming)
+    return sources.files_corpus(args.input, args.text_field, args.val_fraction, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    docs = read_text_files(args.input)
-    train_docs, val_docs = split_train_val(docs, args.val_fraction, args.seed)
-    out = prepare_shards(train_docs, val_docs, args.out, vocab_size=args.vocab_size,
-                         workers=args.workers, tokens_per_shard=args.tokens_per_shard,
-                         model_type=args.model_type, overwrite=args.overwrite, seed=args.seed,
-                         max_sentences=args.max_sentences)
-    result = shards.ShardSet.open(out, verify=False)
-    for split in result.splits():
-        print(f"{split}: {result.num_documents(split)} documents, "
-              f"{result.num_tokens(split):,} tokens in {len(result.tokens(split))} shard(s)")
-    print(f"wrote {out} (tokenizer {result.tokenizer_path.name}, vocab {result.vocab_size})")
-    return 0
+    if args.seed < 0:
+        raise UserError(f"--seed must be non-negative, got {args.seed}")
+    ranks = ranks_mod.current(args.mpi)
+    opts = PrepOptions(vocab_size=args.vocab_size, model_type=args.model_type,
+                       character_coverage=args.character_coverage,
+                       max_sentences=args.max_sentences, seed=args.seed,
+                       tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+                       tokens_per_shard=args.tokens_per_shard, docs_per_unit=args.docs_per_unit,
+                       unit_chars=args.unit_chars, workers=args.workers, resume=args.resume,
+                       overwrite=args.overwrite)
+
+    def go() -> int:
+        corpus = corpus_from_args(args)
+        out = pipeline.run(corpus, args.out, opts, ranks)
+        if ranks.rank == 0:
+            result = shards.ShardSet.open(out, verify=False)
+            for split in result.splits():
+                print(f"{split}: {result.num_documents(split)} documents, "
+                      f"{result.num_tokens(split):,} tokens "
+                      f"in {len(result.tokens(split))} shard(s)")
+            print(f"wrote {out} (tokenizer {result.tokenizer_path.name}, "
+                  f"vocab {result.vocab_size})")
+        return 0
+
+    return ranks_mod.run_guarded(ranks, go)
 
 
-if __name__ == "__main__":  # `python -m data_prep.prep`; `lm prep` reports errors the same way
+if __name__ == "__main__":  # `python -m data_prep.prep` (mpirun too); `lm prep` reports alike
     try:
         raise SystemExit(main())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")) == "0":
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -46,11 +46,13 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str | os.PathLike, vo
                         remove_extra_whitespaces: bool = False) -> Path:
     """Train a sentencepiece model on docs; write `{model_prefix}.model`, return its path.
 
-    Each non-blank line of each document is one training sentence. Training is
-    deterministic: one thread, no input shuffling (max_sentences then takes the first
-    lines), fixed seed. Sentences are streamed in and the model streamed out, rather than
-    going through files, because sentencepiece records its input and output paths in the
-    model: with temp paths the same corpus would give different model bytes (and checksums).
+    Each non-blank line of each document is one training sentence. With `max_sentences`,
+    sentencepiece keeps a uniform random sample of that many sentences (reservoir
+    sampling over the stream), so big corpora train in bounded memory. Training is
+    deterministic: one thread and a fixed seed for the sampling. Sentences are streamed in
+    and the model streamed out, rather than going through files, because sentencepiece
+    records its input and output paths in the model: with temp paths the same corpus would
+    give different model bytes (and checksums).
     """
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"model type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -58,6 +60,11 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str | os.PathLike, vo
         raise UserError(f"vocab size must be positive, got {vocab_size}")
     if seed < 0:
         raise UserError(f"seed must be non-negative, got {seed}")
+    if not 0 < character_coverage <= 1:
+        raise UserError(f"character coverage must be in (0, 1], got {character_coverage}")
+    if max_sentences is not None and max_sentences <= 100:
+        raise UserError(f"max sentences must be above 100 (sentencepiece's minimum sample), "
+                        f"got {max_sentences}")
     lines = _training_lines(docs)
     first = next(lines, None)
     if first is None:
@@ -71,7 +78,7 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str | os.PathLike, vo
         remove_extra_whitespaces=remove_extra_whitespaces, num_threads=1,
         shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES, minloglevel=2)
     if max_sentences is not None:
-        options["input_sentence_size"] = max_sentences
+        options.update(input_sentence_size=max_sentences, shuffle_input_sentence=True)
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.Train(**options)

@@ -14,6 +14,11 @@ never forms a T x T matrix. Causality is preserved: A^2 is lower-triangular when
 rows of 2A - A^2 still sum to one.
 
 The `*_reference` functions materialise A explicitly; they exist to test the fused ones.
+
+Cached decoding (`attend_cached`) keeps K and V of the tokens so far and, for twicing, U as well:
+for a new token i, u_i = a_i V is appended to the U cache and out_i = 2 u_i - a_i U, since row i
+of A (2V - U) is 2 a_i V - a_i U. Every row of U depends only on earlier tokens, so U computed once
+stays valid.
 """
 
 import math
@@ -53,6 +58,35 @@ def twicing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """(2A - A^2) V with A and A^2 materialised, exactly as the paper writes it (for tests only)."""
     a = causal_attention_matrix(q, k)
     return (2 * a - a @ a) @ v
+
+
+class LayerCache:
+    """One layer's K, V (and for twicing U) of the tokens decoded so far, (batch, heads, time, dim)."""
+
+    def __init__(self):
+        self.k = self.v = self.u = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(-2)
+
+
+def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """Attention of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
+    twicing = name.startswith("twicing")
+    if cache.length == 0:  # prefill: ordinary causal attention over the prompt, keeping U
+        u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True) if twicing else u
+        cache.k, cache.v, cache.u = k, v, u
+        return out
+    if q.size(-2) != 1:
+        raise ValueError("after the prompt, cached attention takes one token at a time")
+    cache.k, cache.v = torch.cat([cache.k, k], dim=-2), torch.cat([cache.v, v], dim=-2)
+    u = F.scaled_dot_product_attention(q, cache.k, cache.v)  # the newest token sees every cached one
+    if not twicing:
+        return u
+    cache.u = torch.cat([cache.u, u], dim=-2)
+    return 2 * u - F.scaled_dot_product_attention(q, cache.k, cache.u)
 
 
 ATTENTION: dict[str, AttentionFn] = {

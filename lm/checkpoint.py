@@ -13,21 +13,25 @@ A run directory, as written by `lm train` and `lm demo`:
 A checkpoint without `complete.json` was interrupted and is never resumed from. `complete.json`
 also records the step, the data position and the config, so a checkpoint can be inspected and
 checked against a model without unpickling anything.
+
+`lm convert --to checkpoint` writes a weights-only checkpoint instead of DeepSpeed's files:
+`model.safetensors` (the full weights, for any TP layout) beside `complete.json`. Nothing here
+unpickles code: safetensors, or torch.load(weights_only=True) (see lm.consolidate).
 """
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from lm.config import ModelConfig, RunConfig, TrainConfig
-from lm.distributed import select_accelerator
 from lm.errors import UserError
 
 COMPLETE_MARKER = "complete.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def tag_for_step(step: int) -> str:
@@ -123,43 +127,57 @@ def load_rng_state(tag_dir: Path, rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage (TP = 1)."""
-    info = read_marker(tag_dir)
-    stage = info["config"]["train"]["zero_stage"]
-    tp = info["config"]["train"].get("tensor_parallel", 1)
-    if tp != 1:
-        raise UserError(f"checkpoint {tag_dir} is split over {tp} tensor-parallel ranks; merging them for inference is not implemented yet")
-    if stage == 0:
-        # Without ZeRO the model-states file holds the whole module; DeepSpeed pickles more than
-        # tensors into it, so only checkpoints this project wrote (complete.json present) get here.
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        weights = states["module"]
-    else:
-        select_accelerator()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def is_weights_only(tag_dir: Path) -> bool:
+    """A checkpoint written by `lm convert --to checkpoint`: full weights, no optimizer state."""
+    return (tag_dir / WEIGHTS_FILE).is_file()
 
-        # DeepSpeed narrates the consolidation on stdout, which must stay clean for --json.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    weights = {k: v.float() for k, v in weights.items()}
-    # Tied weights are stored once by DeepSpeed's consolidation; restore both names.
-    if "lm_head.weight" in weights and "transformer.wte.weight" not in weights:
-        weights["transformer.wte.weight"] = weights["lm_head.weight"]
-    if "transformer.wte.weight" in weights and "lm_head.weight" not in weights:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+
+def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
+    if is_weights_only(tag_dir):
+        return with_tied_names(load_file(tag_dir / WEIGHTS_FILE))
+    from lm.consolidate import consolidate
+
+    info = read_marker(tag_dir)
+    config = RunConfig.from_dict(info["config"], source=str(tag_dir / COMPLETE_MARKER))
+    return consolidate(tag_dir, config.model, config.train.zero_stage, config.train.tensor_parallel, info["world_size"])
+
+
+def with_tied_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The output layer is tied to the token embedding; files keep one or both names."""
+    tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
+    if tied is not None:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"] = tied
     return weights
 
 
+def is_converted_dir(path: Path) -> bool:
+    """A directory written by `lm convert --to safetensors`."""
+    return (path / WEIGHTS_FILE).is_file() and (path / "config.yaml").is_file()
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model, run config, checkpoint dir) from a run directory or a checkpoint directory."""
+    """(model, run config, source dir) from a run, checkpoint or converted directory."""
     from lm.model import GPT
 
-    tag_dir = resolve_checkpoint(checkpoint)
-    config = RunConfig.from_dict(read_marker(tag_dir)["config"], source=str(tag_dir / COMPLETE_MARKER))
+    path = Path(checkpoint)
+    if is_converted_dir(path):
+        config = RunConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
+        weights, source = with_tied_names(load_file(path / WEIGHTS_FILE)), path
+    else:
+        source = resolve_checkpoint(path)
+        config = RunConfig.from_dict(read_marker(source)["config"], source=str(source / COMPLETE_MARKER))
+        weights = load_model_weights(source)
     model = GPT(config.model)
-    model.load_state_dict(load_model_weights(tag_dir))
-    return model.to(device).eval(), config, tag_dir
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{source}: the weights do not fit the model of its config ({(missing or unexpected)[0]})")
+    return model.to(device).eval(), config, source
+
+
+def tokenizer_path_for(source: Path) -> Path:
+    """A converted directory carries its tokenizer; a checkpoint's is in its run directory."""
+    return source / "tokenizer.model" if is_converted_dir(source) else run_dir_of(source) / "tokenizer.model"
 
 
 def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -167,7 +185,7 @@ def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu
     from data_prep.tokenizer import Tokenizer
 
     model, _, tag_dir = load_model(checkpoint, device)
-    tokenizer_path = run_dir_of(tag_dir) / "tokenizer.model"
+    tokenizer_path = tokenizer_path_for(tag_dir)
     if not tokenizer_path.is_file():
         raise UserError(f"{tokenizer_path} is missing: the run directory has no tokenizer")
     tokenizer = Tokenizer(tokenizer_path)

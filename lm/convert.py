@@ -1,10 +1,15 @@
-"""Checkpoint conversion for inference.
+"""Checkpoint conversion.
 
-    lm convert --checkpoint RUN_DIR --out DIR [--dtype fp32|bf16]
+    lm convert --checkpoint RUN --out DIR                          # DIR/model.safetensors (+ config, tokenizer)
+    lm convert --checkpoint RUN --out DIR --to hf                  # a Hugging Face transformers model
+    lm convert --checkpoint RUN --out NEWRUN --to checkpoint --tensor-parallel M
 
-Writes DIR/model.safetensors (the consolidated weights of a DeepSpeed checkpoint of any ZeRO
-stage), DIR/config.yaml and DIR/tokenizer.model. The Hugging Face export and tensor-parallel
-merging are planned on top of this (see the issues).
+The source is any checkpoint `lm train` writes (every ZeRO stage, every TP size) or a converted
+directory. `--to checkpoint` writes a new run directory whose weights-only checkpoint
+`lm train --resume NEWRUN` continues under any TP layout: the weights, the step, the data position
+and the learning-rate schedule carry over; the optimizer's moments do not (DeepSpeed keeps them
+flattened and partitioned per TP and DP rank; re-splitting them is not implemented), so Adam
+rebuilds them, which takes on the order of 1 / (1 - beta2) steps.
 """
 
 import argparse
@@ -15,36 +20,69 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from lm.config import RunConfig
 from lm.errors import UserError, run_command
 
 
-def convert_to_safetensors(checkpoint: str, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    from lm.checkpoint import load_model_weights, read_marker, resolve_checkpoint, run_dir_of
+def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, source: str) -> None:
+    weights = {k: v for k, v in weights.items() if k != "transformer.wte.weight"}  # tied to lm_head.weight
+    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt", "source": source})
 
-    tag_dir = resolve_checkpoint(checkpoint)
-    if out.exists() and any(out.iterdir()):
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output directory {out} is not empty; choose another --out")
-    weights = load_model_weights(tag_dir)
-    weights.pop("transformer.wte.weight", None)  # tied to lm_head.weight; safetensors stores it once
+
+
+def convert(checkpoint: str, out: Path, to: str = "safetensors", dtype: torch.dtype = torch.float32,
+            tensor_parallel: int | None = None) -> Path:
+    from lm import checkpoint as ckpt
+
+    check_output_dir(out)  # before the (slow) loading
+    model, config, source = ckpt.load_model(checkpoint)
+    weights = model.state_dict()
+    tokenizer = ckpt.tokenizer_path_for(source)
+    if to == "hf":
+        from lm.hf_export import export_hf
+
+        return export_hf(weights, config.model, tokenizer if tokenizer.is_file() else None, out, dtype=dtype)
+    if to == "checkpoint":  # the new layout's config, checked before anything is written
+        raw = config.to_dict()
+        raw["train"]["tensor_parallel"] = tensor_parallel or config.train.tensor_parallel
+        raw["train"]["out_dir"] = str(out)
+        config = RunConfig.from_dict(raw, source="--tensor-parallel")
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": str(tag_dir)})
-    (out / "config.yaml").write_text(yaml.safe_dump(read_marker(tag_dir)["config"], sort_keys=False))
-    tokenizer = run_dir_of(tag_dir) / "tokenizer.model"
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
+    if to == "safetensors":
+        save_weights(weights, out / ckpt.WEIGHTS_FILE, dtype, str(source))
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return out
+    # A run directory holding one weights-only checkpoint for the new layout.
+    step = ckpt.read_marker(source)["step"] if (source / ckpt.COMPLETE_MARKER).is_file() else 0
+    tag_dir = ckpt.checkpoint_root(out) / ckpt.tag_for_step(step)
+    tag_dir.mkdir(parents=True)
+    save_weights(weights, tag_dir / ckpt.WEIGHTS_FILE, torch.float32, str(source))
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    ckpt.write_marker(tag_dir, {"step": step, "batches_consumed": step, "world_size": None, "weights_only": True,
+                                "config": config.to_dict()})
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lm convert", description="Convert a training checkpoint for inference.")
-    p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint) or checkpoint directory")
+    p = argparse.ArgumentParser(prog="lm convert", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint), checkpoint or converted directory")
     p.add_argument("--out", required=True, help="new directory for the converted files")
-    p.add_argument("--to", choices=["safetensors"], default="safetensors", help="output format")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--to", choices=["safetensors", "hf", "checkpoint"], default="safetensors", help="output format")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype (safetensors, hf)")
+    p.add_argument("--tensor-parallel", type=int, default=None, help="with --to checkpoint: the new TP size")
     args = p.parse_args(argv)
-    out = convert_to_safetensors(args.checkpoint, Path(args.out), torch.float32 if args.dtype == "fp32" else torch.bfloat16)
-    print(f"wrote {out / 'model.safetensors'}")
+    if args.tensor_parallel is not None and (args.to != "checkpoint" or args.tensor_parallel < 1):
+        raise UserError("--tensor-parallel takes a positive size, with --to checkpoint")
+    out = convert(args.checkpoint, Path(args.out), args.to, torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+                  args.tensor_parallel)
+    print(f"wrote {out}")
     return 0
 
 

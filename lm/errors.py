@@ -20,7 +20,8 @@ def run_command(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except UserError as exc:
-        if os.environ.get("RANK", "0") == "0":
+        rank = next((os.environ[v] for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ), "0")
+        if rank == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.attention import get_attention
+from lm.attention import LayerCache, attend_cached, get_attention
 from lm.config import ModelConfig
 
 
@@ -32,11 +32,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # (B, T, 3 * heads * head_dim) -> three (B, heads, T, head_dim) tensors
         q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = self.attend(q, k, v)
+        y = self.attend(q, k, v) if cache is None else attend_cached(self.attention_name, q, k, v, cache)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -61,8 +61,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,19 +98,23 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cache: list[LayerCache] | None = None):
         """Logits (B, T, vocab) for token ids (B, T); with targets also the cross-entropy.
 
         reduction "mean" gives the mean over all tokens, "none" the (B, T) per-token losses.
+        With `cache` (one LayerCache per layer, from `new_cache()`), idx continues the cached
+        tokens: the whole prompt first, then one token per call.
         Under tensor parallelism the logits are this rank's vocabulary slice (lm.parallel).
         """
-        t = idx.size(1)
+        start = cache[0].length if cache else 0
+        t = start + idx.size(1)
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.config.block_size})")
-        pos = torch.arange(t, device=idx.device)
+        pos = torch.arange(start, t, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
@@ -122,6 +126,9 @@ class GPT(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
         return loss if reduction != "none" else loss.view(targets.shape)
+
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in self.transformer.h]
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (and the embedding), none on biases and LayerNorm gains."""

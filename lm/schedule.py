@@ -16,6 +16,11 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepping once per optimizer step; its state is saved with the checkpoint."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr)
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step; its state is saved with the checkpoint.
+
+    `start_step` > 0 starts it as if it had already stepped that often (a weights-only resume).
+    """
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr, last_epoch=start_step - 1)

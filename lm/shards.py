@@ -124,6 +124,42 @@ class ShardWriter:
         if self._offsets[-1] >= self.tokens_per_shard:
             self._finish_shard()
 
+    def add_encoded(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once: `tokens` already holds each document's ids followed
+        by its eod, `lengths` the per-document token counts (eod included).
+
+        Writes exactly the bytes that add_document would for the same documents (same shard
+        boundaries), but in a few large writes, so assembling big corpora stays cheap.
+        """
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        tokens = np.asarray(tokens).reshape(-1)
+        ends = np.cumsum(lengths)
+        if lengths.size and (lengths.min() < 1 or ends[-1] != tokens.size):
+            raise ValueError("lengths must be positive and sum to the number of tokens")
+        if lengths.size and np.any(tokens[ends - 1] != self.eod_id):
+            raise ValueError("every document must end with the eod token")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > self.max_id):
+            raise UserError(f"token id out of range for {self.dtype} in a {self.split} document "
+                            f"(min {tokens.min()}, max {tokens.max()})")
+        first = 0  # index of the first document not yet written
+        while first < lengths.size:
+            if self._file is None:
+                self._start_shard()
+            base = ends[first - 1] if first else 0
+            # Shard size after each remaining document; the first to reach the limit closes it.
+            filled = self._offsets[-1] + (ends[first:] - base)
+            full = int(np.searchsorted(filled, self.tokens_per_shard, side="left"))
+            last = min(first + full, lengths.size - 1)  # last document going into this shard
+            data = tokens[base:ends[last]].astype(self.dtype, copy=False).tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._offsets.extend((self._offsets[-1] + ends[first:last + 1] - base).tolist())
+            if self._offsets[-1] >= self.tokens_per_shard:
+                self._finish_shard()
+            first = last + 1
+
     def _finish_shard(self) -> None:
         bin_path, idx_path = self._shard_path(".bin"), self._shard_path(".idx")
         self._file.close()
@@ -169,8 +205,12 @@ class ShardWriter:
 
 
 def write_manifest(out_dir: str | os.PathLike, *, vocab_size: int, eod_id: int, pad_id: int,
-                   tokenizer_path: str | os.PathLike, splits: dict[str, list[dict]]) -> Path:
-    """Write manifest.json atomically; call it after every ShardWriter is closed."""
+                   tokenizer_path: str | os.PathLike, splits: dict[str, list[dict]],
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write manifest.json atomically; call it after every ShardWriter is closed.
+
+    `extra` adds fields (e.g. how the data was prepared); it cannot replace the format's own.
+    """
     out_dir = Path(out_dir)
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file():
@@ -190,6 +230,10 @@ def write_manifest(out_dir: str | os.PathLike, *, vocab_size: int, eod_id: int, 
         "tokenizer": {"path": stored, "sha256": sha256_file(tokenizer_path)},
         "splits": {name: list(entries) for name, entries in splits.items()},
     }
+    for key, value in (extra or {}).items():
+        if key in manifest:
+            raise ValueError(f"manifest field {key!r} is reserved")
+        manifest[key] = value
     path = out_dir / MANIFEST
     tmp = _tmp_name(path)
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

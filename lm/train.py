@@ -81,20 +81,25 @@ def find_resume_point(config: RunConfig, resume: str) -> Path | None:
         tag_dir = ckpt.resolve_checkpoint(resume)
     if tag_dir is not None:
         ckpt.check_same_model(tag_dir, config.model)
-        ckpt.check_same_layout(tag_dir, config.train)
+        if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
+            ckpt.check_same_layout(tag_dir, config.train)
     return tag_dir
 
 
-def build_engine(config: RunConfig, world: World, groups: ParallelGroups):
+def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
+                 initial_weights: dict | None = None, start_step: int = 0):
+    """The DeepSpeed engine; `initial_weights` (full, unsplit) replace the seeded initialisation."""
     import deepspeed
 
     torch.manual_seed(config.train.seed)  # same initial weights on every rank and layout
     model = GPT(config.model)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups).to(world.device)
     t = config.train
     optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    scheduler = build_scheduler(optimizer, t)
+    scheduler = build_scheduler(optimizer, t, start_step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
         config=deepspeed_config(t, groups.dp_size), dist_init_required=False,
@@ -195,7 +200,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: 
 
 
 def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -> dict:
-    """Run (or continue) training; returns the per-step losses and validation results.
+    """Run (or continue) training; returns the per-step losses, validation results, the engine and groups.
 
     `stop_at` ends this invocation early (with a checkpoint) without changing the LR schedule.
     """
@@ -210,12 +215,15 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
     val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
     grad_accum = t.grad_accum_steps(groups.dp_size)  # refuses sizes that do not divide
-    engine, n_params = build_engine(config, world, groups)
+    # A weights-only checkpoint (lm convert --to checkpoint) restarts the engine from its weights.
+    weights_only = resume_from is not None and ckpt.is_weights_only(resume_from)
+    start = ckpt.read_marker(resume_from)["step"] if weights_only else 0
+    initial = ckpt.load_model_weights(resume_from) if weights_only else None
+    engine, n_params = build_engine(config, world, groups, initial, start)
     # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
     # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
     torch.manual_seed(t.seed + 1 + groups.dp_rank)
-    start = 0
-    if resume_from is not None:
+    if resume_from is not None and not weights_only:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
         start = client["step"]
         ckpt.load_rng_state(resume_from, world.rank)
@@ -266,7 +274,7 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
             save_checkpoint(engine, run_dir, done, config, world)
         clock = time.perf_counter()
     log.close()
-    return result
+    return {**result, "engine": engine, "groups": groups}
 
 
 if __name__ == "__main__":

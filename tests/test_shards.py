@@ -160,3 +160,27 @@ def test_failed_writer_leaves_no_temp_files(tmp_path):
             w.add_document([1, 2])
             raise RuntimeError("tokenizer crashed")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tokens_per_shard", [1, 4, 6, 11, 1000])
+def test_bulk_add_encoded_writes_the_same_bytes_as_one_document_at_a_time(tmp_path,
+                                                                          tokens_per_shard):
+    docs = DOCS * 3
+    one, bulk = tmp_path / "one", tmp_path / "bulk"
+    with ShardWriter(one, "train", np.uint16, tokens_per_shard, EOD) as w:
+        for d in docs:
+            w.add_document(d)
+    tokens = np.array([t for d in docs for t in d + [EOD]], dtype=np.uint16)
+    lengths = np.array([len(d) + 1 for d in docs])
+    with ShardWriter(bulk, "train", np.uint16, tokens_per_shard, EOD) as wb:
+        # In two calls, split mid-shard, as parts of consecutive work units arrive.
+        cut = int(lengths[:7].sum())
+        wb.add_encoded(tokens[:cut], lengths[:7])
+        wb.add_encoded(tokens[cut:], lengths[7:])
+    assert wb.close() == w.close()
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in bulk.iterdir())
+    for p in one.iterdir():
+        assert p.read_bytes() == (bulk / p.name).read_bytes(), p.name
+    with pytest.raises(ValueError, match="eod"):
+        ShardWriter(tmp_path / "x", "train", np.uint16, 10, EOD).add_encoded(
+            np.array([5, 6]), np.array([2]))

@@ -8,6 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
+import torch
+
+from lm.checkpoint import load_model
 from lm.config import RunConfig
 from lm.distributed import free_port
 from lm.plain_loop import train_plain
@@ -52,14 +55,21 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
     reference = train_plain(RunConfig.from_dict(config))["losses"]
     by_stage = run_stages(config, tmp_path, nproc, "0", "1", "2", "3")
     assert sorted(by_stage) == ["0", "1", "2", "3"]
-    for stage, losses in by_stage.items():
-        assert losses == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
+    for stage, run in by_stage.items():
+        assert run["losses"] == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
+        # The checkpoint, consolidated into one model, computes what the trained engine did.
+        model = load_model(tmp_path / "runs" / f"zero{stage}")[0]
+        ids = torch.arange(config["model"]["block_size"])[None]
+        with torch.no_grad():
+            logits = model(ids)[0].flatten()
+        expected = torch.tensor(run["logits"])
+        assert ((logits - expected).norm() / expected.norm()).item() <= 1e-5, f"consolidated ZeRO-{stage}"
 
 
 def test_the_comparison_catches_a_run_that_forgets_the_mpu(tiny_shards, tmp_path):
     config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"steps": 10, "tensor_parallel": 2})
     reference = train_plain(RunConfig.from_dict(config))["losses"]
-    losses = run_stages(config, tmp_path, 2, "1", "--without-mpu")["1"]
+    losses = run_stages(config, tmp_path, 2, "1", "--without-mpu")["1"]["losses"]
     assert losses != pytest.approx(reference, rel=TRAINING_TOLERANCE)
 
 
@@ -78,12 +88,22 @@ def test_tp2_resume_continues_like_an_uninterrupted_run_across_launchers(tiny_sh
         assert result.returncode == 0, result.stderr[-3000:]
     assert losses_from(tmp_path / "split") == losses_from(tmp_path / "straight")
 
-    # A TP checkpoint cannot yet be merged for inference, nor resumed under another layout.
-    assert_one_error_line(run_lm("generate", "--checkpoint", str(tmp_path / "split"), "--prompt", "x"),
-                          "split over 2 tensor-parallel ranks")
+    # Its DeepSpeed files resume only under the same layout ...
     other = tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, {**train, "tensor_parallel": 1, "steps": 12})
     result = run_lm("train", "--config", str(write_config(tmp_path / "other.yaml", other)), "--resume", "auto")
     assert_one_error_line(result, "tensor_parallel=2, not 1")
+
+    # ... but re-split TP 2 -> 1 -> 2 its weights come back exactly, and training resumes from them.
+    assert run_lm("convert", "--checkpoint", str(tmp_path / "split"), "--out", str(tmp_path / "tp1"),
+                  "--to", "checkpoint", "--tensor-parallel", "1").returncode == 0
+    assert run_lm("convert", "--checkpoint", str(tmp_path / "tp1"), "--out", str(tmp_path / "tp2"),
+                  "--to", "checkpoint", "--tensor-parallel", "2").returncode == 0
+    original, round_trip = load_model(tmp_path / "split")[0].state_dict(), load_model(tmp_path / "tp2")[0].state_dict()
+    assert all(torch.equal(original[name], round_trip[name]) for name in original)
+    result = run_lm("lm.train", "--config", str(tmp_path / "tp2" / "config.yaml"), "--resume", "auto",
+                    "--set", "train.steps=12", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses_from(tmp_path / "tp2")) == [11, 12]
 
 
 @pytest.mark.parametrize("model,message", [

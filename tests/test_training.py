@@ -53,8 +53,8 @@ def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp
     by_stage = json.loads((tmp_path / "losses.json").read_text())
     assert sorted(by_stage) == ["0", "1", "2", "3"]
     assert reference[-1] < reference[0] - 0.5  # the run really learns
-    for stage, losses in by_stage.items():
-        assert losses == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with {nproc} process(es)"
+    for stage, run in by_stage.items():
+        assert run["losses"] == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with {nproc} process(es)"
 
 
 @pytest.mark.slow

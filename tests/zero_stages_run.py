@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/zero_stages_run.py CONFIG.json OUT.json 0 1 2 3 [--without-mpu]
 
-Rank 0 writes {stage: [loss per step]} to OUT.json. Used by test_training.py and
+Rank 0 writes {stage: {"losses": [loss per step], "logits": [...]}} to OUT.json, the logits being
+the trained engine's (gathered over tensor-parallel ranks) for the ids 0..block_size-1. Used by test_training.py and
 test_tensor_parallel.py. `--without-mpu` is the negative control: DeepSpeed is not told about
 the tensor-parallel groups (and derives its batch size from the whole world), as a training
 script that forgot the mpu would do.
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 
 from lm.config import RunConfig
@@ -29,6 +31,16 @@ def forget_the_mpu():
     deepspeed.initialize = initialize
 
 
+@torch.no_grad()
+def final_logits(engine, groups, model: dict) -> list[float]:
+    engine.eval()
+    ids = torch.arange(model["block_size"]).remainder(model["vocab_size"])[None]
+    logits, _ = engine(ids)
+    parts = [torch.empty_like(logits) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, logits.contiguous(), group=groups.tp_group)
+    return torch.cat(parts, dim=-1).flatten().tolist()
+
+
 def main(config_path: str, result_path: str, *args: str) -> None:
     if "--without-mpu" in args:
         forget_the_mpu()
@@ -38,7 +50,8 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         raw = json.loads(json.dumps(base))
         raw["train"]["zero_stage"] = stage
         raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}"
-        results[stage] = train(RunConfig.from_dict(raw))["losses"]
+        run = train(RunConfig.from_dict(raw))
+        results[stage] = {"losses": run["losses"], "logits": final_logits(run["engine"], run["groups"], raw["model"])}
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
 

@@ -1,0 +1,106 @@
+"""Full fp32 model weights from a DeepSpeed checkpoint of any ZeRO stage and tensor-parallel size.
+
+Where the weights live in a DeepSpeed checkpoint (one `mp_rank_XX` per TP rank):
+- ZeRO-0: the module state dict in `mp_rank_XX_model_states.pt`.
+- ZeRO-1/2: the fp32 master weights, flattened per parameter group and split evenly over the
+  data-parallel ranks, in `zero_pp_rank_D_mp_rank_XX_optim_states.pt`; concatenated over D they
+  give the group's parameters in the order of `param_shapes` (padding only at the end).
+- ZeRO-3: every parameter split on its own into ceil(numel / dp) pieces, one per rank, each
+  rank's pieces concatenated per group in `fp32_flat_groups`.
+TP slices are then merged with the layout of lm.parallel (`merge_state_dicts`). DeepSpeed's own
+`zero_to_fp32` covers TP = 1 only and unpickles arbitrary objects; here every file is read with
+`torch.load(weights_only=True)`, allowing only the few plain DeepSpeed classes its files contain.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+
+from lm.checkpoint import with_tied_names
+from lm.config import ModelConfig
+from lm.distributed import select_accelerator
+from lm.errors import UserError
+from lm.parallel import merge_state_dicts
+
+
+def _safe_globals() -> list:
+    select_accelerator()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_trusted_free(path: Path) -> dict:
+    """torch.load that runs no code from the file: tensors, containers and the allowed classes."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file, whatever the unpickler says
+        raise UserError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _model_states(tag_dir: Path, stage: int, tp_rank: int) -> dict:
+    name = f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if stage == 3 else f"mp_rank_{tp_rank:02d}_model_states.pt"
+    return load_trusted_free(tag_dir / name)
+
+
+def _optim_states(tag_dir: Path, tp_rank: int, dp_size: int) -> list[dict]:
+    return [load_trusted_free(tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
+            for d in range(dp_size)]
+
+
+def _unflatten(flat: torch.Tensor, shapes: dict, where: Path) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = flat[offset : offset + n].view(shape).clone()
+        offset += n
+    if offset > flat.numel():
+        raise UserError(f"{where}: the saved partitions hold fewer values than the model's parameters")
+    return out
+
+
+def _zero12_weights(tag_dir: Path, shapes: list[dict], tp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    ranks = _optim_states(tag_dir, tp_rank, dp_size)
+    weights = {}
+    for group, group_shapes in enumerate(shapes):
+        flat = torch.cat([r["single_partition_of_fp32_groups"][group] for r in ranks])
+        weights.update(_unflatten(flat, group_shapes, tag_dir))
+    return weights
+
+
+def _zero3_weights(tag_dir: Path, shapes: list[dict], tp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    ranks = _optim_states(tag_dir, tp_rank, dp_size)
+    weights = {}
+    for group, group_shapes in enumerate(shapes):
+        flats = [r["fp32_flat_groups"][group] for r in ranks]
+        offset = 0
+        for name, shape in group_shapes.items():
+            n = math.prod(shape)
+            piece = -(-n // dp_size)  # every rank holds ceil(n / dp) values, the last one padded
+            weights[name] = torch.cat([f[offset : offset + piece] for f in flats])[:n].view(shape).clone()
+            offset += piece
+    return weights
+
+
+def tp_rank_weights(tag_dir: Path, stage: int, tp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    """One TP rank's fp32 weights (its slices of the split parameters, all replicated ones)."""
+    states = _model_states(tag_dir, stage, tp_rank)
+    if stage == 0:
+        weights = {k: v.float() for k, v in states["module"].items()}
+    elif stage in (1, 2):
+        weights = _zero12_weights(tag_dir, states["param_shapes"], tp_rank, dp_size)
+    else:
+        weights = _zero3_weights(tag_dir, states["param_shapes"], tp_rank, dp_size)
+    return with_tied_names(weights)
+
+
+def consolidate(tag_dir: Path, model: ModelConfig, stage: int, tp: int, world_size: int) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a complete checkpoint written by `world_size` ranks."""
+    shards = [tp_rank_weights(tag_dir, stage, rank, world_size // tp) for rank in range(tp)]
+    return merge_state_dicts(shards, model) if tp > 1 else shards[0]

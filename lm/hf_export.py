@@ -1,0 +1,188 @@
+"""Export a trained model (and its tokenizer) as a Hugging Face `transformers` directory.
+
+    export_hf(weights, config, tokenizer_path, out_dir)
+
+A model with softmax attention in every layer and biases is GPT-2, so it is written as a native
+`GPT2LMHeadModel` (config.json of model_type "gpt2", GPT-2 parameter names with the Conv1D matrices
+transposed) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code.
+
+A model with twicing layers (or without biases, which GPT-2 cannot express) is written with the
+remote code in `lm/hf_twicing/` (config model_type "twicing_gpt", `TwicingGPTForCausalLM`), copied
+into the directory and named in config.json's `auto_map`, so it loads with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Its weights keep our names.
+
+The sentencepiece tokenizer is written as `tokenizer.model` plus `tokenizer.json`, loaded by
+transformers' generic `TokenizersBackend`, which follows the sentencepiece model's own settings
+(identity normalisation, whitespace kept, the dummy prefix sentencepiece adds, byte fallback).
+It adds no BOS/EOS and spells special-token text such as "</s>" as characters, as sentencepiece
+does, so `AutoTokenizer.from_pretrained(dir)` encodes text to the ids of `data_prep.tokenizer`;
+decode with `skip_special_tokens=True` to drop the control tokens as sentencepiece does.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lm.config import ModelConfig
+from lm.errors import UserError
+
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_twicing"
+REMOTE_CODE_FILES = ("configuration_twicing_gpt.py", "modeling_twicing_gpt.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_twicing_gpt.TwicingGPTConfig",
+    "AutoModel": "modeling_twicing_gpt.TwicingGPTModel",
+    "AutoModelForCausalLM": "modeling_twicing_gpt.TwicingGPTForCausalLM",
+}
+# Our nn.Linear weights are (out, in); GPT-2 stores these as Conv1D weights, (in, out).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+EXPORT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The ids of data_prep.tokenizer, used in config.json when no tokenizer is exported.
+DEFAULT_SPECIAL_IDS = {"bos": 1, "eos": 2, "pad": 3}
+
+
+def is_native_gpt2(config: ModelConfig) -> bool:
+    """Whether transformers' own GPT-2 computes this model: softmax everywhere, with biases."""
+    return not config.twicing_layer_indices() and config.bias
+
+
+def export_hf(weights: dict[str, torch.Tensor], config: ModelConfig, tokenizer_path: Path | None,
+              out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a transformers model directory to `out_dir` (new or empty); return it.
+
+    `weights` is the full state dict of `lm.model.GPT(config)`; the tied `transformer.wte.weight`
+    may be missing (then `lm_head.weight` is the embedding). All tensors are written in `dtype`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"output directory {out_dir} is not empty; choose another one")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"cannot export in {dtype}; choose one of {', '.join(map(str, EXPORT_DTYPES))}")
+    try:
+        import transformers  # noqa: F401  (only the export needs it)
+    except ImportError:
+        raise UserError("the Hugging Face export needs transformers: pip install 'transformers>=5'") from None
+    state = checked_weights(weights, config)
+    special = tokenizer_special_tokens(tokenizer_path, config) if tokenizer_path is not None else None
+    ids = {k: v[0] for k, v in special.items()} if special else DEFAULT_SPECIAL_IDS
+    ids = {k: (i if i is not None and i < config.vocab_size else None) for k, i in ids.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is not None:
+        write_tokenizer(Path(tokenizer_path), special, config.block_size, out_dir)
+    if is_native_gpt2(config):
+        state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}
+        hf_config = gpt2_config(config, ids, dtype)
+    else:
+        hf_config = twicing_config(config, ids, dtype)
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(REMOTE_CODE_DIR / name, out_dir / name)
+    hf_config.save_pretrained(out_dir)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out_dir
+
+
+def checked_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights to write, under our names, with the tied embedding once as `transformer.wte.weight`.
+
+    Refuses weights that are not those of `GPT(config)` (missing, unexpected or misshapen tensors).
+    """
+    from lm.model import GPT
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    del expected["lm_head.weight"]
+    state = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    head = weights.get("lm_head.weight")
+    if "transformer.wte.weight" not in state:
+        if head is None:
+            raise UserError("the weights have neither transformer.wte.weight nor the tied lm_head.weight")
+        state["transformer.wte.weight"] = head
+    elif head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+        raise UserError("lm_head.weight differs from transformer.wte.weight, but the model ties them")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"the weights do not fit the model config ({what}; "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise UserError(f"weight {name} has shape {tuple(state[name].shape)}, the config needs {shape}")
+    return {k: state[k].detach().cpu() for k in expected}
+
+
+def gpt2_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
+    from transformers import GPT2Config
+
+    hf = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.ffn_dim,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        summary_first_dropout=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.init_std, tie_word_embeddings=True,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+    )
+    hf.architectures = ["GPT2LMHeadModel"]
+    hf.dtype = dtype
+    return hf
+
+
+def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
+    from lm.hf_twicing.configuration_twicing_gpt import TwicingGPTConfig
+
+    hf = TwicingGPTConfig(
+        vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+        n_head=config.n_head, n_embd=config.n_embd, d_ff=config.ffn_dim, bias=config.bias,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        layer_attention=[name.removesuffix("_reference") for name in config.layer_attention()],
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+    )
+    hf.architectures = ["TwicingGPTForCausalLM"]
+    hf.auto_map = dict(AUTO_MAP)
+    hf.dtype = dtype
+    return hf
+
+
+def tokenizer_special_tokens(path: Path, config: ModelConfig) -> dict[str, tuple[int | None, str | None]]:
+    """(id, piece) of the unk, bos, eos and pad tokens of a sentencepiece model (None where absent)."""
+    from data_prep.tokenizer import Tokenizer
+
+    sp = Tokenizer(path).sp
+    if sp.get_piece_size() > config.vocab_size:
+        raise UserError(f"tokenizer {path} has {sp.get_piece_size()} pieces, more than the model's "
+                        f"vocab_size {config.vocab_size}")
+    found = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+    return {k: (i, sp.id_to_piece(i)) if i >= 0 else (None, None) for k, i in found.items()}
+
+
+def write_tokenizer(path: Path, special: dict, block_size: int, out_dir: Path) -> None:
+    """tokenizer.model, tokenizer_config.json, special_tokens_map.json and tokenizer.json."""
+    from transformers import TokenizersBackend
+
+    shutil.copyfile(path, out_dir / "tokenizer.model")
+    tokens = {f"{k}_token": piece for k, (_, piece) in special.items() if piece is not None}
+    tokenizer_config = {
+        # transformers' generic tokenizer: built from the sentencepiece model's own settings
+        "tokenizer_class": "TokenizersBackend",
+        **tokens,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # sentencepiece spells "<s>" or "</s>" in text as characters; so do we
+        "split_special_tokens": True,
+        "legacy": True,  # prefix "▁" like sentencepiece, also before text that starts with "▁"
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": block_size,
+        "padding_side": "left",  # for batched generation with a decoder-only model
+    }
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    write_json(out_dir / "special_tokens_map.json", tokens)
+    # Convert once here and store the result, for loaders that read only tokenizer.json.
+    TokenizersBackend.from_pretrained(out_dir).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,70 @@
+"""Specification of generation: cached decoding equals recomputation; batching, sampling, limits."""
+
+import pytest
+import torch
+
+from lm.config import ModelConfig
+from lm.errors import UserError
+from lm.generate import filter_logits, generate, generate_batch
+from lm.model import GPT
+
+
+def tiny_model(twicing_layers: str, block_size: int = 24) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, block_size=block_size, n_layer=3, n_head=2, n_embd=16, twicing_layers=twicing_layers)
+    return GPT(config).double().eval()
+
+
+@pytest.mark.parametrize("twicing_layers", ["none", "all", "last:1"])
+def test_cached_logits_equal_full_recomputation_token_by_token(twicing_layers):
+    model = tiny_model(twicing_layers)
+    ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.new_cache()
+        steps = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, i : i + 1], cache=cache)[0] for i in range(7, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+    if twicing_layers != "none":  # the U cache is kept where twicing runs
+        assert cache[-1].u.shape == cache[-1].v.shape
+
+
+@pytest.mark.parametrize("twicing_layers", ["none", "all"])
+def test_cached_generation_equals_generation_without_cache(twicing_layers):
+    model = tiny_model(twicing_layers)
+    prompt = [3, 14, 15, 9, 2]
+    assert generate(model, prompt, 15, temperature=0) == generate(model, prompt, 15, temperature=0, use_cache=False)
+    sampled = [generate(model, prompt, 15, 0.9, top_k=10, generator=torch.Generator().manual_seed(4), use_cache=c)
+               for c in (True, False)]
+    assert sampled[0] == sampled[1]
+
+
+def test_generation_past_the_context_slides_its_window():
+    model = tiny_model("all", block_size=12)
+    new = generate(model, [1, 2, 3, 4, 5], 30, temperature=0)
+    assert len(new) == 30 and new == generate(model, [1, 2, 3, 4, 5], 30, temperature=0, use_cache=False)
+
+
+def test_batched_prompts_of_any_lengths_equal_one_by_one():
+    model = tiny_model("last:1")
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    batched = generate_batch(model, prompts, 8, temperature=0)
+    assert batched == [generate(model, p, 8, temperature=0) for p in prompts]
+
+
+def test_sampling_is_reproducible_from_the_seed_and_top_k_1_is_greedy():
+    model = tiny_model("all")
+    draw = lambda seed: generate(model, [1, 2], 12, 1.0, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    assert generate(model, [1, 2], 12, 1.0, top_k=1) == generate(model, [1, 2], 12, temperature=0)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, None, 0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert filter_logits(logits, 2, None).isfinite().tolist() == [[True, True, False, False]]
+
+
+def test_a_prompt_longer_than_the_context_is_refused():
+    with pytest.raises(UserError, match="25 tokens, longer than the model's context of 24"):
+        generate(tiny_model("none"), list(range(25)), 3)
