@@ -85,3 +85,23 @@ def test_convert_writes_weights_that_give_the_training_models_logits(demo_dir, t
     ids = torch.randint(0, config.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], trained(ids)[0], rtol=0, atol=0)
+
+
+def test_hf_export_of_the_demo_loads_in_transformers_with_the_same_logits(demo_dir, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic_modules
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    result = run_lm("convert", "--checkpoint", str(demo_dir), "--out", str(tmp_path / "hf"), "--to", "hf")
+    assert result.returncode == 0, result.stderr
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ours, _, _ = load_model(demo_dir)
+    ids = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[0], rtol=1e-5, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    from data_prep.tokenizer import Tokenizer
+
+    text = "The import statement binds names."
+    assert tokenizer(text)["input_ids"] == Tokenizer(demo_dir / "tokenizer.model").encode(text)
