@@ -25,6 +25,8 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "python-hostlist>=1.23",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

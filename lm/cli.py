@@ -6,6 +6,7 @@
     lm eval      perplexity of a checkpoint on a text
     lm convert   checkpoint -> consolidated safetensors
     lm generate  sample text from a checkpoint
+    lm launch    start training on one or many nodes
 """
 
 import importlib
@@ -20,6 +21,7 @@ COMMANDS = {
     "eval": ("lm.evaluate", "perplexity of a checkpoint on a text"),
     "convert": ("lm.convert", "convert a checkpoint for inference"),
     "generate": ("lm.generate", "generate text from a checkpoint"),
+    "launch": ("launch.cli", "start training on one or many nodes (deepspeed launcher)"),
 }
 
 

@@ -5,7 +5,8 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT; by mpirun (Open MPI or MPICH), whose ra
 MPI launcher's own variables instead; or as a plain `python` process, which has none. MPI ranks
 get the torch variables from the launcher's, keeping a MASTER_ADDR / MASTER_PORT the user
 exported (DeepSpeed's own MPI discovery would replace them with the first address of
-`hostname -I`); a lone process gets an explicit single-rank loopback world.
+`hostname -I`). Tasks started by `srun` read SLURM's variables, with rank 0 on the first node of
+SLURM_JOB_NODELIST. A lone process gets an explicit single-rank loopback world.
 """
 
 import os
@@ -75,6 +76,18 @@ def prepare_environment() -> None:
             if "MASTER_ADDR" not in os.environ:
                 os.environ["MASTER_ADDR"] = mpi_master_address()
             return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        if "SLURM_NTASKS_PER_NODE" in os.environ:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["SLURM_NTASKS_PER_NODE"])
+        if "MASTER_ADDR" not in os.environ:
+            from launch.hosts import expand_nodelist
+
+            os.environ["MASTER_ADDR"] = expand_nodelist(os.environ.get("SLURM_JOB_NODELIST", "localhost"))[0]
+        # One port per job, so jobs sharing a node do not collide.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "9500")) % 20000))
+        return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
