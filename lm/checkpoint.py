@@ -21,6 +21,7 @@ unpickles code: safetensors, or torch.load(weights_only=True) (see lm.consolidat
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,6 +66,35 @@ def write_marker(tag_dir: Path, info: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, tag_dir / COMPLETE_MARKER)
+
+
+def sync_directory(tag_dir: Path) -> None:
+    """Flush every file of a checkpoint directory, and the directory itself, to disk."""
+    for path in [*tag_dir.iterdir(), tag_dir]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete checkpoint directories that were never marked complete (an interrupted save)."""
+    root = checkpoint_root(run_dir)
+    partial = [d for d in root.iterdir() if d.is_dir() and not (d / COMPLETE_MARKER).is_file()] if root.is_dir() else []
+    for d in partial:
+        shutil.rmtree(d)
+    return partial
+
+
+def apply_retention(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` complete checkpoints (0 keeps all); the newest is never deleted."""
+    found = complete_checkpoints(run_dir)
+    doomed = found[: max(0, len(found) - keep_last)] if keep_last > 0 else []
+    for d in doomed:
+        (d / COMPLETE_MARKER).unlink()  # first make it incomplete, so a crash mid-delete is harmless
+        shutil.rmtree(d)
+    return doomed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

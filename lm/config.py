@@ -111,6 +111,7 @@ class TrainConfig:
     eval_windows: int = 16  # validation windows (of block_size tokens) per validation
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0 saves only at the end
+    keep_last: int = 0  # complete checkpoints to keep (oldest deleted first); 0 keeps all
     tensorboard: bool = True
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
 
@@ -118,7 +119,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "keep_last", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:

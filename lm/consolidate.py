@@ -13,6 +13,8 @@ TP slices are then merged with the layout of lm.parallel (`merge_state_dicts`). 
 """
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,10 +40,13 @@ def load_trusted_free(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols is not the user's business
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or foreign file, whatever the unpickler says
-        raise UserError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({str(exc).splitlines()[0][:120]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = f"it asks to run {found.group(1)}" if found else str(exc).splitlines()[0][:100]
+        raise UserError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({reason})") from None
 
 
 def _model_states(tag_dir: Path, stage: int, tp_rank: int) -> dict:
@@ -104,3 +109,12 @@ def consolidate(tag_dir: Path, model: ModelConfig, stage: int, tp: int, world_si
     """The full fp32 state dict of a complete checkpoint written by `world_size` ranks."""
     shards = [tp_rank_weights(tag_dir, stage, rank, world_size // tp) for rank in range(tp)]
     return merge_state_dicts(shards, model) if tp > 1 else shards[0]
+
+
+def protect_checkpoint_loading(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoints without running code from them.
+
+    DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
+    crafted file asks for; every file it reads goes through `load_trusted_free` instead.
+    """
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_trusted_free(Path(path))

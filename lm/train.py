@@ -23,6 +23,7 @@ import yaml
 
 from lm import checkpoint as ckpt
 from lm.config import RunConfig, load_config
+from lm.consolidate import protect_checkpoint_loading
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed, quiet_deepspeed
 from lm.ds_config import deepspeed_config
@@ -192,10 +193,12 @@ def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: 
     root = ckpt.checkpoint_root(run_dir)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     ckpt.save_rng_state(root / tag, world.rank)
-    dist.barrier()  # every rank's files are written before the checkpoint is marked complete
+    ckpt.sync_directory(root / tag)
+    dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
     if world.is_main:
         info = {"step": step, "batches_consumed": step, "world_size": world.world_size, "config": config.to_dict()}
         ckpt.write_marker(root / tag, info)
+        ckpt.apply_retention(run_dir, config.train.keep_last)
     dist.barrier()
 
 
@@ -223,11 +226,15 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
     # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
     torch.manual_seed(t.seed + 1 + groups.dp_rank)
+    protect_checkpoint_loading(engine)
     if resume_from is not None and not weights_only:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
         start = client["step"]
         ckpt.load_rng_state(resume_from, world.rank)
     prepare_run_dir(run_dir, config, shards, world)
+    if world.is_main:
+        for partial in ckpt.remove_incomplete(run_dir):
+            print(f"removed {partial}: an interrupted checkpoint", flush=True)
     log = RunLog(run_dir, config, world)
     if world.is_main:
         print(

@@ -67,3 +67,220 @@ def test_report_normalises_by_tokens_words_and_bytes():
     assert report["token_ppl"] == pytest.approx(math.exp(2.0))
     assert report["word_ppl"] == pytest.approx(math.exp(6.0))
     assert report["bits_per_byte"] == pytest.approx(12.0 / (10 * math.log(2)))
+
+
+# ---- lm eval end to end: checkpoints, texts, normalisation, parallel layouts --------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from conftest import TINY_MODEL, run_lm, tiny_run_config, write_config  # noqa: E402
+from data_prep.tokenizer import Tokenizer  # noqa: E402
+from lm.checkpoint import load_for_inference, load_model  # noqa: E402
+from lm.config import RunConfig  # noqa: E402
+from lm.convert import convert  # noqa: E402
+from lm.errors import run_command  # noqa: E402
+from lm.evaluate import document_ids, evaluate_documents, evaluate_text, main as eval_main, window_plan  # noqa: E402
+from test_training import assert_one_error_line  # noqa: E402
+
+KNOWN_TEXT = "Die Straße  is\tnaïve.\n\nA second paragraph, with 7 words.\n"  # 10 words, multi-byte letters
+TRAINED_STEPS = 120
+
+
+def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
+    """A directory like `lm convert` writes (weights + config + tokenizer) for a seeded tiny model."""
+    config = RunConfig.from_dict(tiny_run_config(shards, path / "unused", model))
+    torch.manual_seed(3)
+    weights = GPT(config.model).state_dict()
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items() if k != "transformer.wte.weight"}, str(path / "model.safetensors"))
+    (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
+    return path
+
+
+def trained_tiny_run(tmp_path_factory, shards: Path) -> Path:
+    """A tiny model after TRAINED_STEPS steps of `lm train`, trained once per test session."""
+    run_dir = tmp_path_factory.getbasetemp() / "trained-tiny-run"
+    if not (run_dir / "checkpoints").is_dir():
+        train = {"steps": TRAINED_STEPS, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 10,
+                 "log_interval": 40, "eval_windows": 0}
+        config = write_config(tmp_path_factory.getbasetemp() / "trained-tiny.yaml", tiny_run_config(shards, run_dir, train=train))
+        result = run_lm("train", "--config", str(config))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def val_text(shards: Path) -> str:
+    from data_prep.corpus import embedded_corpus, split_train_val
+
+    return "\n\n".join(split_train_val(embedded_corpus()[:24], val_fraction=0.2, seed=0)[1])
+
+
+def eval_json(capsys, *argv: str) -> dict:
+    assert eval_main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def hand_nll(model, sequence: list[int], context: int) -> float:
+    """Sum over targets j of -log p(sequence[j] | the `context` tokens before it), one forward each."""
+    total = 0.0
+    with torch.no_grad():
+        for j in range(1, len(sequence)):
+            inputs = torch.tensor([sequence[max(0, j - context) : j]])
+            total -= torch.log_softmax(model(inputs)[0][0, -1].double(), dim=-1)[sequence[j]].item()
+    return total
+
+
+def test_window_plan_scores_each_target_once_and_batches_equal_lengths():
+    plan = window_plan(10, context=4, stride=3)
+    assert plan == [(0, 4, 4), (3, 7, 3), (6, 10, 3)]
+    assert sum(keep for _, _, keep in plan) == 10
+    assert window_plan(3, context=4, stride=1) == [(0, 3, 3)]  # shorter than the context: one window
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_batched_windows_and_rank_shares_sum_to_the_one_window_at_a_time_result(batch_size):
+    model, ids = tiny_model(), token_ids(41)
+    one_by_one, tokens = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=1)
+    batched, _ = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=batch_size)
+    shares = [sliding_window_nll(model, ids, BOS, 8, 3, batch_size, rank=r, world_size=3) for r in range(3)]
+    assert batched == pytest.approx(one_by_one, rel=1e-12)
+    assert sum(s[0] for s in shares) == pytest.approx(one_by_one, rel=1e-12) and sum(s[1] for s in shares) == tokens
+
+
+def test_lm_eval_equals_a_hand_computed_nll_with_word_and_byte_normalisation(tiny_shards, tmp_path, capsys):
+    ckpt = converted_dir(tmp_path / "model", tiny_shards)
+    (tmp_path / "known.txt").write_text(KNOWN_TEXT * 3, encoding="utf-8")
+    model, tokenizer, _ = load_for_inference(ckpt)
+    sequence = [tokenizer.eod_id] + tokenizer.encode(KNOWN_TEXT * 3)
+    assert len(sequence) > 40  # longer than the context below: several windows
+    # stride 1: every target sees exactly the `context` tokens before it
+    report = eval_json(capsys, "--checkpoint", str(ckpt), "--text", str(tmp_path / "known.txt"), "--context", "16", "--stride", "1")
+    nll = hand_nll(model, sequence, context=16)
+    assert report["nll"] == pytest.approx(nll, rel=1e-5)
+    words, nbytes = 30, len((KNOWN_TEXT * 3).encode("utf-8"))
+    assert (report["tokens"], report["words"], report["bytes"]) == (len(sequence) - 1, words, nbytes)
+    assert nbytes == 3 * (len(KNOWN_TEXT) + 2)  # "ß" and "ï" take two bytes each
+    assert report["token_ppl"] == pytest.approx(math.exp(nll / (len(sequence) - 1)), rel=1e-5)
+    assert report["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-5)
+
+
+def test_stride_does_not_matter_for_a_text_shorter_than_the_context(tiny_shards, tmp_path):
+    model, tokenizer, _ = load_for_inference(converted_dir(tmp_path / "model", tiny_shards))
+    text = "A short text."
+    n = len(tokenizer.encode(text))
+    assert n < 32
+    reports = [evaluate_text(model, tokenizer, text, context=32, stride=s) for s in (1, 7, 32)]
+    assert all(r["nll"] == pytest.approx(reports[0]["nll"], rel=1e-6) for r in reports)
+    assert reports[0]["nll"] == pytest.approx(hand_nll(model, [tokenizer.eod_id] + tokenizer.encode(text), 32), rel=1e-5)
+
+
+def write_wikitext(root: Path) -> dict[str, list[str]]:
+    """A two-article WikiText copy (wiki.{train,valid,test}.raw); returns the articles per split."""
+    articles = {
+        "train": [" = Alpha = \n\n Alpha is a letter .\n", " = Beta = \n\n Beta follows alpha .\n"],
+        "valid": [" = Gamma = \n\n Gamma rays are energetic .\n"],
+        "test": [" = Delta = \n\n = = History = = \n\n Delta is a river mouth .\n", " = Epsilon = \n\n Small , positive .\n"],
+    }
+    root.mkdir()
+    for split, docs in articles.items():
+        (root / f"wiki.{split}.raw").write_text("".join(docs), encoding="utf-8")
+    return {s: [d.strip() for d in docs] for s, docs in articles.items()}
+
+
+def test_wikitext_split_is_its_articles_joined_by_eod_and_counted_as_text(tiny_shards, tmp_path, capsys):
+    ckpt = converted_dir(tmp_path / "model", tiny_shards)
+    articles = write_wikitext(tmp_path / "wt")["test"]
+    report = eval_json(capsys, "--checkpoint", str(ckpt), "--dataset", "wikitext-103-raw", "--wikitext-dir",
+                       str(tmp_path / "wt"), "--split", "test", "--stride", "1")
+    model, tokenizer, _ = load_for_inference(ckpt)
+    sequence = [tokenizer.eod_id] + tokenizer.encode(articles[0]) + [tokenizer.eod_id] + tokenizer.encode(articles[1])
+    assert document_ids(tokenizer, articles) == sequence[1:]
+    assert report["documents"] == 2 and report["tokens"] == len(sequence) - 1
+    text = "\n".join(articles)
+    assert report["words"] == len(text.split()) == 21 and report["bytes"] == len(text.encode("utf-8"))
+    assert report["nll"] == pytest.approx(hand_nll(model, sequence, 32), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--text", "NO_SUCH_FILE.txt"], "text file not found"),
+    (["--dataset", "wikitext-103-raw", "--wikitext-dir", "WT", "--split", "dev"], "invalid choice: 'dev'"),
+    (["--dataset", "wikitext-9"], "invalid choice: 'wikitext-9'"),
+    (["--wikitext-dir", "NO_SUCH_DIR"], "does not exist"),
+    (["--text", "KNOWN", "--stride", "0"], "stride must be in 1..context"),
+    (["--text", "KNOWN", "--stride", "40", "--context", "32"], "stride must be in 1..context (32)"),
+    (["--text", "KNOWN", "--context", "64"], "exceeds the model's context of 32"),
+    (["--text", "KNOWN", "--dataset", "wikitext-103"], "not both"),
+    ([], "nothing to evaluate"),
+])
+def test_every_bad_input_is_one_error_line(tiny_shards, tmp_path, capsys, argv, fragment):
+    ckpt = converted_dir(tmp_path / "model", tiny_shards)
+    write_wikitext(tmp_path / "WT")
+    (tmp_path / "KNOWN").write_text(KNOWN_TEXT)
+    argv = [str(tmp_path / a) if a in ("KNOWN", "WT", "NO_SUCH_DIR") else a for a in argv]
+    assert run_command(eval_main, ["--checkpoint", str(ckpt), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_a_missing_checkpoint_is_one_error_line_through_the_command_line(tmp_path):
+    (tmp_path / "t.txt").write_text(KNOWN_TEXT)
+    result = run_lm("eval", "--checkpoint", str(tmp_path / "nope"), "--text", str(tmp_path / "t.txt"))
+    assert_one_error_line(result, "checkpoint path not found")
+
+
+@pytest.mark.slow
+def test_a_smaller_stride_is_never_worse_on_a_trained_model(tiny_shards, tmp_path_factory):
+    model, tokenizer, _ = load_for_inference(trained_tiny_run(tmp_path_factory, tiny_shards))
+    text = val_text(tiny_shards)[:20000]
+    reports = {s: evaluate_text(model, tokenizer, text, context=32, stride=s) for s in (32, 16, 8, 4)}
+    nll = {s: r["nll"] for s, r in reports.items()}
+    assert nll[16] <= nll[32] and nll[8] <= nll[16] and nll[4] <= nll[8] and nll[4] < nll[32], nll
+    assert len({r["tokens"] for r in reports.values()}) == 1  # the same tokens, scored with more history
+    uniform = math.log(TINY_MODEL["vocab_size"]) * reports[32]["tokens"]
+    assert nll[32] < 0.8 * uniform  # it did learn
+
+
+@pytest.mark.slow
+def test_data_parallel_eval_under_torchrun_equals_one_process(tiny_shards, tmp_path_factory, tmp_path, capsys):
+    run = trained_tiny_run(tmp_path_factory, tiny_shards)
+    (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
+    args = ["--checkpoint", str(run), "--text", str(tmp_path / "val.txt"), "--context", "32", "--stride", "8", "--json"]
+    single = eval_json(capsys, *args[:-1])
+    result = run_lm("lm.evaluate", *args, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 prints
+    parallel = json.loads(lines[0])
+    assert parallel["ranks"] == 2 and parallel["tokens"] == single["tokens"] > 1000
+    assert parallel["nll"] == pytest.approx(single["nll"], rel=1e-6)
+    for key in ("token_ppl", "word_ppl", "bits_per_byte"):
+        assert parallel[key] == pytest.approx(single[key], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_of_a_deepspeed_tp2_checkpoint_equals_the_tp1_model_it_was_sliced_from(tiny_shards, tmp_path_factory, tmp_path, capsys):
+    source = trained_tiny_run(tmp_path_factory, tiny_shards)
+    sliced = tmp_path / "tp2"
+    convert(str(source), sliced, to="checkpoint", tensor_parallel=2)  # a weights-only TP=2 run directory
+    # One TP=2 DeepSpeed step from the sliced weights at lr 1e-30: AdamW moves no fp32 weight by
+    # even one ulp, so the TP=2 DeepSpeed checkpoint holds exactly the TP=1 weights, split in two.
+    result = run_lm("lm.train", "--config", str(sliced / "config.yaml"), "--resume", str(sliced),
+                    "--set", f"train.steps={TRAINED_STEPS + 1}", "--set", "train.lr=1e-30", "--set", "train.min_lr=1e-30",
+                    "--set", "train.eval_windows=0", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = sliced / "checkpoints" / f"step{TRAINED_STEPS + 1:08d}"
+    marker = json.loads((tag / "complete.json").read_text())
+    assert marker["config"]["train"]["tensor_parallel"] == 2 and marker["world_size"] == 2
+    assert not (tag / "model.safetensors").exists()  # DeepSpeed's own per-rank files
+    merged, original = load_model(tag)[0].state_dict(), load_model(source)[0].state_dict()
+    assert all(torch.allclose(merged[k], original[k], rtol=0, atol=1e-20) for k in original)
+    (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
+    text_args = ["--text", str(tmp_path / "val.txt"), "--context", "32", "--stride", "8"]
+    tp2, tp1 = eval_json(capsys, "--checkpoint", str(tag), *text_args), eval_json(capsys, "--checkpoint", str(source), *text_args)
+    assert tp2["nll"] == pytest.approx(tp1["nll"], rel=1e-6) and tp2["tokens"] == tp1["tokens"]

@@ -1,0 +1,51 @@
+"""`lm.train` with a fault injected at a chosen point (run by torchrun; used by test_faults.py).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fault_run.py FAULT STEP RANK -- --config C ...
+
+FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged) or `kill-in-save`
+(SIGKILL rank RANK after its DeepSpeed files of the step-STEP checkpoint are written, before the
+checkpoint is marked complete). Nothing in the library knows about these hooks.
+"""
+
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+import lm.train
+from lm import checkpoint
+
+
+def die_if(condition: bool) -> None:
+    if condition:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    fault, step, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    argv = sys.argv[sys.argv.index("--") + 1 :]
+    if fault == "kill-in-step":
+        real, calls = lm.train.mean_over_ranks, {"n": 0}
+
+        def mean_over_ranks(*args, **kwargs):
+            calls["n"] += 1
+            die_if(calls["n"] == step and dist.get_rank() == rank)
+            return real(*args, **kwargs)
+
+        lm.train.mean_over_ranks = mean_over_ranks
+    elif fault == "kill-in-save":
+        real_save = checkpoint.save_rng_state
+
+        def save_rng_state(tag_dir, r):
+            real_save(tag_dir, r)
+            die_if(tag_dir.name == checkpoint.tag_for_step(step) and r == rank)
+
+        checkpoint.save_rng_state = save_rng_state
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+    lm.train.main(argv)
+
+
+if __name__ == "__main__":
+    main()
