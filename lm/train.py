@@ -12,6 +12,7 @@ scalars into the run directory `train.out_dir`.
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import time
@@ -179,6 +180,16 @@ class RunLog:
                 self.writer.close()
 
 
+def check_finite(loss: float, grad_norm: float, step: int, run_dir: Path) -> None:
+    """Stop at a non-finite loss or gradient norm, before anything non-finite can be saved."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    found = ckpt.complete_checkpoints(run_dir)
+    last = f"the last complete checkpoint is {found[-1].name}" if found else "no checkpoint was saved"
+    raise UserError(f"non-finite {what} at step {step}: training stopped without saving ({last}; resume with --resume auto)")
+
+
 def prepare_run_dir(run_dir: Path, config: RunConfig, shards: ShardSet, world: World) -> None:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +276,7 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
         done = step + 1
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        check_finite(loss_value, grad_norm if engine.get_global_grad_norm() is not None else 0.0, done, run_dir)
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
         values = {"train/loss": loss_value, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm,
                   "train/tokens_per_s": tokens_per_step / elapsed, "train/memory_mib": memory_mib(world)}

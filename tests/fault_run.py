@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fault_run.py FAULT STEP RANK -- --config C ...
 
-FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged) or `kill-in-save`
+FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged), `nan-in-step`
+(rank RANK's loss of its STEP-th training forward pass becomes NaN) or `kill-in-save`
 (SIGKILL rank RANK after its DeepSpeed files of the step-STEP checkpoint are written, before the
 checkpoint is marked complete). Nothing in the library knows about these hooks.
 """
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 import lm.train
 from lm import checkpoint
+from lm.errors import run_command
 
 
 def die_if(condition: bool) -> None:
@@ -34,6 +36,18 @@ def main() -> None:
             return real(*args, **kwargs)
 
         lm.train.mean_over_ranks = mean_over_ranks
+    elif fault == "nan-in-step":
+        from lm.model import GPT
+
+        real_loss, calls = GPT.cross_entropy, {"n": 0}
+
+        def cross_entropy(logits, targets, reduction="mean"):
+            loss = real_loss(logits, targets, reduction)
+            if logits.requires_grad:  # training forward passes only
+                calls["n"] += 1
+            return loss * float("nan") if calls["n"] == step and dist.get_rank() == rank else loss
+
+        GPT.cross_entropy = staticmethod(cross_entropy)
     elif fault == "kill-in-save":
         real_save = checkpoint.save_rng_state
 
@@ -44,7 +58,7 @@ def main() -> None:
         checkpoint.save_rng_state = save_rng_state
     else:
         raise SystemExit(f"unknown fault {fault}")
-    lm.train.main(argv)
+    raise SystemExit(run_command(lm.train.main, argv))
 
 
 if __name__ == "__main__":

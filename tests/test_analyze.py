@@ -83,7 +83,7 @@ def test_spectral_curves_twicing_keeps_eigenvalues_near_one():
 def test_analyze_writes_json_and_png_with_the_expected_keys(tiny_shards, tmp_path, capsys):
     a = converted_dir(tmp_path / "a", tiny_shards)
     b = converted_dir(tmp_path / "b", tiny_shards, model={"twicing_layers": "none"})
-    (tmp_path / "t.txt").write_text(val_text(tiny_shards)[:3000], encoding="utf-8")
+    (tmp_path / "t.txt").write_text(val_text(tiny_shards, chars=3000), encoding="utf-8")
     out = tmp_path / "out"
     assert analyze_main(["--checkpoint", str(a), "--checkpoint", str(b), "--label", "twicing", "--label", "softmax",
                          "--text", str(tmp_path / "t.txt"), "--out", str(out), "--rates", "0,0.1,0.3", "--windows", "4"]) == 0
@@ -107,7 +107,7 @@ def test_word_swap_perplexity_rises_with_the_rate_on_a_trained_model(tiny_shards
     (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
     out = tmp_path / "out"
     assert analyze_main(["--checkpoint", str(run), "--text", str(tmp_path / "val.txt"), "--out", str(out),
-                         "--rates", "0,0.05,0.1,0.2,0.4", "--windows", "16"]) == 0
+                         "--rates", "0,0.1,0.2,0.4", "--windows", "16"]) == 0
     model = json.loads((out / "analysis.json").read_text())["models"][0]
     ppl = [s["word_ppl"] for s in model["word_swap"]]
     assert ppl == sorted(ppl) and ppl[-1] > 1.5 * ppl[0], ppl

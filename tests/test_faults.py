@@ -1,6 +1,7 @@
 """Specification of reliability: killed ranks, interrupted checkpoints, retention, hostile files."""
 
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def test_a_checkpoint_interrupted_while_written_is_never_used(tiny_shards, tmp_p
     assert "resuming at step 5" in resumed.stdout and f"removed {partial}" in resumed.stdout
     assert losses_from(tmp_path / "faulty") == losses_from(tmp_path / "straight")
     assert (partial / "complete.json").is_file()  # rewritten whole by the resumed run
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_shards, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=TRAIN))
+    result, _ = run_with_fault("nan-in-step", 14, 1, config)  # micro step 14 of rank 1 is in step 7
+    assert result.returncode != 0
+    assert "error: non-finite loss at step 7: training stopped without saving (the last complete checkpoint is step00000005" in result.stderr
+    checkpoints = sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir())
+    assert checkpoints == ["step00000005"]
+    assert all(math.isfinite(m["train/loss"]) for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in m)
 
 
 def test_retention_keeps_the_newest_complete_checkpoints(tiny_shards, tmp_path):
