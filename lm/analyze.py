@@ -150,12 +150,14 @@ def analyze_model(model, tokenizer, text: EvalText, context: int | None, stride:
     for rate in rates:
         report = evaluate_documents(model, tokenizer, word_swap(text.documents, rate, seed), context, stride, batch_size)
         swaps.append({"rate": rate, **report})
+    clean = next((s for s in swaps if s["rate"] == 0.0), None)
+    if clean is None:
+        clean = evaluate_documents(model, tokenizer, text.documents, context, stride, batch_size)
     ids = document_ids(tokenizer, text.documents)
     return {
         "twicing_layers": model.config.twicing_layer_indices(),
         "n_layer": model.config.n_layer,
-        "clean": next((s for s in swaps if s["rate"] == 0.0), None)
-        or evaluate_documents(model, tokenizer, text.documents, context, stride, batch_size),
+        "clean": clean,
         "word_swap": swaps,
         "cosine_similarity": cosine_similarity_per_layer(model, ids, tokenizer.eod_id, context, max_windows, batch_size),
     }
@@ -243,7 +245,7 @@ def write_plot(analysis: dict, path: Path) -> None:
         rates = [100 * s["rate"] for s in m["word_swap"]]
         ax_swap.plot(rates, [s["word_ppl"] for s in m["word_swap"]], marker="o", label=m["label"])
     ax_cos.set(title="over-smoothing: mean pairwise cosine similarity", xlabel="layer (0 = embedding)", ylabel="cosine")
-    ax_swap.set(title="word-swap corruption", xlabel="words swapped (%)", ylabel="word perplexity")
+    ax_swap.set(title="word-swap corruption", xlabel="words swapped (%)", ylabel="word perplexity (log)", yscale="log")
     spec = analysis["spectral"]
     for i, n in enumerate(spec["powers"]):
         color = f"C{i}"

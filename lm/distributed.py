@@ -92,9 +92,25 @@ def prepare_environment() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def check_master_port() -> None:
+    """Rank 0 hosts the rendezvous on MASTER_PORT: say so clearly if this machine has it taken.
+
+    (Under torchrun its agent already holds the port for the same purpose: nothing to check.)
+    """
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ["RANK"] != "0" or "TORCHELASTIC_RUN_ID" in os.environ or address not in ("127.0.0.1", "localhost"):
+        return
+    with socket.socket() as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            raise UserError(f"MASTER_PORT {port} on {address} is already in use; choose another port (--master_port / --master-port)") from None
+
+
 def init_distributed() -> World:
     """Join (or create) the process group with DeepSpeed's helper: gloo on CPU, NCCL on GPUs."""
     prepare_environment()
+    check_master_port()
     import deepspeed
 
     cuda = torch.cuda.is_available()

@@ -274,16 +274,18 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
         loss_value = mean_over_ranks(loss_sum, grad_accum, world.device)
         result["losses"].append(loss_value)
         done = step + 1
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        check_finite(loss_value, grad_norm if engine.get_global_grad_norm() is not None else 0.0, done, run_dir)
+        norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute one (ZeRO-0 fp32)
+        grad_norm = float(norm) if norm is not None else None
+        check_finite(loss_value, 0.0 if grad_norm is None else grad_norm, done, run_dir)
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-        values = {"train/loss": loss_value, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm,
+        values = {"train/loss": loss_value, "train/lr": engine.get_lr()[0],
                   "train/tokens_per_s": tokens_per_step / elapsed, "train/memory_mib": memory_mib(world)}
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm
         console = None
         if done % t.log_interval == 0 or done == t.steps:
             console = (f"step {done}/{t.steps} | loss {loss_value:.4f} | lr {values['train/lr']:.2e} | "
-                       f"grad {grad_norm:.3f} | {values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
+                       + (f"grad {grad_norm:.3f} | " if grad_norm is not None else "") + f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
         log.record(done, console, **values)
         if val and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
             v = validate(engine, val, config, world, groups)

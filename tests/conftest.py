@@ -49,10 +49,11 @@ def cpu_env(threads: int = 1) -> dict:
     return env
 
 
-def run_lm(*args: str, nproc: int = 0, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_lm(*args: str, nproc: int = 0, timeout: int = 600, cwd: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """`lm ARGS` in a fresh process; with nproc > 0, `lm train` under torchrun with nproc ranks."""
     if nproc:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args]
     else:
         command = [sys.executable, "-m", "lm.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cpu_env(), cwd=cwd or REPO)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**cpu_env(), **(env or {})}, cwd=cwd or REPO)

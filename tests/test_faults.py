@@ -25,26 +25,32 @@ def run_with_fault(fault: str, step: int, rank: int, config_path) -> tuple[subpr
     return result, time.monotonic() - began
 
 
-def straight_and_faulty(tiny_shards, tmp_path):
-    straight = write_config(tmp_path / "straight.yaml", tiny_run_config(tiny_shards, tmp_path / "straight", {"dropout": 0.1}, TRAIN))
-    faulty = write_config(tmp_path / "faulty.yaml", tiny_run_config(tiny_shards, tmp_path / "faulty", {"dropout": 0.1}, TRAIN))
-    result = run_lm("lm.train", "--config", str(straight), nproc=2)
+@pytest.fixture(scope="module")
+def straight_losses(tiny_shards, tmp_path_factory):
+    """The uninterrupted run every faulty one is compared with."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    config = write_config(run_dir / "c.yaml", tiny_run_config(tiny_shards, run_dir / "run", {"dropout": 0.1}, TRAIN))
+    result = run_lm("lm.train", "--config", str(config), nproc=2)
     assert result.returncode == 0, result.stderr[-2000:]
-    return faulty
+    return losses_from(run_dir / "run")
 
 
-def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tmp_path):
-    faulty = straight_and_faulty(tiny_shards, tmp_path)
+def faulty_config(tiny_shards, tmp_path):
+    return write_config(tmp_path / "faulty.yaml", tiny_run_config(tiny_shards, tmp_path / "faulty", {"dropout": 0.1}, TRAIN))
+
+
+def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tmp_path, straight_losses):
+    faulty = faulty_config(tiny_shards, tmp_path)
     result, seconds = run_with_fault("kill-in-step", 8, 1, faulty)
     assert result.returncode != 0 and seconds < 120  # the surviving rank does not hang
     resumed = run_lm("lm.train", "--config", str(faulty), "--resume", "auto", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step 5" in resumed.stdout
-    assert losses_from(tmp_path / "faulty") == losses_from(tmp_path / "straight")
+    assert losses_from(tmp_path / "faulty") == straight_losses
 
 
-def test_a_checkpoint_interrupted_while_written_is_never_used(tiny_shards, tmp_path):
-    faulty = straight_and_faulty(tiny_shards, tmp_path)
+def test_a_checkpoint_interrupted_while_written_is_never_used(tiny_shards, tmp_path, straight_losses):
+    faulty = faulty_config(tiny_shards, tmp_path)
     result, _ = run_with_fault("kill-in-save", 10, 1, faulty)
     assert result.returncode != 0
     partial = tmp_path / "faulty" / "checkpoints" / "step00000010"
@@ -52,7 +58,7 @@ def test_a_checkpoint_interrupted_while_written_is_never_used(tiny_shards, tmp_p
     resumed = run_lm("lm.train", "--config", str(faulty), "--resume", "auto", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step 5" in resumed.stdout and f"removed {partial}" in resumed.stdout
-    assert losses_from(tmp_path / "faulty") == losses_from(tmp_path / "straight")
+    assert losses_from(tmp_path / "faulty") == straight_losses
     assert (partial / "complete.json").is_file()  # rewritten whole by the resumed run
 
 
