@@ -151,7 +151,9 @@ def load_rng_state(tag_dir: Path, rank: int) -> None:
     path = tag_dir / f"rng_rank{rank}.pt"
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint was written by a different number of ranks")
-    state = torch.load(path, weights_only=True)
+    from lm.consolidate import load_trusted_free
+
+    state = load_trusted_free(path)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -3,7 +3,8 @@
     lm demo      the whole pipeline on an embedded corpus (CPU, a few minutes)
     lm prep      train a sentencepiece tokenizer and write token shards
     lm train     train under DeepSpeed from a YAML run config
-    lm eval      perplexity of a checkpoint on a text
+    lm eval      perplexity of a checkpoint on a text or WikiText-103
+    lm analyze   the paper's analyses: over-smoothing, word-swap robustness, spectra
     lm convert   checkpoint -> consolidated safetensors
     lm generate  sample text from a checkpoint
     lm launch    start training on one or many nodes
@@ -18,7 +19,8 @@ COMMANDS = {
     "demo": ("lm.demo", "run the whole pipeline on an embedded corpus"),
     "prep": ("data_prep.prep", "train a tokenizer and write token shards"),
     "train": ("lm.train", "train under DeepSpeed from a run config"),
-    "eval": ("lm.evaluate", "perplexity of a checkpoint on a text"),
+    "eval": ("lm.evaluate", "perplexity of a checkpoint on a text or WikiText-103"),
+    "analyze": ("lm.analyze", "over-smoothing, word-swap robustness and spectral curves of checkpoints"),
     "convert": ("lm.convert", "convert a checkpoint for inference"),
     "generate": ("lm.generate", "generate text from a checkpoint"),
     "launch": ("launch.cli", "start training on one or many nodes (deepspeed launcher)"),
