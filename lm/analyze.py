@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm.errors import UserError, run_command
+from lm.errors import UserError, refuse_non_empty, run_command
 from lm.evaluate import EvalText, Parser, add_text_arguments, document_ids, evaluate_documents, text_from_args
 
 DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2)
@@ -179,8 +179,7 @@ def unique_labels(checkpoints: list[str], labels: list[str] | None) -> list[str]
 
 
 def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} is not empty; choose another --out")
+    refuse_non_empty(out)
 
 
 def run_analysis(checkpoints: list[str], text: EvalText, out: Path, labels: list[str] | None = None,

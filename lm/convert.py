@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lm.config import RunConfig
-from lm.errors import UserError, run_command
+from lm.errors import UserError, refuse_non_empty, run_command
 
 
 def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, source: str) -> None:
@@ -29,16 +29,11 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtyp
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt", "source": source})
 
 
-def check_output_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} is not empty; choose another --out")
-
-
 def convert(checkpoint: str, out: Path, to: str = "safetensors", dtype: torch.dtype = torch.float32,
             tensor_parallel: int | None = None) -> Path:
     from lm import checkpoint as ckpt
 
-    check_output_dir(out)  # before the (slow) loading
+    refuse_non_empty(out)  # before the (slow) loading
     model, config, source = ckpt.load_model(checkpoint)
     weights = model.state_dict()
     tokenizer = ckpt.tokenizer_path_for(source)

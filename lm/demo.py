@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from lm.errors import UserError, run_command
+from lm.errors import UserError, refuse_non_empty, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose a new --out directory (the demo never overwrites)")
+    refuse_non_empty(out)
     if not DEMO_CONFIG.is_file():
         raise UserError(f"{DEMO_CONFIG} is missing: run the demo from a checkout of twicing-lm")
     began = time.perf_counter()

@@ -27,3 +27,12 @@ def run_command(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def refuse_non_empty(path, option: str = "--out") -> None:
+    """Outputs go to new or empty directories only: nothing a user has is ever overwritten."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"output directory {path} is not empty; choose another {option}")

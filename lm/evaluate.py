@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lm.errors import UserError, run_command
 
@@ -89,9 +88,7 @@ def sliding_window_nll(model, ids: list[int], bos_id: int, context: int, stride:
             chunk = windows[i : i + batch_size]
             inputs = torch.stack([sequence[s:e] for s, e, _ in chunk]).to(device)
             targets = torch.stack([sequence[s + 1 : e + 1] for s, e, _ in chunk]).to(device)
-            logits, _ = model(inputs)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+            _, nll = model(inputs, targets, reduction="none")
             keep = torch.tensor([k for _, _, k in chunk], device=device)
             scored_mask = torch.arange(length, device=device)[None, :] >= (length - keep)[:, None]
             total += (nll.double() * scored_mask).sum().cpu()

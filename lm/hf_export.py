@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from lm.config import ModelConfig
-from lm.errors import UserError
+from lm.errors import UserError, refuse_non_empty
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_twicing"
 REMOTE_CODE_FILES = ("configuration_twicing_gpt.py", "modeling_twicing_gpt.py")
@@ -56,8 +56,7 @@ def export_hf(weights: dict[str, torch.Tensor], config: ModelConfig, tokenizer_p
     may be missing (then `lm_head.weight` is the embedding). All tensors are written in `dtype`.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"output directory {out_dir} is not empty; choose another one")
+    refuse_non_empty(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"cannot export in {dtype}; choose one of {', '.join(map(str, EXPORT_DTYPES))}")
     try:
