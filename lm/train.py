@@ -111,7 +111,7 @@ def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
 
 def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
     # Collectives run on the backend's device: NCCL has no CPU tensors.
-    total = torch.stack([value.detach().float().sum(), torch.tensor(float(count))]).to(device)
+    total = torch.stack([value.detach().float().sum(), torch.tensor(float(count), device=value.device)]).to(device)
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -264,13 +264,13 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     last = min(t.steps, stop_at or t.steps)
     for step in range(start, last):
         batch = batches.global_batch(step)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=world.device)  # summed on the device: no sync per micro step
         for micro in range(grad_accum):
             rows = rank_rows(batch, groups.dp_rank, groups.dp_size, t.micro_batch_size, micro).to(world.device)
             _, loss = engine(rows[:, :-1], rows[:, 1:])
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the last micro step
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
         loss_value = mean_over_ranks(loss_sum, grad_accum, world.device)
         result["losses"].append(loss_value)
         done = step + 1
