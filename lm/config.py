@@ -112,11 +112,13 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0 saves only at the end
     keep_last: int = 0  # complete checkpoints to keep (oldest deleted first); 0 keeps all
+    nonfinite: Literal["stop", "skip"] = "stop"  # a step with a non-finite loss or gradient (see lm.numerics)
+    skip_limit: int = 10  # with nonfinite: skip, this many skipped steps in a row stop the run
     tensorboard: bool = True
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel"):
+        for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel", "skip_limit"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "keep_last", "weight_decay", "grad_clip"):

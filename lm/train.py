@@ -30,6 +30,7 @@ from lm.distributed import World, init_distributed, quiet_deepspeed
 from lm.ds_config import deepspeed_config
 from lm.errors import UserError, run_command
 from lm.model import GPT
+from lm.numerics import NonFiniteGuard, SkippableAdamW, weights_are_finite
 from lm.parallel import ParallelGroups, build_groups, shard_model
 from lm.schedule import build_scheduler
 from lm.shards import ShardSet
@@ -100,13 +101,13 @@ def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups).to(world.device)
     t = config.train
-    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    optimizer = SkippableAdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = build_scheduler(optimizer, t, start_step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
         config=deepspeed_config(t, groups.dp_size), dist_init_required=False,
     )
-    return engine, n_params
+    return engine, optimizer, n_params
 
 
 def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
@@ -180,14 +181,52 @@ class RunLog:
                 self.writer.close()
 
 
-def check_finite(loss: float, grad_norm: float, step: int, run_dir: Path) -> None:
-    """Stop at a non-finite loss or gradient norm, before anything non-finite can be saved."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
+def progress_line(step: int, steps: int, values: dict) -> str:
+    grad = f"grad {values['train/grad_norm']:.3f} | " if "train/grad_norm" in values else ""
+    return (f"step {step}/{steps} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.2e} | {grad}"
+            f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
+
+
+def last_checkpoint_hint(run_dir: Path) -> str:
     found = ckpt.complete_checkpoints(run_dir)
     last = f"the last complete checkpoint is {found[-1].name}" if found else "no checkpoint was saved"
-    raise UserError(f"non-finite {what} at step {step}: training stopped without saving ({last}; resume with --resume auto)")
+    return f"{last}; resume with --resume auto"
+
+
+def check_finite(loss: float, grad_norm: float | None, step: int, run_dir: Path, discarded: bool = False) -> None:
+    """Stop at a non-finite loss or gradient norm, before anything non-finite can be saved.
+
+    `discarded`: DeepSpeed dropped the update itself, which it does only for non-finite gradients.
+    """
+    if not discarded and math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    raise UserError(f"non-finite {what} at step {step}: training stopped without saving ({last_checkpoint_hint(run_dir)})")
+
+
+def optimizer_step(engine, optimizer: SkippableAdamW, guard: NonFiniteGuard | None, batch: torch.Tensor,
+                   grad_accum: int, config: RunConfig, groups: ParallelGroups, device: torch.device) -> tuple[float, bool]:
+    """One optimizer step over a global batch: (mean loss over ranks, whether the update was skipped)."""
+    mb = config.train.micro_batch_size
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro step
+    skip = False
+    for micro in range(grad_accum):
+        rows = rank_rows(batch, groups.dp_rank, groups.dp_size, mb, micro).to(device)
+        _, loss = engine(rows[:, :-1], rows[:, 1:])
+        engine.backward(loss)
+        if guard is not None:
+            guard.observe_loss(loss)
+            if micro == grad_accum - 1:  # every gradient of the step has been observed
+                skip = optimizer.skip_update = guard.agree()
+        engine.step()  # DeepSpeed applies the update only at the last micro step
+        loss_sum += loss.detach().float()
+    optimizer.skip_update = False
+    if not engine.was_step_applied():
+        # DeepSpeed discarded the step itself (its own overflow check, some stages only) and so
+        # did not advance the LR schedule: advance it, so the LR stays a function of the step.
+        engine.lr_scheduler.step()
+        skip = True
+    return mean_over_ranks(loss_sum, grad_accum, device), skip
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, shards: ShardSet, world: World) -> None:
@@ -199,10 +238,12 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, shards: ShardSet, world: W
     dist.barrier()
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: World) -> None:
+def save_checkpoint(engine, run_dir: Path, step: int, config: RunConfig, world: World, skipped_steps: int = 0) -> None:
+    if not weights_are_finite(engine.module, world.device):  # the last line of defence: never a NaN checkpoint
+        raise UserError(f"non-finite weights at step {step}: checkpoint not saved ({last_checkpoint_hint(run_dir)})")
     tag = ckpt.tag_for_step(step)
     root = ckpt.checkpoint_root(run_dir)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "skipped_steps": skipped_steps})
     ckpt.save_rng_state(root / tag, world.rank)
     ckpt.sync_directory(root / tag)
     dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
@@ -233,14 +274,16 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     weights_only = resume_from is not None and ckpt.is_weights_only(resume_from)
     start = ckpt.read_marker(resume_from)["step"] if weights_only else 0
     initial = ckpt.load_model_weights(resume_from) if weights_only else None
-    engine, n_params = build_engine(config, world, groups, initial, start)
+    engine, optimizer, n_params = build_engine(config, world, groups, initial, start)
+    guard = NonFiniteGuard(engine.module, world.device) if t.nonfinite == "skip" else None
     # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
     # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
     torch.manual_seed(t.seed + 1 + groups.dp_rank)
     protect_checkpoint_loading(engine)
+    skipped, in_a_row = 0, 0
     if resume_from is not None and not weights_only:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
-        start = client["step"]
+        start, skipped = client["step"], client.get("skipped_steps", 0)
         ckpt.load_rng_state(resume_from, world.rank)
     prepare_run_dir(run_dir, config, shards, world)
     if world.is_main:
@@ -263,36 +306,37 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     clock = time.perf_counter()
     last = min(t.steps, stop_at or t.steps)
     for step in range(start, last):
-        batch = batches.global_batch(step)
-        loss_sum = torch.zeros((), device=world.device)  # summed on the device: no sync per micro step
-        for micro in range(grad_accum):
-            rows = rank_rows(batch, groups.dp_rank, groups.dp_size, t.micro_batch_size, micro).to(world.device)
-            _, loss = engine(rows[:, :-1], rows[:, 1:])
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the update only at the last micro step
-            loss_sum += loss.detach().float()
-        loss_value = mean_over_ranks(loss_sum, grad_accum, world.device)
+        lr = engine.get_lr()[0]  # the rate this step uses (the schedule moves on inside engine.step)
+        loss_value, skip = optimizer_step(engine, optimizer, guard, batches.global_batch(step), grad_accum, config, groups, world.device)
         result["losses"].append(loss_value)
         done = step + 1
         norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute one (ZeRO-0 fp32)
         grad_norm = float(norm) if norm is not None else None
-        check_finite(loss_value, 0.0 if grad_norm is None else grad_norm, done, run_dir)
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-        values = {"train/loss": loss_value, "train/lr": engine.get_lr()[0],
-                  "train/tokens_per_s": tokens_per_step / elapsed, "train/memory_mib": memory_mib(world)}
-        if grad_norm is not None:
-            values["train/grad_norm"] = grad_norm
-        console = None
-        if done % t.log_interval == 0 or done == t.steps:
-            console = (f"step {done}/{t.steps} | loss {loss_value:.4f} | lr {values['train/lr']:.2e} | "
-                       + (f"grad {grad_norm:.3f} | " if grad_norm is not None else "") + f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
-        log.record(done, console, **values)
+        values = {"train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed,
+                  "train/memory_mib": memory_mib(world)}
+        if skip and t.nonfinite == "skip":
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            log.record(done, f"step {done}/{t.steps}: non-finite loss or gradients, update skipped ({skipped} so far)",
+                       **values, **{"train/skipped_steps": skipped})
+            if in_a_row >= t.skip_limit:
+                raise UserError(f"{in_a_row} steps in a row had a non-finite loss or gradients (train.skip_limit): "
+                                f"training stopped at step {done} ({last_checkpoint_hint(run_dir)})")
+        else:
+            in_a_row = 0
+            check_finite(loss_value, grad_norm, done, run_dir, discarded=skip)
+            values["train/loss"] = loss_value
+            if grad_norm is not None:
+                values["train/grad_norm"] = grad_norm
+            if guard is not None:
+                values["train/skipped_steps"] = skipped
+            log.record(done, progress_line(done, t.steps, values) if done % t.log_interval == 0 or done == t.steps else None, **values)
         if val and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
             v = validate(engine, val, config, world, groups)
             result["val"].append((done, v))
             log.record(done, f"step {done}: val loss {v:.4f}", **{"val/loss": v})
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last:
-            save_checkpoint(engine, run_dir, done, config, world)
+            save_checkpoint(engine, run_dir, done, config, world, skipped)
         clock = time.perf_counter()
     log.close()
     return {**result, "engine": engine, "groups": groups}

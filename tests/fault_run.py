@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/fault_run.py FAULT STEP RANK -- --config C ...
 
 FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged), `nan-in-step`
-(rank RANK's loss of its STEP-th training forward pass becomes NaN) or `kill-in-save`
+(rank RANK's loss of its STEP-th training forward pass becomes NaN; with STEP written `N+`, of
+every pass from the N-th on) or `kill-in-save`
 (SIGKILL rank RANK after its DeepSpeed files of the step-STEP checkpoint are written, before the
 checkpoint is marked complete). Nothing in the library knows about these hooks.
 """
@@ -25,7 +26,8 @@ def die_if(condition: bool) -> None:
 
 
 def main() -> None:
-    fault, step, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    fault, step, rank = sys.argv[1], int(sys.argv[2].rstrip("+")), int(sys.argv[3])
+    onwards = sys.argv[2].endswith("+")
     argv = sys.argv[sys.argv.index("--") + 1 :]
     if fault == "kill-in-step":
         real, calls = lm.train.mean_over_ranks, {"n": 0}
@@ -45,7 +47,8 @@ def main() -> None:
             loss = real_loss(logits, targets, reduction)
             if logits.requires_grad:  # training forward passes only
                 calls["n"] += 1
-            return loss * float("nan") if calls["n"] == step and dist.get_rank() == rank else loss
+            hit = calls["n"] >= step if onwards else calls["n"] == step
+            return loss * float("nan") if hit and dist.get_rank() == rank else loss
 
         GPT.cross_entropy = staticmethod(cross_entropy)
     elif fault == "kill-in-save":

@@ -8,8 +8,13 @@ import sys
 import time
 
 import pytest
+import torch
+import yaml
 
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
+from lm.checkpoint import load_model, tag_for_step
+from lm.config import RunConfig
+from lm.schedule import lr_at
 from test_training import assert_one_error_line, losses_from
 
 pytestmark = pytest.mark.slow
@@ -17,7 +22,7 @@ pytestmark = pytest.mark.slow
 TRAIN = {"steps": 12, "zero_stage": 2, "checkpoint_interval": 5, "eval_interval": 0}
 
 
-def run_with_fault(fault: str, step: int, rank: int, config_path) -> tuple[subprocess.CompletedProcess, float]:
+def run_with_fault(fault: str, step: int | str, rank: int, config_path) -> tuple[subprocess.CompletedProcess, float]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "tests" / "fault_run.py"), fault, str(step), str(rank), "--", "--config", str(config_path)]
     began = time.monotonic()
@@ -69,8 +74,40 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_shards, 
     assert "error: non-finite loss at step 7: training stopped without saving (the last complete checkpoint is step00000005" in result.stderr
     checkpoints = sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir())
     assert checkpoints == ["step00000005"]
+    model = load_model(tmp_path / "run")[0]
+    assert all(torch.isfinite(w).all() for w in model.state_dict().values())
     assert all(math.isfinite(m["train/loss"]) for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                if "train/loss" in m)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_the_skip_policy_drops_a_non_finite_update_and_trains_on(tiny_shards, tmp_path, zero_stage):
+    train = {**TRAIN, "steps": 8, "checkpoint_interval": 1, "zero_stage": zero_stage, "nonfinite": "skip"}
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=train))
+    result, _ = run_with_fault("nan-in-step", 14, 1, config)  # rank 1's loss in step 7 only
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 7/8: non-finite loss or gradients, update skipped (1 so far)" in result.stdout
+    metrics = {}
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        metrics.setdefault(record["step"], {}).update(record)
+    assert "train/loss" not in metrics[7] and metrics[8]["train/skipped_steps"] == 1
+    run_config = RunConfig.from_dict(yaml.safe_load(config.read_text()))
+    assert metrics[8]["train/lr"] == pytest.approx(lr_at(7, run_config.train), rel=1e-12)  # the schedule went on
+    weights = {step: load_model(tmp_path / "run" / "checkpoints" / tag_for_step(step))[0].state_dict() for step in (6, 7, 8)}
+    assert all(torch.equal(weights[6][name], weights[7][name]) for name in weights[6])  # the update was dropped
+    assert not all(torch.equal(weights[7][name], weights[8][name]) for name in weights[7])  # the next one was not
+    assert all(torch.isfinite(w).all() for w in weights[8].values())
+
+
+def test_too_many_skips_in_a_row_stop_the_run(tiny_shards, tmp_path):
+    train = {**TRAIN, "nonfinite": "skip", "skip_limit": 2}
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=train))
+    result, _ = run_with_fault("nan-in-step", "14+", 1, config)  # every step from 7 on
+    assert result.returncode != 0
+    assert ("error: 2 steps in a row had a non-finite loss or gradients (train.skip_limit): training stopped at step 8 "
+            "(the last complete checkpoint is step00000005") in result.stderr
+    assert sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()) == ["step00000005"]
 
 
 def test_retention_keeps_the_newest_complete_checkpoints(tiny_shards, tmp_path):
