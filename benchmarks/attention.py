@@ -2,10 +2,14 @@
 
     .venv/bin/python benchmarks/attention.py [--lengths 1024 2048 4096] [--dtype bf16]
 
-Before timing, each variant is checked against a float64 materialised reference on fresh random
-inputs. Then, per sequence length: milliseconds for forward and forward+backward, the ratio to
-softmax (one fused pass), and on a GPU the peak memory of forward+backward. The twicing variant
-is two fused passes, A(2V - AV); the materialised (2A - A^2)V is there to show what that saves.
+Before timing, every variant's output and gradients are checked against a float64 materialised
+(2A - A^2)V on fresh random inputs. Then, per sequence length: milliseconds for forward and for
+forward+backward, both as ratios to softmax (one fused SDPA pass), and on a GPU the peak memory
+of forward+backward (inputs included) and its ratio to softmax's. Variants:
+  softmax               F.scaled_dot_product_attention, causal
+  twicing_triton        the fused Triton kernel, lm.kernels.twicing_triton (GPU only)
+  twicing_sdpa          A(2V - AV) as two SDPA passes (what CPUs run)
+  twicing_materialised  (2A - A^2)V with A formed: what the fused variants save
 """
 
 import argparse
@@ -13,21 +17,30 @@ import time
 
 import torch
 
-from lm.attention import softmax_attention, twicing_attention, twicing_attention_reference
-
-VARIANTS = {"softmax": softmax_attention, "twicing": twicing_attention, "twicing_materialised": twicing_attention_reference}
+from lm.attention import softmax_attention, triton_kernels, twicing_attention_reference, twicing_attention_sdpa
 
 
-def check_correctness(device: str, dtype: torch.dtype) -> float:
-    """Worst relative error of the twicing variants against float64 (2A - A^2)V."""
-    g = torch.Generator(device="cpu").manual_seed(int(time.time()))
-    q, k, v = (torch.randn(2, 4, 256, 64, generator=g, dtype=torch.float64) for _ in range(3))
-    exact = twicing_attention_reference(q, k, v)
-    worst = 0.0
-    for fn in (twicing_attention, twicing_attention_reference):
-        out = fn(*(x.to(device, dtype) for x in (q, k, v))).double().cpu()
-        worst = max(worst, ((out - exact).norm() / exact.norm()).item())
-    return worst
+def variants(cuda: bool) -> dict:
+    found = {"softmax": softmax_attention}
+    kernels = triton_kernels() if cuda else None
+    if kernels is not None:
+        found["twicing_triton"] = kernels.twicing_attention_triton
+    return {**found, "twicing_sdpa": twicing_attention_sdpa, "twicing_materialised": twicing_attention_reference}
+
+
+def worst_error(fn, device: str, dtype: torch.dtype) -> float:
+    """Worst relative error of output and input gradients against float64 (2A - A^2)V."""
+    g = torch.Generator().manual_seed(time.time_ns() % 2**31)  # fresh inputs every run
+    q, k, v, dout = (torch.randn(2, 4, 256, 64, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def run(f, tensors):
+        x = [t.detach().requires_grad_() for t in tensors[:3]]
+        out = f(*x)
+        return [out, *torch.autograd.grad(out, x, tensors[3])]
+
+    exact = run(twicing_attention_reference, (q, k, v, dout))
+    got = run(fn, [t.to(device, dtype) for t in (q, k, v, dout)])
+    return max(((a.double().cpu() - b).norm() / b.norm()).item() for a, b in zip(got, exact))
 
 
 def timed(fn, q, k, v, backward: bool, repeats: int) -> float:
@@ -35,7 +48,7 @@ def timed(fn, q, k, v, backward: bool, repeats: int) -> float:
         out = fn(q, k, v)
         if backward:
             out.backward(torch.ones_like(out))
-    once()  # warm-up
+    once()  # warm-up (and Triton's compilation)
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -57,16 +70,22 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = ("cuda" if cuda else "cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     where = torch.cuda.get_device_name() if cuda else "CPU"
-    error = check_correctness(device, dtype)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    print(f"correctness on {where}, {args.dtype}: worst relative error vs float64 (2A-A^2)V = {error:.2e} "
-          f"({'ok' if error < tolerance else 'FAILED'}, tolerance {tolerance:g})")
-    if error >= tolerance:
+    chosen = variants(cuda)
+    failed = False
+    for name, fn in chosen.items():
+        if name == "softmax":
+            continue
+        error = worst_error(fn, device, dtype)
+        failed |= error >= tolerance
+        print(f"correctness of {name} on {where}, {args.dtype}: worst relative error of output and gradients vs "
+              f"float64 (2A-A^2)V = {error:.2e} ({'ok' if error < tolerance else 'FAILED'}, tolerance {tolerance:g})")
+    if failed:
         raise SystemExit(1)
-    print(f"{'variant':<22} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'vs softmax':>11} {'peak MiB':>9}")
+    print(f"{'variant':<22} {'T':>6} {'fwd ms':>9} {'x softmax':>10} {'fwd+bwd ms':>11} {'x softmax':>10} {'peak MiB':>9} {'x softmax':>10}")
     for t in args.lengths:
         base = None
-        for name, fn in VARIANTS.items():
+        for name, fn in chosen.items():
             q, k, v = (torch.randn(args.batch, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                        for _ in range(3))
             if cuda:
@@ -79,8 +98,9 @@ def main() -> None:
                 print(f"{name:<22} {t:>6} {'out of memory':>21}")
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-            base = base or both
-            print(f"{name:<22} {t:>6} {fwd:>9.3f} {both:>11.3f} {both / base:>10.2f}x {peak:>9.0f}")
+            base = base or (fwd, both, peak)
+            print(f"{name:<22} {t:>6} {fwd:>9.3f} {fwd / base[0]:>9.2f}x {both:>11.3f} {both / base[1]:>9.2f}x "
+                  f"{peak:>9.0f} {peak / base[2]:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ U = attn(Q, K, V) and out = attn(Q, K, 2V - U), so it runs on fused kernels in O
 never forms a T x T matrix. Causality is preserved: A^2 is lower-triangular when A is, and the
 rows of 2A - A^2 still sum to one.
 
-The `*_reference` functions materialise A explicitly; they exist to test the fused ones.
+On a GPU, `twicing` runs a Triton kernel (lm.kernels.twicing_triton) that shares the first
+pass's log-sum-exp with the second and forms 2V - U in registers; elsewhere, or for shapes the
+kernel does not take, it is two SDPA passes (`twicing_sdpa`). The `*_reference` functions
+materialise A explicitly; they exist to test the fused ones.
 
 Cached decoding (`attend_cached`) keeps K and V of the tokens so far and, for twicing, U as well:
 for a new token i, u_i = a_i V is appended to the U cache and out_i = 2 u_i - a_i U, since row i
@@ -21,7 +24,9 @@ of A (2V - U) is 2 a_i V - a_i U. Every row of U depends only on earlier tokens,
 stays valid.
 """
 
+import functools
 import math
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -35,10 +40,27 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(2A - A^2) V computed as A (2V - A V): two fused passes, no T x T tensor."""
+def twicing_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(2A - A^2) V computed as A (2V - A V): two fused SDPA passes, no T x T tensor."""
     u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True)
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The Triton module, imported on first use on a GPU (never on CPU-only machines)."""
+    try:
+        from lm.kernels import twicing_triton
+    except ImportError:  # no Triton installed
+        return None
+    return twicing_triton
+
+
+def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(2A - A^2) V: the fused Triton kernel on a GPU where it applies, else two SDPA passes."""
+    if q.is_cuda and (kernels := triton_kernels()) is not None and kernels.supports(q, k, v):
+        return kernels.twicing_attention_triton(q, k, v)
+    return twicing_attention_sdpa(q, k, v)
 
 
 def causal_attention_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -92,12 +114,11 @@ def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 ATTENTION: dict[str, AttentionFn] = {
     "softmax": softmax_attention,
     "twicing": twicing_attention,
+    "twicing_sdpa": twicing_attention_sdpa,
     "softmax_reference": softmax_attention_reference,
     "twicing_reference": twicing_attention_reference,
 }
 
-# How many attention passes each variant costs, for FLOP counts.
-ATTENTION_PASSES = {"softmax": 1, "twicing": 2, "softmax_reference": 1, "twicing_reference": 2}
 
 
 def get_attention(name: str) -> AttentionFn:

@@ -40,6 +40,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "bootstrap: installing twicing-lm and its dependencies into .venv"
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import deepspeed, sentencepiece, lm" >/dev/null 2>&1 || { echo "bootstrap: installation failed" >&2; exit 1; }
+  # A CPU torch brings no Triton; the kernel's tests then run in Triton's interpreter, which works
+  # with numpy 2 from Triton 3.9 on. A CUDA torch keeps the Triton it was built against.
+  if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+    .venv/bin/python -m pip install -q "triton==3.9.0" 2>&1 | grep -v "^WARNING: Location" || true
+  fi
   echo "$wanted" > "$stamp"
 fi
 if [ "${1:-}" = "--mpi" ] && command -v mpirun >/dev/null && ! .venv/bin/python -c "import mpi4py" 2>/dev/null; then

@@ -6,12 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Without a GPU, the Triton kernel's tests run under Triton's interpreter. Triton reads this when
+# it is first imported, so it is set here, before any test module loads; child processes drop it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_MODEL = dict(vocab_size=384, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64, twicing_layers="last:1")
 TINY_TRAIN = dict(
@@ -44,7 +50,8 @@ def write_config(path: Path, config: dict) -> Path:
 
 def cpu_env(threads: int = 1) -> dict:
     """Environment for child processes: CPU DeepSpeed, one thread per rank, loopback only."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     return env
 

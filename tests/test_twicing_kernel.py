@@ -1,0 +1,115 @@
+"""Specification of the fused Triton twicing kernel (lm.kernels.twicing_triton).
+
+On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets
+before anything imports Triton: Triton reads it as its own library is defined); on a GPU (benchmarks/gpu_check.sh runs this file) the same tests run compiled, plus the
+bf16 and long-sequence cases that only a GPU makes affordable.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from lm.attention import twicing_attention, twicing_attention_reference, twicing_attention_sdpa
+from test_attention import LargestTensorSeen, relative_error
+
+pytest.importorskip("triton")  # scripts/bootstrap.sh installs it; only a bare environment lacks it
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = importlib.import_module("lm.kernels.twicing_triton")
+    assert GPU or module.INTERPRETED, "on a CPU the kernel can only run under Triton's interpreter"
+    return module
+
+
+def random_qkv(b, h, t, d, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def output_and_grads(fn, q, k, v, dout):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+
+SHAPES = [(1, 1, 1, 16), (2, 3, 40, 16), (1, 2, 77, 64), (1, 1, 33, 128)]
+if GPU:
+    SHAPES += [(2, 4, 1024, 64), (1, 2, 4096, 64)]
+
+
+@pytest.mark.parametrize("b,h,t,d", SHAPES)
+def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, b, h, t, d):
+    q, k, v = random_qkv(b, h, t, d, seed=t)
+    dout = torch.randn(b, h, t, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = output_and_grads(twicing_attention_reference, q, k, v, dout)
+    fused = output_and_grads(kernel.twicing_attention_triton, *(x.float().to(DEVICE) for x in (q, k, v, dout)))
+    for name, got, want in zip(["out", "dq", "dk", "dv"], fused, exact):
+        error = (got.double().cpu() - want).norm()
+        assert error <= 1e-5 * want.norm() + 1e-7, name  # dq and dk are exactly zero at T = 1
+
+
+# Triton's interpreter (3.9) gets bf16 matmuls wrong, so on a CPU half precision is checked in fp16.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if GPU else [torch.float16])
+def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dtype):
+    q, k, v = random_qkv(2, 4, 1024, 64) if GPU else random_qkv(1, 2, 96, 64)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = output_and_grads(twicing_attention_reference, q, k, v, dout)
+    fused = output_and_grads(kernel.twicing_attention_triton, *(x.to(DEVICE, dtype) for x in (q, k, v, dout)))
+    two_pass = output_and_grads(twicing_attention_sdpa, *(x.to(DEVICE, dtype) for x in (q, k, v, dout)))
+    for name, got, sdpa, want in zip(["out", "dq", "dk", "dv"], fused, two_pass, exact):
+        # No worse than the two SDPA passes it replaces, give or take a different summation order.
+        assert relative_error(got.double().cpu(), want) <= 1.5 * relative_error(sdpa.double().cpu(), want) + 1e-3, name
+
+
+def test_takes_the_strided_views_the_model_makes(kernel):
+    """The model splits one qkv projection and transposes heads: no copies needed, same result."""
+    b, t, h, d = 2, 24, 2, 16
+    qkv = torch.randn(b, t, 3 * h * d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+    assert not q.is_contiguous() and kernel.supports(q, k, v)
+    strided = kernel.twicing_attention_triton(q, k, v)
+    contiguous = kernel.twicing_attention_triton(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(strided, contiguous)
+
+
+def test_agrees_with_the_two_sdpa_passes_it_replaces(kernel):
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 48, 32, seed=5))
+    assert relative_error(kernel.twicing_attention_triton(q, k, v), twicing_attention_sdpa(q, k, v)) <= 1e-5
+
+
+def test_saves_no_t_by_t_tensor_for_backward(kernel):
+    t, d = 64, 16
+    q, k, v = (x.float().to(DEVICE).requires_grad_() for x in random_qkv(1, 1, t, d))
+    with LargestTensorSeen() as seen:
+        kernel.twicing_attention_triton(q, k, v).sum().backward()
+    assert seen.largest <= t * d < t * t
+
+
+def test_compiles_as_one_opaque_differentiable_op(kernel):
+    q, k, v = (x.float().to(DEVICE).requires_grad_() for x in random_qkv(1, 2, 32, 16, seed=9))
+    compiled = torch.compile(kernel.twicing_attention_triton, backend="aot_eager", fullgraph=True)  # no graph break
+    out = compiled(q, k, v)
+    out.square().sum().backward()
+    eager = output_and_grads(kernel.twicing_attention_triton, q, k, v, 2 * out.detach())
+    assert torch.equal(out.detach(), eager[0])
+    assert all(torch.allclose(x.grad, g, rtol=0, atol=1e-6) for x, g in zip((q, k, v), eager[1:]))
+
+
+def test_declines_inputs_it_does_not_handle(kernel):
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 1, 8, 24))  # head_dim 24: not a power of two
+    assert not kernel.supports(q, k, v)
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 1, 8, 16))
+    assert not kernel.supports(q, k[..., :4, :], v)  # keys of another length (cross attention)
+    assert not kernel.supports(q.double(), k.double(), v.double())
+
+
+def test_the_model_uses_it_on_a_gpu_and_two_passes_elsewhere(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernel, "twicing_attention_triton", lambda *a: calls.append(1) or twicing_attention_sdpa(*a))
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 16, 16))
+    twicing_attention(q, k, v)
+    assert calls == ([1] if GPU else [])
