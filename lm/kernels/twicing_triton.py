@@ -7,7 +7,7 @@ Forward, two launches (pass 2 needs every row of U, which pass 1 writes):
 
 Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `backward`):
   1. dW_j = sum_i P_ij dO_i                                   (key-block programs)
-  2. dU = -dW; delta_i = dO_i . out_i + dU_i . U_i              (elementwise, in PyTorch)
+  2. dU = -dW; delta_i = dO_i . out_i + dU_i . U_i              (row-block programs)
   3. dS_ij = P_ij (dO_i . W_j + dU_i . V_j - delta_i)
      dV_j = 2 dW_j + sum_i P_ij dU_i,  dK_j = scale sum_i dS_ij Q_i     (key-block programs)
      dQ_i = scale sum_j dS_ij K_j                                        (query-block programs)
@@ -120,10 +120,24 @@ def _bwd_dw(Q, K, DO, LSE, DW, sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt, swb,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, U, DO, DU, LSE, DELTA, DW, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
+def _bwd_delta(O, U, DO, DW, DELTA, sob, soh, sot, sub, suh, sut, sdb, sdh, sdt, swb, swh, swt, H, T,
+               BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """delta_i = dO_i . out_i + dU_i . U_i = dO_i . out_i - dW_i . U_i, in fp32."""
+    start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, D)
+    o = _tile(O, b, h, sob, soh, sot, offs_m, offs_d, T).to(tl.float32)
+    u = _tile(U, b, h, sub, suh, sut, offs_m, offs_d, T).to(tl.float32)
+    do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T).to(tl.float32)
+    dw = _tile(DW, b, h, swb, swh, swt, offs_m, offs_d, T)
+    tl.store(DELTA + bh * T + offs_m, tl.sum(do * o - dw * u, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
               sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one key block. DU, DW, DK, DV share the contiguous layout (sx*)."""
+    """dK and dV of one key block. DW, DK, DV share the contiguous layout (sx*)."""
     start_n, bh = tl.program_id(0) * BLOCK_N, tl.program_id(1)
     b, h = bh // H, bh % H
     offs_n, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, D)
@@ -137,7 +151,7 @@ def _bwd_dkdv(Q, K, V, U, DO, DU, LSE, DELTA, DW, DK, DV, sqb, sqh, sqt, skb, sk
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
         do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T)
-        du = _tile(DU, b, h, sxb, sxh, sxt, offs_m, offs_d, T).to(do.dtype)
+        du = (-_tile(DW, b, h, sxb, sxh, sxt, offs_m, offs_d, T)).to(do.dtype)
         lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
         p = _probs(q, k, lse, offs_m, offs_n, qk_scale, start_m < start_n + BLOCK_N, PRECISION)
@@ -145,22 +159,22 @@ def _bwd_dkdv(Q, K, V, U, DO, DU, LSE, DELTA, DW, DK, DV, sqb, sqh, sqt, skb, sk
         ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p.to(du.dtype)), du, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T).to(tl.float32)
+    dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DV, dv + 2.0 * dw, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DK, dk * sm_scale, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, U, DO, DU, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
+def _bwd_dq(Q, K, V, U, DO, DW, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
             sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of one query block. DU and DQ share the contiguous layout (sx*)."""
+    """dQ of one query block. DW and DQ share the contiguous layout (sx*)."""
     start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, D)
     q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
     do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T)
-    du = _tile(DU, b, h, sxb, sxh, sxt, offs_m, offs_d, T).to(do.dtype)
+    du = (-_tile(DW, b, h, sxb, sxh, sxt, offs_m, offs_d, T)).to(do.dtype)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -224,13 +238,15 @@ def _backward(q, k, v, u, out, lse, dout):
     dw = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
     _bwd_dw[key_grid](q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, T, qk_scale,
                       BLOCK_M=bm, BLOCK_N=bn, **common)
-    du = -dw
-    delta = ((dout.float() * out.float()).sum(-1) + (du * u.float()).sum(-1)).reshape(B * H, T)
+    delta = torch.empty_like(lse)
+    _bwd_delta[query_grid](out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout), *_strides(dw), H, T,
+                           BLOCK_M=bm, D=D, num_warps=warps)
+    # dU = -dW is never stored: the kernels negate dW as they load it.
     dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(3))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(dout))
-    _bwd_dkdv[key_grid](q, k, v, u, dout, du, lse, delta, dw, dk, dv, *strides, *_strides(dk), H, T, qk_scale, sm_scale,
+    _bwd_dkdv[key_grid](q, k, v, u, dout, dw, lse, delta, dk, dv, *strides, *_strides(dk), H, T, qk_scale, sm_scale,
                         BLOCK_M=bm, BLOCK_N=bn, **common)
-    _bwd_dq[query_grid](q, k, v, u, dout, du, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale,
+    _bwd_dq[query_grid](q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale,
                         BLOCK_M=bm, BLOCK_N=bn, **common)
     return dq, dk, dv
 
