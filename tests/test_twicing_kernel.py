@@ -41,8 +41,17 @@ if GPU:
     SHAPES += [(2, 4, 1024, 64), (1, 2, 4096, 64)]
 
 
+@pytest.fixture(params=["atomic dq", "deterministic"])
+def dq_mode(request):
+    """The backward adds dQ atomically unless PyTorch is asked for deterministic algorithms."""
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    yield request.param
+    torch.use_deterministic_algorithms(saved)
+
+
 @pytest.mark.parametrize("b,h,t,d", SHAPES)
-def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, b, h, t, d):
+def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, dq_mode, b, h, t, d):
     q, k, v = random_qkv(b, h, t, d, seed=t)
     dout = torch.randn(b, h, t, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     exact = output_and_grads(twicing_attention_reference, q, k, v, dout)
@@ -54,7 +63,7 @@ def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, b
 
 # Triton's interpreter (3.9) gets bf16 matmuls wrong, so on a CPU half precision is checked in fp16.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if GPU else [torch.float16])
-def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dtype):
+def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dq_mode, dtype):
     q, k, v = random_qkv(2, 4, 1024, 64) if GPU else random_qkv(1, 2, 96, 64)
     dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     exact = output_and_grads(twicing_attention_reference, q, k, v, dout)

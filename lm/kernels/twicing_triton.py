@@ -10,7 +10,8 @@ Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `b
   2. dU = -dW; delta_i = dO_i . out_i + dU_i . U_i              (row-block programs)
   3. dS_ij = P_ij (dO_i . W_j + dU_i . V_j - delta_i)
      dV_j = 2 dW_j + sum_i P_ij dU_i,  dK_j = scale sum_i dS_ij Q_i     (key-block programs)
-     dQ_i = scale sum_j dS_ij K_j                                        (query-block programs)
+     dQ_i = scale sum_j dS_ij K_j       (added atomically by the same programs; or, under
+                                         torch.use_deterministic_algorithms, query-block programs)
 
 Nothing of size T x T is stored; saved for backward are Q, K, V, U, out and L, one (T, D) tensor
 more than flash attention. Exposed as a torch custom op (`twicing_lm::twicing_attention`) so that
@@ -134,10 +135,15 @@ def _bwd_delta(O, U, DO, DW, DELTA, sob, soh, sot, sub, suh, sut, sdb, sdh, sdt,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
+def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
               sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one key block. DW, DK, DV share the contiguous layout (sx*)."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+              FUSE_DQ: tl.constexpr):
+    """dK and dV of one key block. DW, DK, DV (and DQ32) share the contiguous layout (sx*).
+
+    With FUSE_DQ, each tile's share of dQ is also added into the fp32 buffer DQ32 atomically, which
+    saves `_bwd_dq` recomputing P and dP, at the price of a summation order that varies run to run.
+    """
     start_n, bh = tl.program_id(0) * BLOCK_N, tl.program_id(1)
     b, h = bh // H, bh % H
     offs_n, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, D)
@@ -159,6 +165,9 @@ def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, s
         ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p.to(du.dtype)), du, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if FUSE_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            tl.atomic_add(DQ32 + b * sxb + h * sxh + offs_m[:, None] * sxt + offs_d[None, :], dq, mask=offs_m[:, None] < T)
     dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DV, dv + 2.0 * dw, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DK, dk * sm_scale, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
@@ -242,10 +251,15 @@ def _backward(q, k, v, u, out, lse, dout):
     _bwd_delta[query_grid](out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout), *_strides(dw), H, T,
                            BLOCK_M=bm, D=D, num_warps=warps)
     # dU = -dW is never stored: the kernels negate dW as they load it.
-    dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(2))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(dout))
-    _bwd_dkdv[key_grid](q, k, v, u, dout, dw, lse, delta, dk, dv, *strides, *_strides(dk), H, T, qk_scale, sm_scale,
-                        BLOCK_M=bm, BLOCK_N=bn, **common)
+    fuse_dq = not torch.are_deterministic_algorithms_enabled()
+    dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fuse_dq else dw  # (unused without FUSE_DQ)
+    _bwd_dkdv[key_grid](q, k, v, u, dout, dw, lse, delta, dk, dv, dq32, *strides, *_strides(dk), H, T, qk_scale,
+                        sm_scale, BLOCK_M=bm, BLOCK_N=bn, FUSE_DQ=fuse_dq, **common)
+    if fuse_dq:
+        return dq32.to(q.dtype), dk, dv
+    dq = torch.empty_like(dk)
     _bwd_dq[query_grid](q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale,
                         BLOCK_M=bm, BLOCK_N=bn, **common)
     return dq, dk, dv
