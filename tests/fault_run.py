@@ -4,7 +4,8 @@
 
 FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged), `nan-in-step`
 (rank RANK's loss of its STEP-th training forward pass becomes NaN; with STEP written `N+`, of
-every pass from the N-th on) or `kill-in-save`
+every pass from the N-th on), `nan-in-weights` (rank RANK's first weight becomes NaN just before
+the step-STEP checkpoint is saved) or `kill-in-save`
 (SIGKILL rank RANK after its DeepSpeed files of the step-STEP checkpoint are written, before the
 checkpoint is marked complete). Nothing in the library knows about these hooks.
 """
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 
+import torch
 import torch.distributed as dist
 
 import lm.train
@@ -51,6 +53,16 @@ def main() -> None:
             return loss * float("nan") if hit and dist.get_rank() == rank else loss
 
         GPT.cross_entropy = staticmethod(cross_entropy)
+    elif fault == "nan-in-weights":
+        real_save_checkpoint = lm.train.save_checkpoint
+
+        def save_checkpoint(engine, run_dir, done, *args, **kwargs):
+            if done == step and dist.get_rank() == rank:
+                with torch.no_grad():
+                    next(engine.module.parameters()).fill_(float("nan"))
+            return real_save_checkpoint(engine, run_dir, done, *args, **kwargs)
+
+        lm.train.save_checkpoint = save_checkpoint
     elif fault == "kill-in-save":
         real_save = checkpoint.save_rng_state
 

@@ -110,6 +110,14 @@ def test_too_many_skips_in_a_row_stop_the_run(tiny_shards, tmp_path):
     assert sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()) == ["step00000005"]
 
 
+def test_weights_that_turned_non_finite_are_never_checkpointed(tiny_shards, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=TRAIN))
+    result, _ = run_with_fault("nan-in-weights", 10, 1, config)
+    assert result.returncode != 0
+    assert "error: non-finite weights at step 10: checkpoint not saved (the last complete checkpoint is step00000005" in result.stderr
+    assert sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()) == ["step00000005"]
+
+
 def test_retention_keeps_the_newest_complete_checkpoints(tiny_shards, tmp_path):
     config = tiny_run_config(tiny_shards, tmp_path / "run", train={"steps": 8, "checkpoint_interval": 2, "keep_last": 2})
     assert run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode == 0
