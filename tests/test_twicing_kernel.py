@@ -122,3 +122,9 @@ def test_the_model_uses_it_on_a_gpu_and_two_passes_elsewhere(kernel, monkeypatch
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 16, 16))
     twicing_attention(q, k, v)
     assert calls == ([1] if GPU else [])
+
+
+def test_output_is_laid_out_so_that_merging_heads_is_free(kernel):
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(2, 3, 16, 16))
+    out = kernel.twicing_attention_triton(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # (batch, time, heads, dim) in memory, as SDPA returns

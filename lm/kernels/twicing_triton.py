@@ -130,7 +130,7 @@ def _bwd_delta(O, U, DO, DW, DELTA, sob, soh, sot, sub, suh, sut, sdb, sdh, sdt,
     o = _tile(O, b, h, sob, soh, sot, offs_m, offs_d, T).to(tl.float32)
     u = _tile(U, b, h, sub, suh, sut, offs_m, offs_d, T).to(tl.float32)
     do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T).to(tl.float32)
-    dw = _tile(DW, b, h, swb, swh, swt, offs_m, offs_d, T)
+    dw = _tile(DW, b, h, swb, swh, swt, offs_m, offs_d, T).to(tl.float32)
     tl.store(DELTA + bh * T + offs_m, tl.sum(do * o - dw * u, 1), mask=offs_m < T)
 
 
@@ -168,7 +168,7 @@ def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, 
         if FUSE_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
             tl.atomic_add(DQ32 + b * sxb + h * sxh + offs_m[:, None] * sxt + offs_d[None, :], dq, mask=offs_m[:, None] < T)
-    dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
+    dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T).to(tl.float32)
     _put(DV, dv + 2.0 * dw, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DK, dk * sm_scale, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
 
@@ -215,11 +215,18 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs keep fp32 products, as SDPA does
 
 
+def _time_major(q: torch.Tensor) -> torch.Tensor:
+    """An empty (batch, heads, time, dim) tensor laid out as (batch, time, heads, dim), like SDPA's
+    output: the model's transpose back to (batch, time, channels) is then free."""
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     B, H, T, D = q.shape
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
-    u, out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(q, memory_format=torch.contiguous_format)
+    u, out = torch.empty_like(q, memory_format=torch.contiguous_format), _time_major(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = _blocks(D)
     grid = (triton.cdiv(T, bm), B * H)
@@ -244,7 +251,9 @@ def _backward(q, k, v, u, out, lse, dout):
     common = dict(D=D, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     # Key-block programs: the key block is the short side, so swap the tile shape.
     key_grid, query_grid = (triton.cdiv(T, bn), B * H), (triton.cdiv(T, bm), B * H)
-    dw = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
+    # dW in the inputs' precision: it enters the dots as dU in that precision anyway, and the
+    # backward's peak memory stays near flash attention's.
+    dw = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     _bwd_dw[key_grid](q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, T, qk_scale,
                       BLOCK_M=bm, BLOCK_N=bn, **common)
     delta = torch.empty_like(lse)
@@ -258,6 +267,7 @@ def _backward(q, k, v, u, out, lse, dout):
     _bwd_dkdv[key_grid](q, k, v, u, dout, dw, lse, delta, dk, dv, dq32, *strides, *_strides(dk), H, T, qk_scale,
                         sm_scale, BLOCK_M=bm, BLOCK_N=bn, FUSE_DQ=fuse_dq, **common)
     if fuse_dq:
+        del dw, delta  # before the cast allocates dq
         return dq32.to(q.dtype), dk, dv
     dq = torch.empty_like(dk)
     _bwd_dq[query_grid](q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale,
@@ -273,7 +283,7 @@ def _twicing_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
 @_twicing_op.register_fake
 def _(q, k, v):
     B, H, T, D = q.shape
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(B * H, T, dtype=torch.float32)
+    return _time_major(q), torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B * H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("twicing_lm::twicing_attention_backward", mutates_args=())
