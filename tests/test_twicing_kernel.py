@@ -61,6 +61,20 @@ def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, d
         assert error <= 1e-5 * want.norm() + 1e-7, name  # dq and dk are exactly zero at T = 1
 
 
+@pytest.mark.parametrize("shape", range(4))
+def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode, monkeypatch, shape):
+    """The autotuner chooses among these on a GPU; here each one runs (in the interpreter on a CPU)."""
+    for kernels, shapes in ((kernel.QUERY_MAJOR_KERNELS, kernel.QUERY_MAJOR_SHAPES), (kernel.KEY_MAJOR_KERNELS, kernel.KEY_MAJOR_SHAPES)):
+        for fn in kernels:
+            monkeypatch.setattr(fn, "configs", kernel.tile_configs([shapes[shape]]))
+    q, k, v = random_qkv(1, 2, 200, 64, seed=shape)  # several blocks of every size, the last one ragged
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    exact = output_and_grads(twicing_attention_reference, q, k, v, dout)
+    fused = output_and_grads(kernel.twicing_attention_triton, *(x.float().to(DEVICE) for x in (q, k, v, dout)))
+    for name, got, want in zip(["out", "dq", "dk", "dv"], fused, exact):
+        assert relative_error(got.double().cpu(), want) <= 1e-5, name
+
+
 # Triton's interpreter (3.9) gets bf16 matmuls wrong, so on a CPU half precision is checked in fp16.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if GPU else [torch.float16])
 def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dq_mode, dtype):

@@ -30,16 +30,30 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+def tile_configs(shapes) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+# Tile shapes (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages) to autotune over on a
+# GPU. Query-block programs (forward, dQ) want many query rows per program; key-block programs
+# (dW, dK/dV) many key rows and short query steps, as in flash attention's backward. The
+# interpreter, whose time goes per tile rather than per element, gets one small shape of each kind.
+QUERY_MAJOR_SHAPES = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2))
+KEY_MAJOR_SHAPES = ((32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3))
+QUERY_MAJOR = tile_configs([(32, 16, 4, 1)] if INTERPRETED else QUERY_MAJOR_SHAPES)
+KEY_MAJOR = tile_configs([(16, 32, 4, 1)] if INTERPRETED else KEY_MAJOR_SHAPES)
+
+
 @triton.jit
 def _tile(base, b, h, sb, sh, st, offs_t, offs_d, T):
     """A (rows, D) tile of a (batch, heads, time, D) tensor; rows past T read as zero."""
-    ptrs = base + b * sb + h * sh + offs_t[:, None] * st + offs_d[None, :]
+    ptrs = base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + offs_t[:, None] * st + offs_d[None, :]  # no int32 overflow
     return tl.load(ptrs, mask=offs_t[:, None] < T, other=0.0)
 
 
 @triton.jit
 def _put(base, value, b, h, sb, sh, st, offs_t, offs_d, T):
-    ptrs = base + b * sb + h * sh + offs_t[:, None] * st + offs_d[None, :]
+    ptrs = base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + offs_t[:, None] * st + offs_d[None, :]
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=offs_t[:, None] < T)
 
 
@@ -53,6 +67,7 @@ def _probs(q, k, lse, offs_m, offs_n, qk_scale, on_diagonal, PRECISION: tl.const
     return p
 
 
+@triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
 def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, H, T, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
@@ -81,6 +96,7 @@ def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
+@triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
 def _pass2_fwd(Q, K, V, U, LSE, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, sob, soh, sot, H, T,
                qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
@@ -101,6 +117,7 @@ def _pass2_fwd(Q, K, V, U, LSE, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, 
     _put(O, acc, b, h, sob, soh, sot, offs_m, offs_d, T)
 
 
+@triton.autotune(KEY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
 def _bwd_dw(Q, K, DO, LSE, DW, sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt, swb, swh, swt, H, T, qk_scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
@@ -134,6 +151,7 @@ def _bwd_delta(O, U, DO, DW, DELTA, sob, soh, sot, sub, suh, sut, sdb, sdh, sdt,
     tl.store(DELTA + bh * T + offs_m, tl.sum(do * o - dw * u, 1), mask=offs_m < T)
 
 
+@triton.autotune(KEY_MAJOR, key=["T", "D", "PRECISION"], reset_to_zero=["DQ32"])
 @triton.jit
 def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
               sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
@@ -167,12 +185,14 @@ def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, 
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if FUSE_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            tl.atomic_add(DQ32 + b * sxb + h * sxh + offs_m[:, None] * sxt + offs_d[None, :], dq, mask=offs_m[:, None] < T)
+            ptrs = DQ32 + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_m[:, None] * sxt + offs_d[None, :]
+            tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < T, sem="relaxed")
     dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T).to(tl.float32)
     _put(DV, dv + 2.0 * dw, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
     _put(DK, dk * sm_scale, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
 
 
+@triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
 def _bwd_dq(Q, K, V, U, DO, DW, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
             sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
@@ -204,13 +224,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles in the interpreter, where time goes per tile."""
-    if INTERPRETED:
-        return 32, 16, 4, 1
-    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 2)
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs keep fp32 products, as SDPA does
 
@@ -222,15 +235,22 @@ def _time_major(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(B, T, H, D).transpose(1, 2)
 
 
+def _query_grid(heads: int, T: int):
+    return lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), heads)
+
+
+def _key_grid(heads: int, T: int):
+    return lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), heads)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     B, H, T, D = q.shape
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
     u, out = torch.empty_like(q, memory_format=torch.contiguous_format), _time_major(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-    bm, bn, warps, stages = _blocks(D)
-    grid = (triton.cdiv(T, bm), B * H)
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, D=D, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    grid = _query_grid(B * H, T)
+    common = dict(D=D, PRECISION=_precision(q.dtype))
     _pass1_fwd[grid](q, k, v, u, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(u), H, T, qk_scale, **common)
     _pass2_fwd[grid](q, k, v, u, lse, out, *_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(out),
                      H, T, qk_scale, **common)
@@ -247,31 +267,28 @@ def _backward(q, k, v, u, out, lse, dout):
     B, H, T, D = q.shape
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634
-    bm, bn, warps, stages = _blocks(D)
-    common = dict(D=D, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    # Key-block programs: the key block is the short side, so swap the tile shape.
-    key_grid, query_grid = (triton.cdiv(T, bn), B * H), (triton.cdiv(T, bm), B * H)
+    common = dict(D=D, PRECISION=_precision(q.dtype))
+    key_grid, query_grid = _key_grid(B * H, T), _query_grid(B * H, T)
     # dW in the inputs' precision: it enters the dots as dU in that precision anyway, and the
     # backward's peak memory stays near flash attention's.
     dw = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     _bwd_dw[key_grid](q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, T, qk_scale,
-                      BLOCK_M=bm, BLOCK_N=bn, **common)
+                      **common)
     delta = torch.empty_like(lse)
-    _bwd_delta[query_grid](out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout), *_strides(dw), H, T,
-                           BLOCK_M=bm, D=D, num_warps=warps)
+    _bwd_delta[(triton.cdiv(T, 64), B * H)](out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout),
+                                            *_strides(dw), H, T, BLOCK_M=64, D=D)
     # dU = -dW is never stored: the kernels negate dW as they load it.
     dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(2))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(dout))
     fuse_dq = not torch.are_deterministic_algorithms_enabled()
-    dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fuse_dq else dw  # (unused without FUSE_DQ)
+    dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fuse_dq else lse.new_zeros(1)  # (a stand-in)
     _bwd_dkdv[key_grid](q, k, v, u, dout, dw, lse, delta, dk, dv, dq32, *strides, *_strides(dk), H, T, qk_scale,
-                        sm_scale, BLOCK_M=bm, BLOCK_N=bn, FUSE_DQ=fuse_dq, **common)
+                        sm_scale, FUSE_DQ=fuse_dq, **common)
     if fuse_dq:
         del dw, delta  # before the cast allocates dq
         return dq32.to(q.dtype), dk, dv
     dq = torch.empty_like(dk)
-    _bwd_dq[query_grid](q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale,
-                        BLOCK_M=bm, BLOCK_N=bn, **common)
+    _bwd_dq[query_grid](q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale, **common)
     return dq, dk, dv
 
 
@@ -321,3 +338,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def twicing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal (2A - A^2) V for q, k, v shaped (batch, heads, time, head_dim)."""
     return _twicing_op(q, k, v)[0]
+
+
+QUERY_MAJOR_KERNELS = (_pass1_fwd, _pass2_fwd, _bwd_dq)
+KEY_MAJOR_KERNELS = (_bwd_dw, _bwd_dkdv)
