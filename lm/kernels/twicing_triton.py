@@ -5,7 +5,7 @@ Forward, two launches (pass 2 needs every row of U, which pass 1 writes):
   2. out_i = sum_j exp(S_ij - L_i) (2 V_j - U_j): the probabilities are final at once (L is known),
      so there is no running max or rescaling, and 2V - U is formed in registers, never stored.
 
-Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `backward`):
+Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `_backward`):
   1. dW_j = sum_i P_ij dO_i                                   (key-block programs)
   2. dU = -dW; delta_i = dO_i . out_i + dU_i . U_i              (row-block programs)
   3. dS_ij = P_ij (dO_i . W_j + dU_i . V_j - delta_i)
@@ -15,8 +15,8 @@ Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `b
 
 Nothing of size T x T is stored; saved for backward are Q, K, V, U, out and L, one (T, D) tensor
 more than flash attention. Exposed as a torch custom op (`twicing_lm::twicing_attention`) so that
-torch.compile treats it as one opaque, differentiable call. Set TRITON_INTERPRET=1 before this
-module is imported to run it on CPU tensors (the tests do).
+torch.compile treats it as one opaque, differentiable call. With TRITON_INTERPRET=1 set before
+Triton is first imported, it runs on CPU tensors in Triton's interpreter (the tests do).
 """
 
 import math
