@@ -105,7 +105,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: Literal[0, 1, 2, 3] = 0
     tensor_parallel: int = 1  # ranks per tensor-parallel group; data-parallel size = world / this
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: fp32 weights and Adam state, bf16 compute under torch.autocast (DeepSpeed's
+    # torch_autocast mode, the plain loop's recipe). bf16-weights: DeepSpeed's bf16 mode, bf16
+    # weights with an fp32 master copy in the optimizer (less memory for weights, slower on GPU).
+    precision: Literal["fp32", "bf16", "bf16-weights"] = "fp32"
+    compile: bool = False  # torch.compile the model (in place, names unchanged) before DeepSpeed wraps it
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
     eval_windows: int = 16  # validation windows (of block_size tokens) per validation

@@ -19,7 +19,7 @@ from lm.shards import ShardSet
 def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
     """Train for `steps` (default train.steps) optimizer steps.
 
-    Returns the per-step losses and wall-clock seconds, and the whole run's tokens/s.
+    Returns the per-step losses and wall-clock seconds, the whole run's tokens/s, and the model.
     """
     t = config.train
     steps = t.steps if steps is None else steps
@@ -27,29 +27,32 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
     torch.manual_seed(t.seed)
     model = GPT(config.model).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    cuda = torch.device(device).type == "cuda"
+    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  **({"fused": True} if cuda else {}))  # fused: one kernel for every tensor
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision != "fp32")
     accum = t.batch_size // t.micro_batch_size
     losses, step_seconds, start = [], [], time.perf_counter()
     for step in range(steps):
         step_start = time.perf_counter()
         batch = batches.global_batch(step).to(device)
-        total = 0.0
+        total = torch.zeros((), device=device)  # summed on the device: no sync per micro step
         for micro in range(accum):
             rows = batch[micro * t.micro_batch_size : (micro + 1) * t.micro_batch_size]
             with autocast:
                 _, loss = forward(rows[:, :-1], rows[:, 1:])
             (loss / accum).backward()
-            total += loss.item()
+            total += loss.detach().float()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        losses.append(total / accum)
+        losses.append(total.item() / accum)  # one sync per step, as lm.train's logging does
         step_seconds.append(time.perf_counter() - step_start)
     seconds = time.perf_counter() - start
     tokens = steps * t.batch_size * config.model.block_size
-    return {"losses": losses, "step_seconds": step_seconds, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"losses": losses, "step_seconds": step_seconds, "seconds": seconds, "tokens_per_s": tokens / seconds, "model": model}

@@ -11,8 +11,10 @@ scalars into the run directory `train.out_dir`.
 """
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -86,7 +88,16 @@ def find_resume_point(config: RunConfig, resume: str) -> Path | None:
         ckpt.check_same_model(tag_dir, config.model)
         if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
             ckpt.check_same_layout(tag_dir, config.train)
+            check_same_weights_dtype(tag_dir, config.train.precision)
     return tag_dir
+
+
+def check_same_weights_dtype(tag_dir: Path, precision: str) -> None:
+    """fp32 and bf16 (autocast) keep the same fp32 state; bf16-weights keeps DeepSpeed's other files."""
+    saved = ckpt.read_marker(tag_dir)["config"]["train"].get("precision", "fp32")
+    if (saved == "bf16-weights") != (precision == "bf16-weights"):
+        raise UserError(f"{tag_dir} was written with train.precision={saved}, whose DeepSpeed files do not load under "
+                        f"{precision}; resume with {saved}, or start from its weights (lm convert --to checkpoint)")
 
 
 def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
@@ -101,13 +112,34 @@ def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups).to(world.device)
     t = config.train
-    optimizer = SkippableAdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    if t.compile:
+        model.compile()  # in place: parameter and state-dict names stay those of the GPT
+    optimizer = SkippableAdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                               **fused_adam(world.device))
     scheduler = build_scheduler(optimizer, t, start_step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
         config=deepspeed_config(t, groups.dp_size), dist_init_required=False,
     )
+    if t.zero_stage == 0 and groups.dp_size == 1:
+        # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, n_params
+
+
+def fused_adam(device: torch.device) -> dict:
+    """torch's fused AdamW on CUDA (one kernel for all tensors). ZeRO-1/2/3 hand the optimizer
+    fp32 partitions on the same device (or on the CPU with offload, where fused also runs)."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def check_can_compile() -> None:
+    """torch.compile's inductor needs Triton on a GPU and a C++ compiler on the CPU."""
+    if torch.cuda.is_available():  # the device lm.distributed picks
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("train.compile needs Triton on the GPU, which is not installed; set train.compile=false")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise UserError("train.compile needs a C++ compiler on the CPU (g++, clang++ or $CXX); set train.compile=false")
 
 
 def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
@@ -261,6 +293,8 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     """
     run_dir = Path(config.train.out_dir)
     shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
+    if config.train.compile:
+        check_can_compile()
     resume_from = find_resume_point(config, resume)
     world = init_distributed()
     quiet_deepspeed()

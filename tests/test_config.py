@@ -168,7 +168,7 @@ def test_literal_fields_reject_values_outside_their_choices(tmp_path, key, value
     assert f"train.{key}: expected one of" in message
 
 
-@pytest.mark.parametrize("key, value", [("zero_stage", 0), ("zero_stage", 3), ("precision", "fp32")])
+@pytest.mark.parametrize("key, value", [("zero_stage", 0), ("zero_stage", 3), ("precision", "fp32"), ("precision", "bf16-weights")])
 def test_literal_fields_accept_their_choices(tmp_path, key, value):
     assert getattr(load_config(write_yaml(tmp_path, with_value("train", key, value))).train, key) == value
 
@@ -375,13 +375,36 @@ def test_deepspeed_config_is_derived_from_the_train_config():
     # DeepSpeed's own invariant
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
     assert ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2}
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["torch_autocast"]["enabled"] and ds["torch_autocast"]["dtype"] == "bfloat16"
+    assert ds["bf16"] == {"enabled": False}  # fp32 weights: autocast computes in bf16
     assert "fp16" not in ds
 
 
-def test_fp32_run_disables_bf16():
-    assert deepspeed_config(TrainConfig(precision="fp32"), 1)["bf16"] == {"enabled": False}
+def test_each_precision_picks_one_deepspeed_mode():
+    def modes(precision):
+        ds = deepspeed_config(TrainConfig(precision=precision), 1)
+        return ds["bf16"]["enabled"], ds["torch_autocast"]["enabled"]
+
+    assert modes("fp32") == (False, False)
+    assert modes("bf16") == (False, True)
+    assert modes("bf16-weights") == (True, False)
+
+
+def test_bf16_autocast_reduces_gradients_in_fp32():
+    # DeepSpeed's default would all-reduce nn.Linear gradients in bf16, unlike the plain loop.
+    assert deepspeed_config(TrainConfig(precision="bf16", batch_size=16), 2)["torch_autocast"]["lower_precision_safe_modules"] == []
+
+
+def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
+    one = deepspeed_config(TrainConfig(zero_stage=2), 1)["zero_optimization"]
+    two = deepspeed_config(TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4), 2)["zero_optimization"]
+    assert one == {"stage": 2}
+    assert two["overlap_comm"] and two["reduce_bucket_size"] < 124_000_000  # buckets smaller than GPT-2 small
+    assert deepspeed_config(TrainConfig(zero_stage=3, batch_size=16), 2)["zero_optimization"] == {"stage": 3}
+    override = TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4,
+                           deepspeed={"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}})
+    assert deepspeed_config(override, 2)["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 5e8}
 
 
 def test_deepspeed_config_rejects_a_data_parallel_size_that_does_not_divide_the_batch():
@@ -414,7 +437,7 @@ def test_setting_a_derived_key_in_train_deepspeed_is_rejected(key):
 
 def test_the_derived_keys_cover_batch_accumulation_clipping_and_precision():
     assert {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-            "gradient_clipping", "bf16", "fp16"} <= set(DERIVED)
+            "gradient_clipping", "bf16", "fp16", "torch_autocast"} <= set(DERIVED)
 
 
 def test_conflicting_zero_stage_is_rejected():

@@ -2,10 +2,11 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/zero_stages_run.py CONFIG.json OUT.json 0 1 2 3 [--without-mpu]
 
-Rank 0 writes {stage: {"losses": [loss per step], "logits": [...]}} to OUT.json, the logits being
-the trained engine's (gathered over tensor-parallel ranks) for the ids 0..block_size-1. Used by test_training.py and
-test_tensor_parallel.py. `--without-mpu` is the negative control: DeepSpeed is not told about
-the tensor-parallel groups (and derives its batch size from the whole world), as a training
+Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
+"compiled": bool}} to OUT.json, the logits being the trained engine's (gathered over tensor-parallel
+ranks) for the ids 0..block_size-1, with the dtype the engine computed them in, the dtype of its
+weights and whether its module runs compiled. Used by test_training.py and test_tensor_parallel.py.
+`--without-mpu` is the negative control: DeepSpeed is not told about the tensor-parallel groups (and derives its batch size from the whole world), as a training
 script that forgot the mpu would do.
 """
 
@@ -32,13 +33,13 @@ def forget_the_mpu():
 
 
 @torch.no_grad()
-def final_logits(engine, groups, model: dict) -> list[float]:
+def final_logits(engine, groups, model: dict) -> tuple[list[float], str]:
     engine.eval()
     ids = torch.arange(model["block_size"]).remainder(model["vocab_size"])[None]
     logits, _ = engine(ids)
     parts = [torch.empty_like(logits) for _ in range(groups.tp_size)]
     dist.all_gather(parts, logits.contiguous(), group=groups.tp_group)
-    return torch.cat(parts, dim=-1).flatten().tolist()
+    return torch.cat(parts, dim=-1).float().flatten().tolist(), str(logits.dtype)
 
 
 def main(config_path: str, result_path: str, *args: str) -> None:
@@ -51,7 +52,11 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         raw["train"]["zero_stage"] = stage
         raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}"
         run = train(RunConfig.from_dict(raw))
-        results[stage] = {"losses": run["losses"], "logits": final_logits(run["engine"], run["groups"], raw["model"])}
+        logits, logits_dtype = final_logits(run["engine"], run["groups"], raw["model"])
+        weights_dtype = str(next(run["engine"].module.parameters()).dtype)
+        compiled = getattr(run["engine"].module, "_compiled_call_impl", None) is not None  # set by nn.Module.compile()
+        results[stage] = {"losses": run["losses"], "logits": logits, "logits_dtype": logits_dtype,
+                          "weights_dtype": weights_dtype, "compiled": compiled}
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
 
