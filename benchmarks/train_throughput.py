@@ -1,17 +1,23 @@
 """Training throughput on this machine: our DeepSpeed training versus a plain PyTorch loop.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 60] [--config configs/demo.yaml] [--set k=v]
+    .venv/bin/python benchmarks/train_throughput.py [--config configs/demo.yaml] [--set k=v ...]
+        [--twicing none all last:2] [--stages 0 1 2] [--two-process-stages 2] [--steps 60]
+        [--compile auto|on|off] [--out table.txt]
 
-Runs on the GPU when there is one (the plain loop then uses bf16 autocast when the config says
-bf16), else on the CPU.
+Runs on the GPU when there is one, else on the CPU. Model, batch, sequence length and precision
+come from the config (`--set train.micro_batch_size=16 --set train.precision=bf16 ...`);
+`--twicing` repeats every row for each attention setting (model.twicing_layers), each group
+against its own plain loop. `--compile auto` compiles on the GPU only (inductor on the CPU is slow
+to build and not what we measure there).
 
-Prints one table, all rows measured in the same run on the same data:
-  plain       the reference loop of lm.plain_loop, one process, all cores
-  ds-1p-zN    lm.train in one process under a DeepSpeed engine, ZeRO stage N
-  ds-2p-z2    lm.train in two processes (deepspeed launcher), ZeRO-2, as the demo (CPU or >= 2 GPUs)
-Also per row: MFU (model FLOPs per token, counting the second attention pass of twicing layers,
-against the card's peak; GPU only) and peak memory. Tokens/s of DeepSpeed runs are the median of the per-step figures after the first 10 steps
-(start-up excluded), the same statistic for the plain loop.
+Rows, all measured in the same run on the same data:
+  plain       the reference loop of lm.plain_loop (fused AdamW on CUDA, bf16 autocast when the
+              config says bf16 or bf16-weights), one process, all cores
+  ds-1p-zN    lm.train in one process under a DeepSpeed engine, ZeRO stage N, train.compile as above
+  ds-2p-zN    the same in two processes (deepspeed launcher): on the CPU or with >= 2 GPUs
+Also per row: the ratio to the plain loop, MFU (model FLOPs per token, counting the second
+attention pass of twicing layers, against the card's peak; GPU only) and peak memory. Tokens/s is
+the median of the per-step figures after the first 10 steps (start-up and compilation excluded).
 """
 
 import argparse
@@ -37,22 +43,41 @@ from lm.config import RunConfig  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from lm.plain_loop import train_plain  # noqa: E402
 
+WARMUP_STEPS = 10  # left out of the median: start-up, compilation, allocator warm-up
 
-def deepspeed_tokens_per_s(config: dict, work: Path, name: str, nproc: int, stage: int) -> float:
+
+def steady_rate(rates: list[float]) -> float:
+    return statistics.median(rates[WARMUP_STEPS:] or rates)
+
+
+def deepspeed_row(config: dict, work: Path, name: str, nproc: int, stage: int) -> tuple[float, float]:
+    """(tokens/s, peak MiB) of lm.train under DeepSpeed, read back from its metrics.jsonl."""
     config = json.loads(json.dumps(config))
     config["train"].update(zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False, log_interval=10**6)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     if nproc == 1:
-        command = [sys.executable, "-m", "lm.train", "--config", str(path)]
-        env = dict(os.environ)
+        command, env = [sys.executable, "-m", "lm.train", "--config", str(path)], dict(os.environ)
     else:
-        command = deepspeed_local_command(nproc, "lm.train", ["--config", str(path)])
-        env = local_environment(nproc)
+        command, env = deepspeed_local_command(nproc, "lm.train", ["--config", str(path)]), local_environment(nproc)
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
-    return statistics.median(rates[10:] or rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+    return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+
+
+def plain_row(run_config: RunConfig, device: str, compile: bool) -> tuple[float, float]:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    plain = train_plain(run_config, device=device, compile=compile)
+    tokens_per_step = run_config.train.batch_size * run_config.model.block_size
+    memory = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # RSS: the process's peak so far
+    rate = steady_rate([tokens_per_step / s for s in plain.pop("step_seconds")])
+    del plain  # the model: free the GPU for the DeepSpeed processes
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rate, memory
 
 
 def peak_tflops(device: str) -> float | None:
@@ -63,57 +88,84 @@ def peak_tflops(device: str) -> float | None:
     return 989.0 if ("H100" in name or "H200" in name) else 312.0 if "A100" in name else None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--shards", default=None, help="existing shards (default: the demo corpus, 2048-piece tokenizer)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
-    p.add_argument("--compile", action="store_true", help="torch.compile the plain loop's model")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--shards", default=None,
+                   help="token shards; made there from the demo corpus (2048-piece tokenizer) when missing (default: a temporary copy)")
+    p.add_argument("--twicing", nargs="+", default=None, metavar="LAYERS",
+                   help="model.twicing_layers settings to compare: none, all, last:K (default: the config's)")
+    p.add_argument("--stages", nargs="*", type=int, default=[0, 2], help="ZeRO stages of the one-process rows")
+    p.add_argument("--two-process-stages", nargs="*", type=int, default=[2], help="ZeRO stages of the two-process rows")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the plain loop and set train.compile (auto: on the GPU only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)")
-    args = p.parse_args()
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
-        config[section][name] = yaml.safe_load(value)
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpus = torch.cuda.device_count()
+    compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
+    config["train"].update(steps=args.steps, compile=compile)
+    stage_runs = [(1, s) for s in args.stages]
+    if device == "cpu" or torch.cuda.device_count() >= 2:
+        stage_runs += [(2, s) for s in args.two_process_stages]
+    twicing = args.twicing or [config["model"].get("twicing_layers", "none")]
+    rows = []  # (attention, name, what, tokens/s, ratio, MiB, flops per token)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = args.shards
-        if shards is None:
+        shards = Path(args.shards) if args.shards else work / "data"
+        if not (shards / "manifest.json").is_file():  # made here, kept when --shards names a new directory
             train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            shards = str(prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, config["model"]["vocab_size"]), workers=2))
-        config["data"]["path"] = shards
-        config["train"]["steps"] = args.steps
-        run_config = RunConfig.from_dict(config)
-        plain = train_plain(run_config, device=device, compile=args.compile)
-        tokens_per_step = run_config.train.batch_size * run_config.model.block_size
-        rates = [tokens_per_step / s for s in plain["step_seconds"]]
-        plain_memory = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        rows = [("plain", "PyTorch loop, 1 process" + (", compiled" if args.compile else ""),
-                 statistics.median(rates[10:] or rates), plain_memory)]
-        runs = [("ds-1p-z0", "DeepSpeed ZeRO-0, 1 process", 1, 0), ("ds-1p-z2", "DeepSpeed ZeRO-2, 1 process", 1, 2)]
-        if device == "cpu" or gpus >= 2:
-            runs.append(("ds-2p-z2", "DeepSpeed ZeRO-2, 2 processes", 2, 2))
-        for name, label, nproc, stage in runs:
-            rows.append((name, label, *deepspeed_tokens_per_s(config, work, name, nproc, stage)))
-    base = rows[0][2]
-    model = GPT(run_config.model)
-    params, flops_per_token = model.num_parameters(), model.flops_per_token()
+            vocab = min(2048, config["model"]["vocab_size"])
+            prepare_shards(train_docs, val_docs, shards, vocab_size=vocab, workers=2)
+        config["data"]["path"] = str(shards)
+        for layers in twicing:
+            config["model"]["twicing_layers"] = layers
+            run_config = RunConfig.from_dict(config)
+            flops = GPT(run_config.model).flops_per_token()
+            base, memory = plain_row(run_config, device, compile)
+            rows.append((layers, "plain", "PyTorch loop" + (", compiled" if compile else ""), base, 1.0, memory, flops))
+            write_table(args, run_config, rows, device, compile)
+            for nproc, stage in stage_runs:
+                name = f"ds-{nproc}p-z{stage}"
+                rate, mib = deepspeed_row(config, work, f"{name}-{len(rows)}", nproc, stage)
+                rows.append((layers, name, f"DeepSpeed ZeRO-{stage}, {nproc} process" + "es" * (nproc > 1),
+                             rate, rate / base, mib, flops))
+                write_table(args, run_config, rows, device, compile)  # rows so far survive a timeout
+    print("\n" + write_table(args, run_config, rows, device, compile))
+
+
+def write_table(args, run_config: RunConfig, rows: list, device: str, compile: bool) -> str:
+    """The table as text, also written to --out when given."""
+    t, m = run_config.train, run_config.model
     peak = args.peak_tflops or peak_tflops(device)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"\nconfig {Path(args.config).name} {' '.join(args.set)}: {params / 1e6:.2f}M parameters, "
-          f"{run_config.train.precision}, {tokens_per_step} tokens/step, {args.steps} steps, on {where}")
-    print(f"layers {run_config.model.layer_attention()}; MFU counts twicing's second attention pass"
-          + (f"; peak {peak:.0f} TFLOP/s" if peak else ""))
+    params = GPT(m).num_parameters()
     memory = "peak MiB" if device == "cuda" else "peak RSS MiB"
-    print(f"{'run':<10} {'what':<32} {'tokens/s':>10} {'vs plain':>9} {'MFU':>6} {memory:>13}")
-    for name, label, rate, mib in rows:
-        mfu = f"{rate * flops_per_token / (peak * 1e12):.1%}" if peak else "-"
-        print(f"{name:<10} {label:<32} {rate:>10.0f} {rate / base:>8.2f}x {mfu:>6} {mib:>13.0f}")
+    lines = [
+        f"config {Path(args.config).name} {' '.join(args.set)}: {params / 1e6:.2f}M parameters, {t.precision}, "
+        f"micro batch {t.micro_batch_size} x {m.block_size} tokens, {t.batch_size * m.block_size} tokens/step, "
+        f"{args.steps} steps, compile {'on' if compile else 'off'}, on {where}",
+        "MFU counts twicing's second attention pass" + (f"; peak {peak:.0f} TFLOP/s" if peak else ""),
+        f"{'twicing':<8} {'run':<9} {'what':<34} {'tokens/s':>10} {'vs plain':>9} {'MFU':>6} {memory:>13}",
+    ]
+    for layers, name, label, rate, ratio, mib, flops in rows:
+        mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak else "-"
+        lines.append(f"{str(layers):<8} {name:<9} {label:<34} {rate:>10.0f} {ratio:>8.2f}x {mfu:>6} {mib:>13.0f}")
+    table = "\n".join(lines)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return table
 
 
 if __name__ == "__main__":
