@@ -72,11 +72,15 @@ def zero_defaults(stage: int, data_parallel_size: int) -> dict:
             # overlap; its contiguous buffer (x2 with overlap) is allocated at this size, too.
             reduce_bucket_size=OVERLAP_BUCKET,
         )
+    elif stage in (1, 2):
+        # One rank: reduce-scatter flattens the whole bucket into a new tensor and copies it back
+        # (allreduce_and_scatter); a plain all-reduce works in place, and there is nothing to scatter.
+        zero.update(reduce_scatter=False)
     # ZeRO-3 keeps memory_efficient_linear: it swaps F.linear for a matmul and a separate bias add
     # (under autocast one more bf16 rounding than the plain loop) but holds no bf16 weight copies
     # for backward, which plain F.linear under autocast would, for every gathered layer.
-    # One data-parallel rank: DeepSpeed's defaults (one 5e8 bucket: a single no-op reduction
-    # and a single weight all-gather per step, no second buffer); see lm.train for ZeRO-0.
+    # Otherwise DeepSpeed's 5e8 buckets: at DP=1 a single reduction and a single weight all-gather
+    # per step for models up to 500M parameters, and no second buffer; see lm.train for ZeRO-0.
     return zero
 
 

@@ -399,7 +399,7 @@ def test_bf16_autocast_reduces_gradients_in_fp32():
 def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
     one = deepspeed_config(TrainConfig(zero_stage=2), 1)["zero_optimization"]
     two = deepspeed_config(TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4), 2)["zero_optimization"]
-    assert one == {"stage": 2}
+    assert one == {"stage": 2, "reduce_scatter": False}  # one rank: an in-place all-reduce, no copies
     assert two["overlap_comm"] and two["reduce_bucket_size"] < 124_000_000  # buckets smaller than GPT-2 small
     assert deepspeed_config(TrainConfig(zero_stage=3, batch_size=16), 2)["zero_optimization"] == {"stage": 3}
     override = TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4,
@@ -420,7 +420,8 @@ def test_extra_deepspeed_keys_are_merged_deeply():
     }
     train = TrainConfig(zero_stage=2, deepspeed=copy.deepcopy(extra))
     ds = deepspeed_config(train, 1)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7}
+    # merged over our one-rank default (reduce_scatter off)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "overlap_comm": True, "reduce_bucket_size": 5e7}
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["steps_per_print"] == 10  # a non-derived default of ours may be overridden
     assert ds["train_batch_size"] == train.batch_size
