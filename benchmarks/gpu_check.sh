@@ -25,13 +25,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RESULTS/g
 
 echo "== GPU tests"
 if [ -f tests/test_twicing_kernel.py ]; then
-  timeout 60 python3 -m pytest -q tests/test_twicing_kernel.py 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
+  timeout 50 python3 -m pytest -q tests/test_twicing_kernel.py 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
 else
   echo "tests/test_twicing_kernel.py is missing: skipped" | tee "$RESULTS/tests.txt"
 fi
 
 echo "== attention: correctness vs float64, then timings"
-timeout 50 python3 benchmarks/attention.py --dtype bf16 2>&1 | tee "$RESULTS/attention.txt"
+timeout 45 python3 benchmarks/attention.py --dtype bf16 2>&1 | tee "$RESULTS/attention.txt"
 
 # Shards once (demo corpus, 2048-piece tokenizer), reused by both groups of rows.
 SHARDS=/tmp/gpu-check-shards
@@ -40,7 +40,7 @@ GPT2="--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.mic
 for layers in none all; do
   echo "== GPT-2 small, bf16, B=16 T=1024, twicing_layers=$layers: plain compiled vs DeepSpeed ZeRO-0/1"
   # shellcheck disable=SC2086
-  timeout 120 python3 benchmarks/train_throughput.py $GPT2 --twicing "$layers" --out "$RESULTS/train-$layers.txt" \
+  timeout 150 python3 benchmarks/train_throughput.py $GPT2 --twicing "$layers" --out "$RESULTS/train-$layers.txt" \
     2>&1 | grep -v -e "^\[" -e Warning | tail -n 25
 done
 
