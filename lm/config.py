@@ -35,8 +35,9 @@ class ModelConfig:
     # Which layers use twicing attention, the rest use softmax: "none", "all", "last:K" or a list
     # of layer indices. The paper's language model twices the last 2 of 16 layers.
     twicing_layers: str | list[int] = "none"
-    # "fused" runs on scaled_dot_product_attention; "reference" materialises A (tests only).
-    attention_impl: Literal["fused", "reference"] = "fused"
+    # "fused": SDPA for softmax; for twicing the Triton kernel on a GPU, else two SDPA passes.
+    # "sdpa": two SDPA passes for twicing everywhere. "reference" materialises A (tests only).
+    attention_impl: Literal["fused", "sdpa", "reference"] = "fused"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -73,8 +74,10 @@ class ModelConfig:
     def layer_attention(self) -> list[str]:
         """The attention variant name of every layer, as registered in `lm.attention`."""
         twicing = set(self.twicing_layer_indices())
-        suffix = "_reference" if self.attention_impl == "reference" else ""
-        return [("twicing" if i in twicing else "softmax") + suffix for i in range(self.n_layer)]
+        if self.attention_impl == "reference":
+            return [("twicing" if i in twicing else "softmax") + "_reference" for i in range(self.n_layer)]
+        twicing_name = "twicing_sdpa" if self.attention_impl == "sdpa" else "twicing"
+        return [twicing_name if i in twicing else "softmax" for i in range(self.n_layer)]
 
 
 @dataclass

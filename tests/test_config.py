@@ -355,6 +355,11 @@ def test_out_of_range_layer_is_named():
         ModelConfig(n_layer=16, twicing_layers=[2, 16])
 
 
+def test_sdpa_impl_keeps_twicing_off_the_triton_kernel():
+    config = ModelConfig(n_layer=3, twicing_layers=[1], attention_impl="sdpa")
+    assert config.layer_attention() == ["softmax", "twicing_sdpa", "softmax"]
+
+
 def test_reference_impl_selects_the_reference_variants():
     config = ModelConfig(n_layer=3, twicing_layers=[1], attention_impl="reference")
     assert config.layer_attention() == ["softmax_reference", "twicing_reference", "softmax_reference"]
