@@ -2,7 +2,8 @@
 # One prepared check for a single-GPU machine whose image lacks DeepSpeed: installs the wheels that
 # ../shared/device/make-wheels.sh put in .whl/, runs the GPU tests, the attention benchmark and the
 # training-throughput tables of GPT-2 small (B=16, T=1024, bf16; softmax and twicing in all layers;
-# compiled plain loop, DeepSpeed ZeRO-0 and ZeRO-1). Under 6 minutes on an H100.
+# compiled plain loop, DeepSpeed ZeRO-0 and ZeRO-1). Meant to take 5-6 minutes on an H100; every
+# step is time-limited, so at worst 7.5 minutes.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]      (default: $OUT when set, else /tmp/gpu-check)
 #
 # Budget, from GPU-NOTES.md (~16k tokens and ~0.04 s per step): 30 steps are ~1.5 s of training
@@ -25,13 +26,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RESULTS/g
 
 echo "== GPU tests"
 if [ -f tests/test_twicing_kernel.py ]; then
-  timeout 50 python3 -m pytest -q tests/test_twicing_kernel.py 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
+  # Mostly Triton compiling the kernel for each head size, dtype and dQ mode (~60 compilations).
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_twicing_kernel.py 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
 else
   echo "tests/test_twicing_kernel.py is missing: skipped" | tee "$RESULTS/tests.txt"
 fi
 
 echo "== attention: correctness vs float64, then timings"
-timeout 45 python3 benchmarks/attention.py --dtype bf16 2>&1 | tee "$RESULTS/attention.txt"
+timeout 60 python3 benchmarks/attention.py --dtype bf16 2>&1 | tee "$RESULTS/attention.txt"
 
 # Shards once (demo corpus, 2048-piece tokenizer), reused by both groups of rows.
 SHARDS=/tmp/gpu-check-shards
@@ -40,7 +42,7 @@ GPT2="--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.mic
 for layers in none all; do
   echo "== GPT-2 small, bf16, B=16 T=1024, twicing_layers=$layers: plain compiled vs DeepSpeed ZeRO-0/1"
   # shellcheck disable=SC2086
-  timeout 150 python3 benchmarks/train_throughput.py $GPT2 --twicing "$layers" --out "$RESULTS/train-$layers.txt" \
+  timeout 140 python3 benchmarks/train_throughput.py $GPT2 --twicing "$layers" --out "$RESULTS/train-$layers.txt" \
     2>&1 | grep -v -e "^\[" -e Warning | tail -n 25
 done
 

@@ -22,7 +22,14 @@ DEVICE = "cuda" if GPU else "cpu"
 def kernel():
     module = importlib.import_module("lm.kernels.twicing_triton")
     assert GPU or module.INTERPRETED, "on a CPU the kernel can only run under Triton's interpreter"
-    return module
+    # One tile shape per kernel: autotuning would compile every shape for every head size and
+    # dtype here (minutes on a fresh GPU machine); the tile-shape test covers the others.
+    saved = {fn: fn.configs for fn in module.QUERY_MAJOR_KERNELS + module.KEY_MAJOR_KERNELS}
+    for fn, configs in saved.items():
+        fn.configs = configs[:1]
+    yield module
+    for fn, configs in saved.items():
+        fn.configs = configs
 
 
 def random_qkv(b, h, t, d, seed=0, dtype=torch.float64):
@@ -38,7 +45,7 @@ def output_and_grads(fn, q, k, v, dout):
 
 SHAPES = [(1, 1, 1, 16), (2, 3, 40, 16), (1, 2, 77, 64), (1, 1, 33, 128)]
 if GPU:
-    SHAPES += [(2, 4, 1024, 64), (1, 2, 4096, 64)]
+    SHAPES += [(2, 4, 1024, 64)]
 
 
 @pytest.fixture(params=["atomic dq", "deterministic"])
@@ -63,6 +70,8 @@ def test_output_and_gradients_equal_the_materialised_float64_reference(kernel, d
 
 @pytest.mark.parametrize("shape", range(4))
 def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode, monkeypatch, shape):
+    if GPU and dq_mode == "deterministic":
+        pytest.skip("on a GPU, compile time goes to the atomic path; the CPU run covers every shape in both modes")
     """The autotuner chooses among these on a GPU; here each one runs (in the interpreter on a CPU)."""
     for kernels, shapes in ((kernel.QUERY_MAJOR_KERNELS, kernel.QUERY_MAJOR_SHAPES), (kernel.KEY_MAJOR_KERNELS, kernel.KEY_MAJOR_SHAPES)):
         for fn in kernels:
