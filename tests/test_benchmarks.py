@@ -13,7 +13,7 @@ RUNS = {
     "attention": (["attention.py", "--lengths", "64", "128", "--repeats", "1"], "(ok, tolerance"),
     "generation": (["generate_throughput.py", "--prompt", "4", "--new", "4"], "speed-up"),
     "training": (["train_throughput.py", "--steps", "3", "--set", "model.n_layer=2", "--set", "train.precision=bf16",
-                  "--twicing", "none", "all", "--stages", "1", "--two-process-stages", "2"], "all      ds-2p-z2"),
+                  "--twicing", "all", "--stages", "1", "--two-process-stages", "2"], "all      ds-2p-z2"),
     "data prep": (["prep_throughput.py", "--mb", "0.2", "--repeats", "1", "--vocab-size", "500"], "bare"),
 }
 

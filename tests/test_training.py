@@ -91,7 +91,7 @@ def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp
 def test_bf16_computes_under_autocast_over_fp32_weights_like_the_plain_loop(tiny_shards, tmp_path, compile):
     config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"precision": "bf16", "compile": compile})
     reference = train_plain(RunConfig.from_dict(config))["losses"]
-    stages = ("0", "1", "2", "3") if not compile else ("0", "1")
+    stages = ("0", "1", "2", "3") if not compile else ("0",)  # compiling is the same at every stage, and slow on CPU
     for stage, run in run_zero_stages(config, tmp_path, 1, *stages).items():
         assert (run["logits_dtype"], run["weights_dtype"]) == ("torch.bfloat16", "torch.float32"), f"ZeRO-{stage}"
         assert run["compiled"] == compile
@@ -105,18 +105,18 @@ def test_bf16_computes_under_autocast_over_fp32_weights_like_the_plain_loop(tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,stage,precision", [(2, 2, "fp32"), (1, 3, "fp32"), (1, 1, "bf16")])
+@pytest.mark.parametrize("nproc,stage,precision", [(2, 2, "fp32"), (1, 3, "bf16")])
 def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_shards, tmp_path, nproc, stage, precision):
     # Dropout on, so the restored RNG state matters too.
-    train = {"steps": 20, "zero_stage": stage, "eval_interval": 5, "precision": precision}
+    train = {"steps": 12, "zero_stage": stage, "eval_interval": 4, "precision": precision}
     straight = write_config(tmp_path / "straight.yaml", tiny_run_config(tiny_shards, tmp_path / "straight", {"dropout": 0.1}, train))
     split = write_config(tmp_path / "split.yaml", tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, train))
-    for args in (["--config", str(straight)], ["--config", str(split), "--stop-at", "10"],
+    for args in (["--config", str(straight)], ["--config", str(split), "--stop-at", "6"],
                  ["--config", str(split), "--resume", "auto"]):
         result = run_lm("lm.train", *args, nproc=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
     uninterrupted, resumed = losses_from(tmp_path / "straight"), losses_from(tmp_path / "split")
-    assert sorted(resumed) == list(range(1, 21))
+    assert sorted(resumed) == list(range(1, 13))
     assert resumed == uninterrupted  # bitwise: float equality of every step's loss
     if precision == "bf16":  # autocast keeps fp32 state: DeepSpeed's bf16-weights files differ
         other = tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, {**train, "precision": "bf16-weights"})
