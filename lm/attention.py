@@ -97,8 +97,11 @@ def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Attention of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
     twicing = name.startswith("twicing")
     if cache.length == 0:  # prefill: ordinary causal attention over the prompt, keeping U
-        u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out = F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True) if twicing else u
+        if twicing and q.is_cuda and (kernels := triton_kernels()) is not None and kernels.supports(q, k, v):
+            out, u = kernels.twicing_attention_and_u(q, k, v)
+        else:
+            u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True) if twicing else u
         cache.k, cache.v, cache.u = k, v, u
         return out
     if q.size(-2) != 1:

@@ -151,3 +151,10 @@ def test_output_is_laid_out_so_that_merging_heads_is_free(kernel):
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(2, 3, 16, 16))
     out = kernel.twicing_attention_triton(q, k, v)
     assert out.transpose(1, 2).is_contiguous()  # (batch, time, heads, dim) in memory, as SDPA returns
+
+
+def test_hands_a_generation_cache_the_first_pass_it_computed(kernel):
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 24, 16, seed=11))
+    out, u = kernel.twicing_attention_and_u(q, k, v)
+    assert torch.equal(out, kernel.twicing_attention_triton(q, k, v))
+    assert relative_error(u, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)) <= 1e-5

@@ -340,5 +340,11 @@ def twicing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return _twicing_op(q, k, v)[0]
 
 
+def twicing_attention_and_u(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, U = A V): what a generation cache keeps after the prompt, from the same two passes."""
+    out, u, _ = _twicing_op(q, k, v)
+    return out, u
+
+
 QUERY_MAJOR_KERNELS = (_pass1_fwd, _pass2_fwd, _bwd_dq)
 KEY_MAJOR_KERNELS = (_bwd_dw, _bwd_dkdv)
