@@ -4,7 +4,9 @@
 # training-throughput tables of GPT-2 small (B=16, T=1024, bf16; softmax and twicing in all layers;
 # compiled plain loop, DeepSpeed ZeRO-0 and ZeRO-1). Meant to take 5-6 minutes on an H100; every
 # step is time-limited, so at worst 7.5 minutes.
-#   bash benchmarks/gpu_check.sh [RESULTS_DIR]      (default: $OUT when set, else /tmp/gpu-check)
+#   bash benchmarks/gpu_check.sh [--smoke] [RESULTS_DIR]      (default: $OUT when set, else /tmp/gpu-check)
+# --smoke runs every step at toy size, on a CPU too, so that CI keeps this script working
+# (tests/test_benchmarks.py).
 #
 # Budget, from GPU-NOTES.md (~16k tokens and ~0.04 s per step): 30 steps are ~1.5 s of training
 # per row; each group of rows is dominated by compilation (~60 s cold for the plain loop, then
@@ -13,6 +15,8 @@
 # throughput benchmark rewrites its table after every row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 RESULTS=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$RESULTS"
 if ! python3 -c "import deepspeed" 2>/dev/null; then
@@ -22,28 +26,38 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RESULTS/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$RESULTS/gpu.txt"
+
+# What each step runs: the real sizes, or toy ones with --smoke.
+TESTS=(tests/test_twicing_kernel.py)
+ATTENTION=(--dtype bf16)
+SHARDS=/tmp/gpu-check-shards  # made once (demo corpus, 2048-piece tokenizer), reused by both groups
+TRAIN=(--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.micro_batch_size=16
+       --set train.precision=bf16 --steps 30 --stages 0 1 --compile on)
+LAYERS=(none all)
+if [ "$SMOKE" = 1 ]; then
+  TESTS=(tests/test_twicing_kernel.py -k strided)
+  ATTENTION=(--dtype fp32 --lengths 64 --repeats 1)
+  SHARDS=$RESULTS/shards
+  TRAIN=(--set model.n_layer=1 --set train.precision=bf16 --steps 2 --stages 0 --two-process-stages 2 --compile off)
+  LAYERS=(all)
+fi
 
 echo "== GPU tests"
 if [ -f tests/test_twicing_kernel.py ]; then
   # Mostly Triton compiling the kernel for each head size, dtype and dQ mode (~60 compilations).
-  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_twicing_kernel.py 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
 else
   echo "tests/test_twicing_kernel.py is missing: skipped" | tee "$RESULTS/tests.txt"
 fi
 
 echo "== attention: correctness vs float64, then timings"
-timeout 60 python3 benchmarks/attention.py --dtype bf16 2>&1 | tee "$RESULTS/attention.txt"
+timeout 60 python3 benchmarks/attention.py "${ATTENTION[@]}" 2>&1 | tee "$RESULTS/attention.txt"
 
-# Shards once (demo corpus, 2048-piece tokenizer), reused by both groups of rows.
-SHARDS=/tmp/gpu-check-shards
-GPT2="--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.micro_batch_size=16
-      --set train.precision=bf16 --steps 30 --stages 0 1 --shards $SHARDS --compile on"
-for layers in none all; do
+for layers in "${LAYERS[@]}"; do
   echo "== GPT-2 small, bf16, B=16 T=1024, twicing_layers=$layers: plain compiled vs DeepSpeed ZeRO-0/1"
-  # shellcheck disable=SC2086
-  timeout 140 python3 benchmarks/train_throughput.py $GPT2 --twicing "$layers" --out "$RESULTS/train-$layers.txt" \
-    2>&1 | grep -v -e "^\[" -e Warning | tail -n 25
+  timeout 140 python3 benchmarks/train_throughput.py "${TRAIN[@]}" --shards "$SHARDS" --twicing "$layers" \
+    --out "$RESULTS/train-$layers.txt" 2>&1 | grep -v -e "^\[" -e Warning | tail -n 25
 done
 
 echo

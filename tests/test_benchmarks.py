@@ -1,7 +1,9 @@
 """The benchmark scripts run (in a reduced size) so they never rot; their figures are not checked."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,10 +12,7 @@ from conftest import REPO, cpu_env
 pytestmark = pytest.mark.slow
 
 RUNS = {
-    "attention": (["attention.py", "--lengths", "64", "128", "--repeats", "1"], "(ok, tolerance"),
     "generation": (["generate_throughput.py", "--prompt", "4", "--new", "4"], "speed-up"),
-    "training": (["train_throughput.py", "--steps", "3", "--set", "model.n_layer=2", "--set", "train.precision=bf16",
-                  "--twicing", "all", "--stages", "1", "--two-process-stages", "2"], "all      ds-2p-z2"),
     "data prep": (["prep_throughput.py", "--mb", "0.2", "--repeats", "1", "--vocab-size", "500"], "bare"),
 }
 
@@ -25,3 +24,17 @@ def test_benchmark_runs_and_prints_its_table(name):
                             text=True, env=cpu_env(threads=2), cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout
+
+
+def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(tmp_path):
+    """`gpu_check.sh --smoke`: the kernel test, the attention benchmark and the training-throughput
+    rows (plain loop, DeepSpeed with one and two processes), as on the GPU but tiny."""
+    env = {**cpu_env(threads=2), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = ours
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", str(tmp_path)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tables = result.stdout.split("================ tables ================")[-1]
+    assert "1 passed" in tables  # the kernel test
+    assert "twicing_sdpa" in tables and "(ok, tolerance" in tables  # the attention benchmark
+    assert "all      ds-1p-z0" in tables and "all      ds-2p-z2" in tables  # the training rows
+    assert (tmp_path / "train-all.txt").is_file() and (tmp_path / "attention.txt").is_file()
