@@ -158,3 +158,26 @@ def test_hands_a_generation_cache_the_first_pass_it_computed(kernel):
     out, u = kernel.twicing_attention_and_u(q, k, v)
     assert torch.equal(out, kernel.twicing_attention_triton(q, k, v))
     assert relative_error(u, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)) <= 1e-5
+
+
+def test_a_twicing_gpt_trains_the_same_on_the_kernel_as_on_two_sdpa_passes(kernel, monkeypatch):
+    """The whole model: its fused qkv views, head merge and autograd, with the kernel inside."""
+    from lm import attention
+    from lm.config import ModelConfig
+    from lm.model import GPT
+
+    config = ModelConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32, twicing_layers="all")
+    idx = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def loss_and_grads(attend):
+        monkeypatch.setitem(attention.ATTENTION, "twicing", attend)
+        torch.manual_seed(0)
+        model = GPT(config).to(DEVICE)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()]
+
+    loss, grads = loss_and_grads(kernel.twicing_attention_triton)
+    reference_loss, reference_grads = loss_and_grads(twicing_attention_sdpa)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert all(relative_error(g, r) <= 1e-5 for g, r in zip(grads, reference_grads))
