@@ -181,3 +181,15 @@ def test_a_twicing_gpt_trains_the_same_on_the_kernel_as_on_two_sdpa_passes(kerne
     reference_loss, reference_grads = loss_and_grads(twicing_attention_sdpa)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     assert all(relative_error(g, r) <= 1e-5 for g, r in zip(grads, reference_grads))
+
+
+def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(kernel, "_forward", too_big)
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 1, 8, 16))
+    with pytest.raises(RuntimeError, match="OutOfResources.*set model.attention_impl: sdpa"):
+        kernel.twicing_attention_triton(q, k, v)

@@ -22,9 +22,13 @@ Triton is first imported, it runs on CPU tensors in Triton's interpreter (the te
 import math
 import os
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -292,9 +296,21 @@ def _backward(q, k, v, u, out, lse, dout):
     return dq, dk, dv
 
 
+@contextlib.contextmanager
+def _explained_failures():
+    """A kernel that does not compile for this GPU names the way around it."""
+    try:
+        yield
+    except (CompilationError, OutOfResources) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise RuntimeError(f"the Triton twicing kernel failed on this GPU ({type(error).__name__}: {first}); "
+                           "set model.attention_impl: sdpa to run twicing as two SDPA passes") from error
+
+
 @torch.library.custom_op("twicing_lm::twicing_attention", mutates_args=())
 def _twicing_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v)
+    with _explained_failures():
+        return _forward(q, k, v)
 
 
 @_twicing_op.register_fake
@@ -306,7 +322,8 @@ def _(q, k, v):
 @torch.library.custom_op("twicing_lm::twicing_attention_backward", mutates_args=())
 def _twicing_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, u, out, lse, dout)
+    with _explained_failures():
+        return _backward(q, k, v, u, out, lse, dout)
 
 
 @_twicing_backward_op.register_fake
