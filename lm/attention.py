@@ -56,6 +56,16 @@ def triton_kernels() -> ModuleType | None:
     return twicing_triton
 
 
+def twicing_runs_on(device: torch.device, head_dim: int, attention_impl: str = "fused") -> str:
+    """How `twicing` layers will run for a model on `device` (for the training log)."""
+    if attention_impl == "reference":
+        return "materialised A (reference)"
+    kernels = triton_kernels() if device.type == "cuda" and attention_impl == "fused" else None
+    if kernels is not None and head_dim in kernels.SUPPORTED_HEAD_DIMS:
+        return "the Triton kernel"
+    return "two SDPA passes"
+
+
 def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(2A - A^2) V: the fused Triton kernel on a GPU where it applies, else two SDPA passes."""
     if q.is_cuda and (kernels := triton_kernels()) is not None and kernels.supports(q, k, v):

@@ -31,6 +31,7 @@ from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed, quiet_deepspeed
 from lm.ds_config import deepspeed_config
 from lm.errors import UserError, run_command
+from lm.attention import twicing_runs_on
 from lm.model import GPT
 from lm.numerics import NonFiniteGuard, SkippableAdamW, weights_are_finite
 from lm.parallel import ParallelGroups, build_groups, shard_model
@@ -328,6 +329,8 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
         print(
             f"training {n_params / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
             f"{t.precision}, TP {groups.tp_size} x DP {groups.dp_size} x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
+            + (f", twicing on {twicing_runs_on(world.device, config.model.n_embd // config.model.n_head, config.model.attention_impl)}"
+               if config.model.twicing_layer_indices() else "")
             + (f", resuming at step {start}" if start else ""),
             flush=True,
         )

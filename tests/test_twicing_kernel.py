@@ -193,3 +193,12 @@ def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypat
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 1, 8, 16))
     with pytest.raises(RuntimeError, match="OutOfResources.*set model.attention_impl: sdpa"):
         kernel.twicing_attention_triton(q, k, v)
+
+
+def test_the_training_log_can_say_where_twicing_runs(kernel):
+    from lm.attention import twicing_runs_on
+
+    gpu = torch.device("cuda")
+    assert twicing_runs_on(torch.device("cpu"), 64) == "two SDPA passes"
+    assert twicing_runs_on(gpu, 64, "sdpa") == "two SDPA passes" and twicing_runs_on(gpu, 24) == "two SDPA passes"
+    assert twicing_runs_on(gpu, 64) == "the Triton kernel"
