@@ -121,6 +121,23 @@ def test_saves_no_t_by_t_tensor_for_backward(kernel):
     assert seen.largest <= t * d < t * t
 
 
+def test_declares_to_the_compiler_the_layouts_it_returns(kernel):
+    """torch.compile plans with the fake (meta) outputs, so their shapes and strides must be the real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, t, h, d = 2, 24, 2, 16
+    qkv = torch.randn(b, t, 3 * h * d).to(DEVICE).requires_grad_()
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))  # strided, as in the model
+    out, u, lse = kernel._twicing_op(q, k, v)
+    grads = kernel._twicing_backward_op(q, k, v, u, out, lse, torch.randn_like(out))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in (q, k, v)]
+        fake_out = kernel._twicing_op(*fake)
+        fake_grads = kernel._twicing_backward_op(*fake, *fake_out, mode.from_tensor(out))
+    for real, declared in zip([out, u, lse, *grads], [*fake_out, *fake_grads]):
+        assert (real.shape, real.stride(), real.dtype) == (declared.shape, declared.stride(), declared.dtype)
+
+
 def test_compiles_as_one_opaque_differentiable_op(kernel):
     q, k, v = (x.float().to(DEVICE).requires_grad_() for x in random_qkv(1, 2, 32, 16, seed=9))
     compiled = torch.compile(kernel.twicing_attention_triton, backend="aot_eager", fullgraph=True)  # no graph break

@@ -328,7 +328,8 @@ def _twicing_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: t
 
 @_twicing_backward_op.register_fake
 def _(q, k, v, u, out, lse, dout):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous like the real gradients, whatever the inputs' strides: compiled code trusts these.
+    return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
