@@ -247,7 +247,13 @@ def _key_grid(heads: int, T: int):
     return lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), heads)
 
 
+def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The kernels take any batch/head/time strides but need the head dimension dense."""
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    q, k, v = _unit_last(q, k, v)
     B, H, T, D = q.shape
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
@@ -268,6 +274,7 @@ def _backward(q, k, v, u, out, lse, dout):
     Through W: dV += 2 dW and dU = -dW. Pass 1 gives dV += P^T dU and
     dS1 = P * (dU V^T - delta1) with delta1_i = dU_i . U_i. dS = dS1 + dS2 feeds dQ and dK.
     """
+    q, k, v, u, out, dout = _unit_last(q, k, v, u, out, dout)
     B, H, T, D = q.shape
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634
@@ -340,7 +347,7 @@ def _setup_context(ctx, inputs, output):
 
 def _grads(ctx, dout, _du, _dlse):
     q, k, v, u, out, lse = ctx.saved_tensors
-    return _twicing_backward_op(q, k, v, u, out, lse, dout.contiguous() if dout.stride(-1) != 1 else dout)
+    return _twicing_backward_op(q, k, v, u, out, lse, dout)
 
 
 _twicing_op.register_autograd(_grads, setup_context=_setup_context)
@@ -350,7 +357,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes these inputs (else the caller uses two SDPA passes)."""
     return (q.dim() == 4 and q.shape == k.shape == v.shape and q.size(-1) in SUPPORTED_HEAD_DIMS
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
-            and all(x.stride(-1) == 1 for x in (q, k, v)) and (q.is_cuda or INTERPRETED))
+            and (q.is_cuda or INTERPRETED))
 
 
 def twicing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
