@@ -17,14 +17,13 @@ import time
 
 import torch
 
-from lm.attention import softmax_attention, triton_kernels, twicing_attention_reference, twicing_attention_sdpa
+from lm.attention import TRITON_KERNELS, softmax_attention, twicing_attention_reference, twicing_attention_sdpa
 
 
 def variants(cuda: bool) -> dict:
     found = {"softmax": softmax_attention}
-    kernels = triton_kernels() if cuda else None
-    if kernels is not None:
-        found["twicing_triton"] = kernels.twicing_attention_triton
+    if cuda and TRITON_KERNELS is not None:
+        found["twicing_triton"] = TRITON_KERNELS.twicing_attention_triton
     return {**found, "twicing_sdpa": twicing_attention_sdpa, "twicing_materialised": twicing_attention_reference}
 
 

@@ -24,7 +24,6 @@ of A (2V - U) is 2 a_i V - a_i U. Every row of U depends only on earlier tokens,
 stays valid.
 """
 
-import functools
 import math
 from types import ModuleType
 from typing import Callable
@@ -46,9 +45,10 @@ def twicing_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True)
 
 
-@functools.cache
-def triton_kernels() -> ModuleType | None:
-    """The Triton module, imported on first use on a GPU (never on CPU-only machines)."""
+def _load_triton_kernels() -> ModuleType | None:
+    """The Triton module where a GPU can run it; CPU-only machines never import Triton."""
+    if not torch.cuda.is_available():
+        return None
     try:
         from lm.kernels import twicing_triton
     except ImportError:  # no Triton installed
@@ -56,11 +56,15 @@ def triton_kernels() -> ModuleType | None:
     return twicing_triton
 
 
+# Looked up once here rather than per call, so that torch.compile traces a plain global.
+TRITON_KERNELS = _load_triton_kernels()
+
+
 def twicing_runs_on(device: torch.device, head_dim: int, attention_impl: str = "fused") -> str:
     """How `twicing` layers will run for a model on `device` (for the training log)."""
     if attention_impl == "reference":
         return "materialised A (reference)"
-    kernels = triton_kernels() if device.type == "cuda" and attention_impl == "fused" else None
+    kernels = TRITON_KERNELS if device.type == "cuda" and attention_impl == "fused" else None
     if kernels is not None and head_dim in kernels.SUPPORTED_HEAD_DIMS:
         return "the Triton kernel"
     return "two SDPA passes"
@@ -68,8 +72,8 @@ def twicing_runs_on(device: torch.device, head_dim: int, attention_impl: str = "
 
 def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(2A - A^2) V: the fused Triton kernel on a GPU where it applies, else two SDPA passes."""
-    if q.is_cuda and (kernels := triton_kernels()) is not None and kernels.supports(q, k, v):
-        return kernels.twicing_attention_triton(q, k, v)
+    if q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v):
+        return TRITON_KERNELS.twicing_attention_triton(q, k, v)
     return twicing_attention_sdpa(q, k, v)
 
 
@@ -107,8 +111,8 @@ def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Attention of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
     twicing = name.startswith("twicing")
     if cache.length == 0:  # prefill: ordinary causal attention over the prompt, keeping U
-        if twicing and q.is_cuda and (kernels := triton_kernels()) is not None and kernels.supports(q, k, v):
-            out, u = kernels.twicing_attention_and_u(q, k, v)
+        if twicing and q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v):
+            out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
         else:
             u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             out = F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True) if twicing else u
