@@ -70,9 +70,13 @@ def twicing_runs_on(device: torch.device, head_dim: int, attention_impl: str = "
     return "two SDPA passes"
 
 
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v)
+
+
 def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(2A - A^2) V: the fused Triton kernel on a GPU where it applies, else two SDPA passes."""
-    if q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v):
+    if _kernel_takes(q, k, v):
         return TRITON_KERNELS.twicing_attention_triton(q, k, v)
     return twicing_attention_sdpa(q, k, v)
 
@@ -111,7 +115,7 @@ def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Attention of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
     twicing = name.startswith("twicing")
     if cache.length == 0:  # prefill: ordinary causal attention over the prompt, keeping U
-        if twicing and q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v):
+        if name == "twicing" and _kernel_takes(q, k, v):  # not twicing_sdpa: that asks for no kernel
             out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
         else:
             u = F.scaled_dot_product_attention(q, k, v, is_causal=True)

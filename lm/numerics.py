@@ -42,7 +42,9 @@ class NonFiniteGuard:
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         # Tensor hooks see each gradient as autograd produces it, before DeepSpeed's own hooks
         # reduce and partition it, the same way under every ZeRO stage.
-        self._handles = [p.register_hook(self._observe) for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(self._observe)
 
     def _observe(self, grad: torch.Tensor) -> None:
         self.bad |= ~torch.isfinite(grad).all().to(self.device)
@@ -56,10 +58,6 @@ class NonFiniteGuard:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.bad.zero_()
         return bool(flag.item())
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 @torch.no_grad()

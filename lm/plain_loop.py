@@ -12,7 +12,7 @@ import torch
 from lm.config import RunConfig
 from lm.data import WindowBatches
 from lm.model import GPT
-from lm.schedule import build_scheduler
+from lm.schedule import build_optimizer, build_scheduler
 from lm.shards import ShardSet
 
 
@@ -27,9 +27,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
     torch.manual_seed(t.seed)
     model = GPT(config.model).to(device)
-    cuda = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                  **({"fused": True} if cuda else {}))  # fused: one kernel for every tensor
+    optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model
     # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step."""
+"""The optimizer and its learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step."""
 
 import math
 
@@ -14,6 +14,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     decay_steps = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                    kind: type[torch.optim.AdamW] = torch.optim.AdamW) -> torch.optim.AdamW:
+    """AdamW (or a subclass) over the model's decay / no-decay groups; torch's fused kernel on CUDA,
+    one launch for every tensor (ZeRO hands the optimizer fp32 partitions on the same device)."""
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return kind(model.optimizer_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
+                eps=config.eps, **fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:

@@ -25,17 +25,17 @@ import torch.distributed as dist
 import yaml
 
 from lm import checkpoint as ckpt
+from lm.attention import twicing_runs_on
 from lm.config import RunConfig, load_config
 from lm.consolidate import protect_checkpoint_loading
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed, quiet_deepspeed
 from lm.ds_config import deepspeed_config
 from lm.errors import UserError, run_command
-from lm.attention import twicing_runs_on
 from lm.model import GPT
 from lm.numerics import NonFiniteGuard, SkippableAdamW, weights_are_finite
 from lm.parallel import ParallelGroups, build_groups, shard_model
-from lm.schedule import build_scheduler
+from lm.schedule import build_optimizer, build_scheduler
 from lm.shards import ShardSet
 
 
@@ -115,8 +115,7 @@ def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
     t = config.train
     if t.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
-    optimizer = SkippableAdamW(model.optimizer_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                               **fused_adam(world.device))
+    optimizer = build_optimizer(model, t, world.device, kind=SkippableAdamW)
     scheduler = build_scheduler(optimizer, t, start_step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
@@ -126,12 +125,6 @@ def build_engine(config: RunConfig, world: World, groups: ParallelGroups,
         # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
         engine.enable_backward_allreduce = False
     return engine, optimizer, n_params
-
-
-def fused_adam(device: torch.device) -> dict:
-    """torch's fused AdamW on CUDA (one kernel for all tensors). ZeRO-1/2/3 hand the optimizer
-    fp32 partitions on the same device (or on the CPU with offload, where fused also runs)."""
-    return {"fused": True} if device.type == "cuda" else {}
 
 
 def check_can_compile() -> None:

@@ -226,3 +226,15 @@ def test_the_automatic_choice_compiles_without_graph_breaks(kernel):
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 32, 16, seed=12))
     compiled = torch.compile(twicing_attention, backend="aot_eager", fullgraph=True)
     assert relative_error(compiled(q, k, v), twicing_attention(q, k, v)) <= 1e-6
+
+
+def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
+    from lm.attention import LayerCache, attend_cached
+
+    calls = []
+    monkeypatch.setattr(kernel, "twicing_attention_and_u", lambda *a: calls.append(1) or (twicing_attention_sdpa(*a), a[2]))
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 16, 16))
+    attend_cached("twicing_sdpa", q, k, v, LayerCache())
+    assert calls == []  # the escape hatch from the kernel holds in generation too
+    attend_cached("twicing", q, k, v, LayerCache())
+    assert calls == ([1] if GPU else [])
