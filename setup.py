@@ -1,4 +1,4 @@
-"""Install twicing-lm: packages lm, data_prep, launch and the `lm` console script.
+"""Install twicing-lm: packages core, data_prep, launch, lm and the `lm` console script.
 
 torch is required but not pinned here: a machine that already has a (CUDA) torch keeps it.
 scripts/bootstrap.sh installs a CPU torch first on machines without one.
@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lm", "lm.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
+    packages=find_packages(include=["core", "lm", "lm.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
     package_data={"lm": ["../configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "ruff>=0.8"],
     },
     entry_points={"console_scripts": ["lm = lm.cli:main"]},
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lm.checkpoint import load_model
+from lm.inference import load_model
 from lm.config import RunConfig
 from lm.generate import generate_batch
 from lm.model import GPT

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_prep import pipeline, sources  # noqa: E402
 from data_prep.corpus import embedded_corpus  # noqa: E402
 from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
-from lm.shards import ShardSet  # noqa: E402
+from data_prep.shards import ShardSet  # noqa: E402
 
 
 def make_docs(megabytes: float) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lm.errors import UserError
+from core.errors import UserError
 
 # A WikiText article title: " = Title = " with single '=' (section headings use " = = ... = = ").
 _ARTICLE_HEADING = re.compile(r"^ = [^=](?:.*[^=])? = $")

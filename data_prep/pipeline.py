@@ -28,8 +28,8 @@ from data_prep import units
 from data_prep.ranks import Ranks
 from data_prep.sources import Corpus
 from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from lm import shards
-from lm.errors import UserError
+from data_prep import shards
+from core.errors import UserError
 
 TOKENIZER_NAME = "tokenizer.model"
 WORK_DIR = ".prep"  # parts and settings of an unfinished prep; removed once it is done

@@ -16,8 +16,8 @@ from typing import Sequence
 
 from data_prep import pipeline, ranks as ranks_mod, sources, wikitext
 from data_prep.pipeline import PrepOptions
-from lm import shards
-from lm.errors import UserError
+from data_prep import shards
+from core.errors import UserError, run_command
 
 TOKENIZER_NAME = pipeline.TOKENIZER_NAME
 
@@ -211,9 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # `python -m data_prep.prep` (mpirun too); `lm prep` reports alike
-    try:
-        raise SystemExit(main())
-    except UserError as e:
-        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")) == "0":
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(run_command(main))

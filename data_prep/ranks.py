@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Any, Callable, TypeVar
 
-from lm.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 # Set by Open MPI, MPICH / Intel MPI (PMI), PMIx-based launchers and MVAPICH.

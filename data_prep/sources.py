@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from data_prep.corpus import held_out_indices, iter_articles, iter_file_lines
-from lm.errors import UserError
+from core.errors import UserError
 
 DocStream = Callable[[], Iterator[str]]
 HF_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # datasets' packaged file readers

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from lm.errors import UserError
+from core.errors import UserError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Longest training line in bytes; sentencepiece skips longer lines (its default is 4192,

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from lm.errors import UserError
+from core.errors import UserError
 
 _U64 = np.dtype("<u8")
 # Test hook: tokenise N units in this process, then fail while writing the next one

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from data_prep.corpus import iter_articles, iter_file_lines
 from data_prep.sources import (HF_BUILDERS, Corpus, DocStream, file_fingerprint, hf_rows,
                                jsonl_rows)
-from lm.errors import UserError
+from core.errors import UserError
 
 HUB_NAME = "Salesforce/wikitext"
 # Our short names -> the hub's config names; "-raw" keeps the original text, the others

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hostlist
 
-from lm.errors import UserError
+from core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from lm.distributed import free_port
+from core.ranks import free_port
 
 
 def deepspeed_local_command(num_procs: int, module: str, module_args: list[str], master_port: int | None = None) -> list[str]:

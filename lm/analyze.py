@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm.errors import UserError, refuse_non_empty, run_command
+from core.errors import UserError, refuse_non_empty, run_command
+from lm.inference import load_for_inference
 from lm.evaluate import EvalText, Parser, add_text_arguments, document_ids, evaluate_documents, text_from_args
 
 DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2)
@@ -186,7 +187,6 @@ def run_analysis(checkpoints: list[str], text: EvalText, out: Path, labels: list
                  context: int | None = None, stride: int | None = None, rates=DEFAULT_RATES, seed: int = 0,
                  max_windows: int = 64, powers=DEFAULT_POWERS, batch_size: int = 8) -> dict:
     """Analyse every checkpoint on `text`; write analysis.json, .png and .md into the new dir `out`."""
-    from lm.checkpoint import load_for_inference
 
     check_out_dir(out)
     if not checkpoints:

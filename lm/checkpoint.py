@@ -15,8 +15,11 @@ also records the step, the data position and the config, so a checkpoint can be 
 checked against a model without unpickling anything.
 
 `lm convert --to checkpoint` writes a weights-only checkpoint instead of DeepSpeed's files:
-`model.safetensors` (the full weights, for any TP layout) beside `complete.json`. Nothing here
-unpickles code: safetensors, or torch.load(weights_only=True) (see lm.consolidate).
+`model.safetensors` (the full weights, for any TP layout) beside `complete.json`.
+
+This module is the layout alone: names, markers, retention, the RNG files' contents. It imports
+nothing of the project but core; reading files safely is lm.safe_load, resuming lm.resume, and
+loading a model for inference lm.inference.
 """
 
 import json
@@ -25,11 +28,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import load_file
 
-from lm.config import ModelConfig, RunConfig, TrainConfig
-from lm.errors import UserError
+from core.errors import UserError
 
 COMPLETE_MARKER = "complete.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -114,30 +114,6 @@ def run_dir_of(tag_dir: Path) -> Path:
     return tag_dir.parent.parent
 
 
-def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
-    """Refuse a checkpoint written for another architecture, naming the first difference."""
-    saved = read_marker(tag_dir)["config"]["model"]
-    ours = RunConfig(model=model).to_dict()["model"]
-    for key in ours:
-        if key == "attention_impl":  # how attention runs, not what it computes: free to change
-            continue
-        if saved.get(key) != ours[key]:
-            raise UserError(
-                f"checkpoint {tag_dir} was written for a different model: "
-                f"model.{key} is {saved.get(key)!r} there and {ours[key]!r} here"
-            )
-
-
-def check_same_layout(tag_dir: Path, train: TrainConfig) -> None:
-    """Resuming needs the tensor-parallel layout the checkpoint was written with."""
-    saved = read_marker(tag_dir)["config"]["train"].get("tensor_parallel", 1)
-    if saved != train.tensor_parallel:
-        raise UserError(
-            f"checkpoint {tag_dir} was written with train.tensor_parallel={saved}, not {train.tensor_parallel}; "
-            "resume with the same layout"
-        )
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -146,19 +122,11 @@ def rng_state() -> dict:
 
 
 def save_rng_state(tag_dir: Path, rank: int) -> None:
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    torch.save(rng_state(), rng_file(tag_dir, rank))
 
 
-def load_rng_state(tag_dir: Path, rank: int) -> None:
-    path = tag_dir / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the checkpoint was written by a different number of ranks")
-    from lm.consolidate import load_trusted_free
-
-    state = load_trusted_free(path)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_rank{rank}.pt"
 
 
 def is_weights_only(tag_dir: Path) -> bool:
@@ -166,66 +134,11 @@ def is_weights_only(tag_dir: Path) -> bool:
     return (tag_dir / WEIGHTS_FILE).is_file()
 
 
-def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
-    if is_weights_only(tag_dir):
-        return with_tied_names(load_file(tag_dir / WEIGHTS_FILE))
-    from lm.consolidate import consolidate
-
-    info = read_marker(tag_dir)
-    config = RunConfig.from_dict(info["config"], source=str(tag_dir / COMPLETE_MARKER))
-    return consolidate(tag_dir, config.model, config.train.zero_stage, config.train.tensor_parallel, info["world_size"])
-
-
-def with_tied_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The output layer is tied to the token embedding; files keep one or both names."""
-    tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
-    if tied is not None:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"] = tied
-    return weights
-
-
 def is_converted_dir(path: Path) -> bool:
     """A directory written by `lm convert --to safetensors`."""
     return (path / WEIGHTS_FILE).is_file() and (path / "config.yaml").is_file()
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model, run config, source dir) from a run, checkpoint or converted directory."""
-    from lm.model import GPT
-
-    path = Path(checkpoint)
-    if is_converted_dir(path):
-        config = RunConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
-        weights, source = with_tied_names(load_file(path / WEIGHTS_FILE)), path
-    else:
-        source = resolve_checkpoint(path)
-        config = RunConfig.from_dict(read_marker(source)["config"], source=str(source / COMPLETE_MARKER))
-        weights = load_model_weights(source)
-    model = GPT(config.model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{source}: the weights do not fit the model of its config ({(missing or unexpected)[0]})")
-    return model.to(device).eval(), config, source
-
-
 def tokenizer_path_for(source: Path) -> Path:
     """A converted directory carries its tokenizer; a checkpoint's is in its run directory."""
     return source / "tokenizer.model" if is_converted_dir(source) else run_dir_of(source) / "tokenizer.model"
-
-
-def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, checkpoint dir): the model and the tokenizer its run was trained with."""
-    from data_prep.tokenizer import Tokenizer
-
-    model, _, tag_dir = load_model(checkpoint, device)
-    tokenizer_path = tokenizer_path_for(tag_dir)
-    if not tokenizer_path.is_file():
-        raise UserError(f"{tokenizer_path} is missing: the run directory has no tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"tokenizer/model vocabulary mismatch: {tokenizer_path} has {tokenizer.vocab_size} ids, "
-            f"the model only {model.config.vocab_size}"
-        )
-    return model, tokenizer, tag_dir

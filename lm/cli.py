@@ -13,7 +13,7 @@
 import importlib
 import sys
 
-from lm.errors import run_command
+from core.errors import run_command
 
 COMMANDS = {
     "demo": ("lm.demo", "run the whole pipeline on an embedded corpus"),
@@ -23,7 +23,7 @@ COMMANDS = {
     "analyze": ("lm.analyze", "over-smoothing, word-swap robustness and spectral curves of checkpoints"),
     "convert": ("lm.convert", "convert a checkpoint for inference"),
     "generate": ("lm.generate", "generate text from a checkpoint"),
-    "launch": ("launch.cli", "start training on one or many nodes (deepspeed launcher)"),
+    "launch": ("lm.launcher", "start training on one or many nodes (deepspeed launcher)"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lm.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -9,53 +9,47 @@ Where the weights live in a DeepSpeed checkpoint (one `mp_rank_XX` per TP rank):
   rank's pieces concatenated per group in `fp32_flat_groups`.
 TP slices are then merged with the layout of lm.parallel (`merge_state_dicts`). DeepSpeed's own
 `zero_to_fp32` covers TP = 1 only and unpickles arbitrary objects; here every file is read with
-`torch.load(weights_only=True)`, allowing only the few plain DeepSpeed classes its files contain.
+`torch.load(weights_only=True)`, allowing only the few plain DeepSpeed classes its files contain
+(lm.engine.read_checkpoint_file).
 """
 
 import math
-import re
-import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from lm.checkpoint import with_tied_names
-from lm.config import ModelConfig
-from lm.distributed import select_accelerator
-from lm.errors import UserError
+from core.errors import UserError
+from lm import checkpoint as ckpt
+from lm.config import ModelConfig, RunConfig
+from lm.engine import read_checkpoint_file
 from lm.parallel import merge_state_dicts
 
 
-def _safe_globals() -> list:
-    select_accelerator()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+def with_tied_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The output layer is tied to the token embedding; files keep one or both names."""
+    tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
+    if tied is not None:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"] = tied
+    return weights
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
 
-
-def load_trusted_free(path: Path) -> dict:
-    """torch.load that runs no code from the file: tensors, containers and the allowed classes."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the checkpoint is incomplete")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's note on pickle protocols is not the user's business
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file, whatever the unpickler says
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        reason = f"it asks to run {found.group(1)}" if found else str(exc).splitlines()[0][:100]
-        raise UserError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({reason})") from None
+def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
+    if ckpt.is_weights_only(tag_dir):
+        return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE))
+    info = ckpt.read_marker(tag_dir)
+    config = RunConfig.from_dict(info["config"], source=str(tag_dir / ckpt.COMPLETE_MARKER))
+    return consolidate(tag_dir, config.model, config.train.zero_stage, config.train.tensor_parallel, info["world_size"])
 
 
 def _model_states(tag_dir: Path, stage: int, tp_rank: int) -> dict:
     name = f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if stage == 3 else f"mp_rank_{tp_rank:02d}_model_states.pt"
-    return load_trusted_free(tag_dir / name)
+    return read_checkpoint_file(tag_dir / name)
 
 
 def _optim_states(tag_dir: Path, tp_rank: int, dp_size: int) -> list[dict]:
-    return [load_trusted_free(tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
+    return [read_checkpoint_file(tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
             for d in range(dp_size)]
 
 
@@ -109,12 +103,3 @@ def consolidate(tag_dir: Path, model: ModelConfig, stage: int, tp: int, world_si
     """The full fp32 state dict of a complete checkpoint written by `world_size` ranks."""
     shards = [tp_rank_weights(tag_dir, stage, rank, world_size // tp) for rank in range(tp)]
     return merge_state_dicts(shards, model) if tp > 1 else shards[0]
-
-
-def protect_checkpoint_loading(engine) -> None:
-    """Make a DeepSpeed engine read its checkpoints without running code from them.
-
-    DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
-    crafted file asks for; every file it reads goes through `load_trusted_free` instead.
-    """
-    engine.checkpoint_engine.load = lambda path, map_location=None: load_trusted_free(Path(path))

@@ -20,8 +20,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from core.errors import UserError, refuse_non_empty, run_command
+from lm import checkpoint as ckpt
 from lm.config import RunConfig
-from lm.errors import UserError, refuse_non_empty, run_command
+from lm.inference import load_model
 
 
 def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, source: str) -> None:
@@ -31,10 +33,8 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtyp
 
 def convert(checkpoint: str, out: Path, to: str = "safetensors", dtype: torch.dtype = torch.float32,
             tensor_parallel: int | None = None) -> Path:
-    from lm import checkpoint as ckpt
-
     refuse_non_empty(out)  # before the (slow) loading
-    model, config, source = ckpt.load_model(checkpoint)
+    model, config, source = load_model(checkpoint)
     weights = model.state_dict()
     tokenizer = ckpt.tokenizer_path_for(source)
     if to == "hf":

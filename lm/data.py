@@ -18,7 +18,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 
-from lm.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 

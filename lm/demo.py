@@ -18,9 +18,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-from lm.errors import UserError, refuse_non_empty, run_command
+from core.errors import UserError, refuse_non_empty, run_command
+from data_prep.corpus import embedded_corpus, split_train_val
+from data_prep.prep import prepare_shards
+from launch.local import deepspeed_local_command, local_environment
+from lm.evaluate import evaluate_text
+from lm.generate import continuation_text, generate
+from lm.inference import load_for_inference
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -44,15 +51,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from data_prep.corpus import embedded_corpus, split_train_val
-    from data_prep.prep import prepare_shards
-    from launch.local import deepspeed_local_command, local_environment
-    from lm.checkpoint import load_for_inference
-    from lm.evaluate import evaluate_text
-    from lm.generate import continuation_text, generate
-
     args = parse_args(argv)
     out = Path(args.out).resolve()
     refuse_non_empty(out)

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lm.errors import UserError
+from core.errors import UserError
+from core.ranks import LAUNCHERS, free_port
+from launch.hosts import expand_nodelist
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# (rank, world size, local rank, local size) as Open MPI and MPICH/Hydra name them.
-MPI_VARIABLES = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-)
 DEFAULT_MASTER_PORT = "29500"
 
 
@@ -36,12 +33,6 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def select_accelerator() -> None:
@@ -67,23 +58,22 @@ def prepare_environment() -> None:
     select_accelerator()
     if all(v in os.environ for v in DIST_VARIABLES):
         return
-    for rank, size, local_rank, local_size in MPI_VARIABLES:
-        if rank in os.environ:
-            os.environ.update(RANK=os.environ[rank], WORLD_SIZE=os.environ[size],
-                              LOCAL_RANK=os.environ.get(local_rank, "0"),
-                              LOCAL_WORLD_SIZE=os.environ.get(local_size, os.environ[size]))
-            os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-            if "MASTER_ADDR" not in os.environ:
-                os.environ["MASTER_ADDR"] = mpi_master_address()
-            return
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-        if "SLURM_NTASKS_PER_NODE" in os.environ:
-            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["SLURM_NTASKS_PER_NODE"])
+    # torch's variables are incomplete: a job launcher (mpirun, srun) started this rank itself.
+    found = next((v for v in LAUNCHERS if v.launcher != "torch" and v.rank in os.environ), None)
+    if found is not None and found.launcher in ("Open MPI", "MPICH"):
+        os.environ.update(RANK=os.environ[found.rank], WORLD_SIZE=os.environ[found.size],
+                          LOCAL_RANK=os.environ.get(found.local_rank, "0"),
+                          LOCAL_WORLD_SIZE=os.environ.get(found.local_size, os.environ[found.size]))
+        os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         if "MASTER_ADDR" not in os.environ:
-            from launch.hosts import expand_nodelist
-
+            os.environ["MASTER_ADDR"] = mpi_master_address()
+        return
+    if found is not None and found.launcher == "SLURM" and found.size in os.environ:
+        os.environ.update(RANK=os.environ[found.rank], WORLD_SIZE=os.environ[found.size],
+                          LOCAL_RANK=os.environ.get(found.local_rank, "0"))
+        if found.local_size in os.environ:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ[found.local_size])
+        if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = expand_nodelist(os.environ.get("SLURM_JOB_NODELIST", "localhost"))[0]
         # One port per job, so jobs sharing a node do not collide.
         os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "9500")) % 20000))

@@ -3,7 +3,7 @@
 import copy
 
 from lm.config import TrainConfig
-from lm.errors import UserError
+from core.errors import UserError
 
 # Keys derived from TrainConfig: set them there, not in train.deepspeed.
 DERIVED = {

@@ -34,7 +34,11 @@ from pathlib import Path
 
 import torch
 
-from lm.errors import UserError, run_command
+from core.errors import UserError, run_command
+from core.ranks import launcher_world_size
+from data_prep import wikitext
+from lm.distributed import init_distributed
+from lm.inference import load_for_inference
 
 SPLITS = ("train", "val", "test")
 
@@ -162,8 +166,6 @@ def read_text(path: str) -> str:
 
 def wikitext_documents(name: str | None, split: str, root: str | None = None) -> list[str]:
     """The articles of a WikiText split: from a local copy `root`, else from the hub by name."""
-    from data_prep import wikitext
-
     if name is not None and name not in wikitext.CONFIGS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(wikitext.CONFIGS)}")
     if split not in SPLITS:
@@ -179,10 +181,8 @@ def wikitext_documents(name: str | None, split: str, root: str | None = None) ->
 
 def add_text_arguments(p: argparse.ArgumentParser) -> None:
     """--text FILE | --dataset NAME [--wikitext-dir DIR] [--split S], shared with lm analyze."""
-    from data_prep.wikitext import CONFIGS
-
     p.add_argument("--text", help="UTF-8 text file to score (one document)")
-    p.add_argument("--dataset", choices=list(CONFIGS), help="WikiText by name: its split's articles")
+    p.add_argument("--dataset", choices=list(wikitext.CONFIGS), help="WikiText by name: its split's articles")
     p.add_argument("--wikitext-dir", help="local WikiText copy (wiki.*.raw / *.tokens or hub dumps); offline")
     p.add_argument("--split", choices=SPLITS, default=None, help="WikiText split (default test)")
 
@@ -224,16 +224,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def distributed_world():
     """The process group when started by a launcher with several ranks, else None."""
-    launched = any(int(os.environ.get(v, "1")) > 1 for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
-    if not launched:
+    if launcher_world_size() == 1:
         return None
-    from lm.distributed import init_distributed
-
     return init_distributed()
 
 
 def main(argv=None) -> int:
-    from lm.checkpoint import load_for_inference
 
     args = parse_args(argv)
     text = text_from_args(args)  # before any process group: bad input fails alike on every rank

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from lm.errors import UserError, run_command
+from core.errors import UserError, run_command
+from lm.inference import load_for_inference
 
 
 @torch.no_grad()
@@ -110,7 +111,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from lm.checkpoint import load_for_inference
 
     args = parse_args(argv)
     model, tokenizer, tag_dir = load_for_inference(args.checkpoint)

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from core.errors import UserError, refuse_non_empty
+from data_prep.tokenizer import Tokenizer
 from lm.config import ModelConfig
-from lm.errors import UserError, refuse_non_empty
+from lm.model import GPT
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_twicing"
 REMOTE_CODE_FILES = ("configuration_twicing_gpt.py", "modeling_twicing_gpt.py")
@@ -89,8 +91,6 @@ def checked_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> di
 
     Refuses weights that are not those of `GPT(config)` (missing, unexpected or misshapen tensors).
     """
-    from lm.model import GPT
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     del expected["lm_head.weight"]
@@ -148,7 +148,6 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
 
 def tokenizer_special_tokens(path: Path, config: ModelConfig) -> dict[str, tuple[int | None, str | None]]:
     """(id, piece) of the unk, bos, eos and pad tokens of a sentencepiece model (None where absent)."""
-    from data_prep.tokenizer import Tokenizer
 
     sp = Tokenizer(path).sp
     if sp.get_piece_size() > config.vocab_size:

@@ -15,8 +15,14 @@ finite" into a device flag as the local gradients appear (no host sync), and one
 the world at the last micro step makes every replica and tensor-parallel shard agree.
 """
 
+import math
+from typing import Callable, Iterable
+
 import torch
 import torch.distributed as dist
+
+from core.errors import UserError
+from lm.config import TrainConfig
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -61,11 +67,48 @@ class NonFiniteGuard:
 
 
 @torch.no_grad()
-def weights_are_finite(module: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every rank's share of the weights is finite (ZeRO-3 keeps it in `ds_tensor`)."""
+def weights_are_finite(local_weights: Iterable[torch.Tensor], device: torch.device) -> bool:
+    """Whether every rank's share of the weights is finite (a collective: every rank must call it)."""
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    for p in module.parameters():
-        bad |= ~torch.isfinite(getattr(p, "ds_tensor", p)).all().to(device)
+    for w in local_weights:
+        bad |= ~torch.isfinite(w).all().to(device)
     flag = bad.float()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
+
+
+class NonFinitePolicy:
+    """`train.nonfinite` applied to each step: stop the run, or skip the update and count it.
+
+    `hint()` says where the run can be resumed from, for the line that ends a run.
+    """
+
+    def __init__(self, train: TrainConfig, model: torch.nn.Module, device: torch.device,
+                 hint: Callable[[], str], skipped: int = 0):
+        self.mode, self.limit, self.hint = train.nonfinite, train.skip_limit, hint
+        self.guard = NonFiniteGuard(model, device) if self.mode == "skip" else None
+        self.skipped = skipped  # over the whole run, resumed ones included (saved in checkpoints)
+        self.in_a_row = 0
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        if self.guard is not None:
+            self.guard.observe_loss(loss)
+
+    def skip_update(self) -> bool:
+        """At the last micro step: whether every rank agrees to skip this update (a collective)."""
+        return self.guard.agree() if self.guard is not None else False
+
+    def after_step(self, step: int, loss: float, grad_norm: float | None, applied: bool) -> bool:
+        """Whether step `step` was skipped; raises the UserError that ends the run where it must."""
+        if not applied and self.mode == "skip":
+            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            if self.in_a_row >= self.limit:
+                raise UserError(f"{self.in_a_row} steps in a row had a non-finite loss or gradients "
+                                f"(train.skip_limit): training stopped at step {step} ({self.hint()})")
+            return True
+        self.in_a_row = 0
+        # Under `stop`, an update DeepSpeed discarded itself means non-finite gradients too.
+        if applied and math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            return False
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise UserError(f"non-finite {what} at step {step}: training stopped without saving ({self.hint()})")

@@ -13,7 +13,7 @@ from lm.config import RunConfig
 from lm.data import WindowBatches
 from lm.model import GPT
 from lm.schedule import build_optimizer, build_scheduler
-from lm.shards import ShardSet
+from data_prep.shards import ShardSet
 
 
 def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:

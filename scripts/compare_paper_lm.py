@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run as a file from a checkout
 
 from lm.analyze import check_out_dir, markdown_table, run_analysis  # noqa: E402
 from lm.config import load_config  # noqa: E402
-from lm.errors import UserError, run_command  # noqa: E402
+from core.errors import UserError, run_command  # noqa: E402
 from lm.evaluate import EvalText, Parser, add_text_arguments, text_from_args  # noqa: E402
 
 VARIANTS = ("twicing", "softmax")
@@ -63,7 +63,7 @@ def toy_shards(out: Path) -> tuple[Path, list[str]]:
 def decoded_val_documents(shards_dir: Path) -> list[str]:
     """The val split's documents, decoded from the shards (documents are separated by eod)."""
     from data_prep.tokenizer import Tokenizer
-    from lm.shards import ShardSet
+    from data_prep.shards import ShardSet
 
     shards = ShardSet.open(shards_dir, verify=False)
     tokens = np.concatenate([np.asarray(t) for t in shards.tokens("val")])
@@ -76,7 +76,7 @@ def decoded_val_documents(shards_dir: Path) -> list[str]:
 def overrides(variant: str, scale: str, shards: Path, run_dir: Path, extra: list[str]) -> list[str]:
     sets = {"data.path": str(shards), "train.out_dir": str(run_dir)}
     if scale == "toy":
-        from lm.shards import ShardSet
+        from data_prep.shards import ShardSet
 
         sets.update(TOY)
         sets["model.vocab_size"] = ShardSet.open(shards, verify=False).vocab_size

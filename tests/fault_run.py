@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import lm.train
 from lm import checkpoint
-from lm.errors import run_command
+from core.errors import run_command
 
 
 def die_if(condition: bool) -> None:

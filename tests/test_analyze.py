@@ -9,7 +9,7 @@ import torch
 
 from lm.analyze import (analysis_windows, cosine_similarity_per_layer, layer_outputs, main as analyze_main,
                         mean_pairwise_cosine, spectral_curves, word_swap)
-from lm.errors import run_command
+from core.errors import run_command
 from test_evaluate import BOS, converted_dir, tiny_model, token_ids, trained_tiny_run, val_text
 
 

@@ -13,7 +13,7 @@ import yaml
 from lm.attention import ATTENTION
 from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from lm.ds_config import DERIVED, deepspeed_config
-from lm.errors import UserError
+from core.errors import UserError
 
 VALID = {
     "model": {

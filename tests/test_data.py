@@ -6,7 +6,7 @@ import torch
 
 from lm.data import (WindowBatches, eval_windows, rank_rows,
                      split_among_ranks)
-from lm.errors import UserError
+from core.errors import UserError
 
 SEQ = 4
 

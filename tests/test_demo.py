@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_lm
-from lm.checkpoint import load_model
+from lm.inference import load_model
 from lm.config import RunConfig
 from lm.model import GPT
 

@@ -78,10 +78,10 @@ import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from conftest import TINY_MODEL, run_lm, tiny_run_config, write_config  # noqa: E402
-from lm.checkpoint import load_for_inference, load_model  # noqa: E402
+from lm.inference import load_for_inference, load_model  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
 from lm.convert import convert  # noqa: E402
-from lm.errors import run_command  # noqa: E402
+from core.errors import run_command  # noqa: E402
 from lm.evaluate import document_ids, evaluate_text, main as eval_main, window_plan  # noqa: E402
 from test_training import assert_one_error_line  # noqa: E402
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
-from lm.checkpoint import load_model, tag_for_step
+from lm.checkpoint import tag_for_step
+from lm.inference import load_model
 from lm.config import RunConfig
 from lm.schedule import lr_at
 from test_training import assert_one_error_line, losses_from

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lm.config import ModelConfig
-from lm.errors import UserError
+from core.errors import UserError
 from lm.generate import filter_logits, generate, generate_batch
 from lm.model import GPT
 

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LM
 
 from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
-from lm.errors import UserError  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from lm.generate import generate  # noqa: E402
 from lm.hf_export import export_hf  # noqa: E402
 from lm.model import GPT  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
 from launch.hosts import Allocation, expand_nodelist, from_slurm, parse_hostfile
 from lm.config import RunConfig
-from lm.distributed import free_port
-from lm.errors import UserError
+from core.ranks import free_port
+from core.errors import UserError
 from lm.plain_loop import train_plain
 from test_training import assert_one_error_line, losses_from
 

@@ -6,8 +6,8 @@ import pytest
 from data_prep.corpus import embedded_corpus, read_text_files, split_train_val
 from data_prep.prep import main, prepare_shards
 from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from lm.errors import UserError
-from lm.shards import ShardSet
+from core.errors import UserError
+from data_prep.shards import ShardSet
 
 VOCAB = 400  # byte fallback alone needs 256 pieces; small keeps training fast
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.prep import build_parser, main
-from lm.errors import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def test_jsonl_and_text_inputs_together_with_a_chosen_field(tmp_path, corpus):
     out = tmp_path / "out"
     assert main(["--input", str(corpus), str(tmp_path / "more.jsonl"), "--jsonl-field", "body",
                  "--out", str(out), "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
-    from lm.shards import ShardSet
+    from data_prep.shards import ShardSet
 
     shards = ShardSet.open(out)
     assert shards.num_documents("train") + shards.num_documents("val") == 6

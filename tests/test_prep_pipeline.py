@@ -18,8 +18,8 @@ from data_prep import units
 from data_prep.corpus import embedded_corpus
 from data_prep.prep import main
 from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from lm.errors import UserError
-from lm.shards import ShardSet
+from core.errors import UserError
+from data_prep.shards import ShardSet
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = "400"

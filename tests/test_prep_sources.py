@@ -10,7 +10,7 @@ import pytest
 
 from data_prep import sources, wikitext
 from data_prep.corpus import split_train_val
-from lm.errors import UserError
+from core.errors import UserError
 
 # A WikiText-style sample: two articles, sections inside the first, a blank-line preamble.
 WIKI_LINES = [" ", " = Alpha = ", " ", " Alpha text , with @-@ marks .", " = = History = = ",

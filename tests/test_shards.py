@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from lm.errors import UserError
-from lm.shards import ShardSet, ShardWriter, dtype_for_vocab, write_manifest
+from core.errors import UserError
+from data_prep.shards import ShardSet, ShardWriter, dtype_for_vocab, write_manifest
 
 EOD = 2
 DOCS = [[5, 6, 7], [8], [], [9, 10, 11, 12, 13], [14, 15]]

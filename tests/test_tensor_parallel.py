@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
 import torch
 
-from lm.checkpoint import load_model
+from lm.inference import load_model
 from lm.config import RunConfig
-from lm.distributed import free_port
+from core.ranks import free_port
 from lm.plain_loop import train_plain
 from test_training import assert_one_error_line, losses_from
 

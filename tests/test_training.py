@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
-from lm.checkpoint import load_model
+from lm.inference import load_model
 from lm.config import RunConfig
 from lm.plain_loop import train_plain
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lm.config import RunConfig
-from lm.train import train
+from lm.train import run_loop, start_run
 
 
 def forget_the_mpu():
@@ -51,11 +51,13 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         raw = json.loads(json.dumps(base))
         raw["train"]["zero_stage"] = stage
         raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}"
-        run = train(RunConfig.from_dict(raw))
-        logits, logits_dtype = final_logits(run["engine"], run["groups"], raw["model"])
-        weights_dtype = str(next(run["engine"].module.parameters()).dtype)
-        compiled = getattr(run["engine"].module, "_compiled_call_impl", None) is not None  # set by nn.Module.compile()
-        results[stage] = {"losses": run["losses"], "logits": logits, "logits_dtype": logits_dtype,
+        run = start_run(RunConfig.from_dict(raw))  # set up apart from the loop, so the engine stays at hand
+        losses = run_loop(run).losses
+        run.log.close()
+        logits, logits_dtype = final_logits(run.engine, run.groups, raw["model"])
+        weights_dtype = str(next(run.engine.module.parameters()).dtype)
+        compiled = getattr(run.engine.module, "_compiled_call_impl", None) is not None  # set by nn.Module.compile()
+        results[stage] = {"losses": losses, "logits": logits, "logits_dtype": logits_dtype,
                           "weights_dtype": weights_dtype, "compiled": compiled}
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))

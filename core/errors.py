@@ -1,10 +1,15 @@
 """The one exception type a user can cause, and how the command line reports it."""
 
+import sys
+from pathlib import Path
+
+from core.ranks import is_rank_zero
+
 
 class UserError(Exception):
     """A problem in what the user gave us (config, paths, data, checkpoints, arguments).
 
-    Raised anywhere in the library; the `lm` command line prints its message as one line
+    Raised anywhere in the project; the `lm` command line prints its message as one line
     (`error: ...`) and exits with status 2, instead of a traceback.
     """
 
@@ -14,14 +19,10 @@ def run_command(main, argv=None) -> int:
 
     Under several processes every rank meets the same error; only rank 0 reports it.
     """
-    import os
-    import sys
-
     try:
         return main(argv) or 0
     except UserError as exc:
-        rank = next((os.environ[v] for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ), "0")
-        if rank == "0":
+        if is_rank_zero():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -31,8 +32,6 @@ def run_command(main, argv=None) -> int:
 
 def refuse_non_empty(path, option: str = "--out") -> None:
     """Outputs go to new or empty directories only: nothing a user has is ever overwritten."""
-    from pathlib import Path
-
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"output directory {path} is not empty; choose another {option}")

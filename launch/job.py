@@ -1,4 +1,5 @@
-"""`lm launch`: from a run config and an allocation to a running multi-node job.
+"""Start training on one or many nodes: the arguments of `lm launch`, the hostfile, the ranks'
+environment and the deepspeed launcher's command line.
 
     lm launch --config CFG --nodes 'node[1-4]' --slots 8               # deepspeed launcher over ssh (pdsh)
     lm launch --config CFG --hostfile hosts --launcher openmpi
@@ -6,9 +7,9 @@
     lm launch --config CFG --mpi                                       # a PBS / Open MPI node file: mpirun
     lm launch --config CFG --nodes a,b --slots 8 --no-ssh --node-rank 0 --master-addr a   # run on every node
 
-Before anything starts, the config is validated against the allocation: the world size must split
-into TP groups, and train.batch_size into micro batches x accumulation x data-parallel ranks.
-The hostfile and the environment every rank needs (`.deepspeed_env`: threads, sockets, accelerator,
+Before anything starts, lm.launcher validates the run config against the allocation: the world
+size must split into TP groups, and train.batch_size into micro batches x accumulation x
+data-parallel ranks. The hostfile and the environment every rank needs (`.deepspeed_env`: threads, sockets, accelerator,
 master address) are written to TRAIN_OUT_DIR/launch/, then the deepspeed launcher runs
 `lm.train`. --dry-run prints the files and the exact command and starts nothing.
 """
@@ -21,8 +22,7 @@ import sys
 from pathlib import Path
 
 from launch.hosts import Allocation, from_hostfile, from_mpi, from_nodes, from_slurm
-from lm.config import RunConfig, load_config
-from lm.errors import UserError, run_command
+from core.errors import UserError
 
 LAUNCHERS = ("pdsh", "openmpi", "mpich", "slurm")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", os.uname().nodename}
@@ -32,8 +32,8 @@ FORWARDED = ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR", "TORCH_E
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lm launch", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(prog="lm launch", description="Start training on one or many nodes (the deepspeed launcher).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 3)[3])
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override, passed on to lm.train")
     source = p.add_mutually_exclusive_group(required=True)
@@ -71,16 +71,6 @@ def resolve_allocation(args) -> Allocation:
     return from_mpi()
 
 
-def check_fits(config: RunConfig, allocation: Allocation) -> int:
-    """The data-parallel size; refuses a layout the allocation cannot hold, naming the numbers."""
-    world, tp = allocation.world_size, config.train.tensor_parallel
-    if world % tp:
-        raise UserError(f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into "
-                        f"tensor-parallel groups of train.tensor_parallel={tp}")
-    config.train.grad_accum_steps(world // tp)  # raises with the batch numbers
-    return world // tp
-
-
 def rank_environment(args, master_addr: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if any(k == f or (f.endswith("_") and k.startswith(f)) for f in FORWARDED)}
     env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(args.master_port))
@@ -113,19 +103,15 @@ def build_command(args, allocation: Allocation, hostfile: Path, master_addr: str
     return command
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = load_config(args.config, args.set)
-    allocation = resolve_allocation(args)
-    dp = check_fits(config, allocation)
+def start(args, allocation: Allocation, launch_dir: Path, summary: str) -> int:
+    """Write the hostfile and `.deepspeed_env` into `launch_dir` and run the launcher (or, with
+    --dry-run, print them and the command and start nothing)."""
     master_addr = args.master_addr or allocation.hosts[0]
-    launch_dir = Path(config.train.out_dir).resolve() / "launch"
     hostfile, env_file = launch_dir / "hostfile", launch_dir / ".deepspeed_env"
     env = rank_environment(args, master_addr)
     command = build_command(args, allocation, hostfile, master_addr)
     env_text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
-    summary = (f"{len(allocation.hosts)} node(s), {allocation.world_size} processes: "
-               f"TP {config.train.tensor_parallel} x DP {dp}, master {master_addr}:{args.master_port}")
+    summary = f"{summary}, master {master_addr}:{args.master_port}"
     if args.dry_run:
         print(f"# {summary}\n# {hostfile}\n{allocation.hostfile_text()}# {env_file}\n{env_text}"
               f"DS_ENV_FILE={shlex.quote(str(env_file))} {shlex.join(command)}")
@@ -136,7 +122,3 @@ def main(argv=None) -> int:
     print(f"lm launch: {summary}", flush=True)
     # The launcher exports .deepspeed_env to remote ranks; local ones inherit it directly.
     return subprocess.run(command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}).returncode
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_command(main))

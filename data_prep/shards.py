@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lm.errors import UserError
+from core.errors import UserError
 
 FORMAT = "twicing-lm-shards"
 VERSION = 1

@@ -1,0 +1,135 @@
+"""Everything the project asks of DeepSpeed, in one module: a DeepSpeed upgrade is an audit of this file.
+
+DeepSpeed's engine partitions the model and its optimizer state by ZeRO stage, reduces gradients
+over the data-parallel group, applies the update at the last micro step of a global batch, and
+saves and loads its own checkpoint files. Around it, we:
+- build it from our model, optimizer and LR schedule, with the JSON of lm.ds_config and our
+  tensor-parallel groups as its Megatron `mpu`;
+- switch off its gradient all-reduce at ZeRO-0 with one data-parallel rank (a group of one);
+- skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
+  where DeepSpeed discards a step itself, which it does not do;
+- read its checkpoint files without running code from them (lm.safe_load, allowing the few plain
+  DeepSpeed classes they contain), for resuming and for lm.consolidate;
+- reach each rank's share of a ZeRO-3 parameter (`ds_tensor`);
+- keep its logger to warnings.
+Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
+"""
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lm.config import TrainConfig
+from lm.distributed import select_accelerator
+from lm.ds_config import deepspeed_config
+from lm.numerics import SkippableAdamW
+from lm.parallel import ParallelGroups
+from lm.safe_load import load_tensors
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every step's bookkeeping at INFO; keep warnings only."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a collective that torch has deprecated; not ours to fix.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+def checkpoint_classes() -> list[type]:
+    """The plain DeepSpeed classes its checkpoint files pickle (values only, no code)."""
+    select_accelerator()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """One file of a DeepSpeed checkpoint, read without running code from it."""
+    return load_tensors(path, checkpoint_classes())
+
+
+class Engine:
+    """A DeepSpeed engine over one rank's model, and the calls training makes on it."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: SkippableAdamW,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, train: TrainConfig, groups: ParallelGroups):
+        import deepspeed
+
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
+            config=deepspeed_config(train, groups.dp_size), dist_init_required=False,
+        )
+        self.optimizer = optimizer
+        if train.zero_stage == 0 and groups.dp_size == 1:
+            # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
+            self.ds.enable_backward_allreduce = False
+        # DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
+        # crafted file asks for; every file it reads goes through the safe reader instead.
+        self.ds.checkpoint_engine.load = lambda path, map_location=None: read_checkpoint_file(Path(path))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model as this rank holds it (ZeRO-3: parameters gathered only inside forward/backward)."""
+        return self.ds.module
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        return self.ds.get_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self, skip_update: bool = False) -> bool:
+        """DeepSpeed's step after every micro batch: it updates at the last one of a global batch.
+
+        `skip_update` (meaningful at the last micro step) leaves weights and Adam's state as they
+        are. Returns False when this was the last micro step and no update was applied.
+        """
+        boundary = self.ds.is_gradient_accumulation_boundary()  # asked before step() moves on
+        self.optimizer.skip_update = skip_update
+        try:
+            self.ds.step()
+        finally:
+            self.optimizer.skip_update = False
+        if not boundary:
+            return True
+        if not self.ds.was_step_applied():
+            # DeepSpeed discarded the step itself (its own overflow check, some stages only) and so
+            # did not advance the LR schedule: advance it, so the LR stays a function of the step.
+            self.ds.lr_scheduler.step()
+            return False
+        return not skip_update
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm; None where DeepSpeed computes none (ZeRO-0 fp32)."""
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def local_weights(self) -> Iterator[torch.Tensor]:
+        """This rank's share of every parameter (ZeRO-3 keeps it in `ds_tensor`, else the parameter)."""
+        for p in self.ds.module.parameters():
+            yield getattr(p, "ds_tensor", p)
+
+    def save(self, tag_dir: Path, client_state: dict) -> None:
+        """Every rank writes its DeepSpeed files of checkpoint `tag_dir` (a collective)."""
+        self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client_state)
+
+    def load(self, tag_dir: Path) -> dict:
+        """Weights, optimizer and schedule from DeepSpeed's files of `tag_dir`; returns the client state."""
+        _, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return client_state

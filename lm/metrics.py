@@ -1,0 +1,97 @@
+"""What a run measures and where it goes: losses averaged over ranks, the validation loss, the
+memory probe, and rank 0's console line, metrics.jsonl and TensorBoard scalars."""
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lm.config import RunConfig
+from lm.distributed import World
+from lm.parallel import ParallelGroups
+
+
+def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
+    """The mean over every rank of `value` (a sum of `count` values on this rank); syncs the host."""
+    # Collectives run on the backend's device: NCCL has no CPU tensors.
+    total = torch.stack([value.detach().float().sum(), torch.tensor(float(count), device=value.device)]).to(device)
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def validation_loss(engine, windows: list[torch.Tensor], config: RunConfig, world: World,
+                    groups: ParallelGroups) -> float:
+    """Mean token loss over the validation windows, split across data-parallel ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
+    padding its share with zero-weight copies of the first window. The ranks of a TP group score
+    the same windows; summing over the world counts each TP replica alike, so the mean holds.
+    """
+    engine.eval()
+    mine = windows[groups.dp_rank :: groups.dp_size]
+    per_rank = -(-len(windows) // groups.dp_size)
+    weights = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)))
+    mine = mine + [windows[0]] * (per_rank - len(mine))
+    total = torch.zeros(())
+    mb = config.train.micro_batch_size
+    for i in range(0, per_rank, mb):
+        rows = torch.stack(mine[i : i + mb]).to(world.device)
+        _, per_token = engine(rows[:, :-1], rows[:, 1:], reduction="none")
+        per_row = per_token.float().mean(dim=1)
+        total += (per_row.cpu() * weights[i : i + mb]).sum()
+    engine.train()
+    stats = torch.stack([total, weights.sum()]).to(world.device)
+    dist.all_reduce(stats)
+    return (stats[0] / stats[1]).item()
+
+
+def memory_mib(world: World) -> float:
+    """Peak memory so far: the GPU's allocations, or this process's peak RSS on the CPU."""
+    if world.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def progress_line(step: int, steps: int, values: dict) -> str:
+    grad = f"grad {values['train/grad_norm']:.3f} | " if "train/grad_norm" in values else ""
+    return (f"step {step}/{steps} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.2e} | {grad}"
+            f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
+
+
+class RunLog:
+    """Rank 0's console line, metrics.jsonl and TensorBoard scalars; other ranks record nothing."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, world: World):
+        self.enabled = world.is_main
+        self.writer = None
+        if not self.enabled:
+            return
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if config.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import: only when asked for
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def record(self, step: int, console: str | None = None, **values) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        if console:
+            print(console, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            if self.writer:
+                self.writer.close()

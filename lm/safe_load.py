@@ -1,0 +1,29 @@
+"""Reading checkpoint files without running code from them.
+
+`torch.load(weights_only=True)` unpickles tensors, containers and plain values only; a file that
+asks for anything else (a crafted pickle, or a class we did not allow) is refused with one line
+naming what it asked for. DeepSpeed's files need a few of its plain classes: lm.engine lists them.
+"""
+
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from core.errors import UserError
+
+
+def load_tensors(path: Path, allowed: Iterable[type] = ()) -> dict:
+    """torch.load that runs no code from the file: tensors, containers and the `allowed` classes."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols is not the user's business
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file, whatever the unpickler says
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = f"it asks to run {found.group(1)}" if found else str(exc).splitlines()[0][:100]
+        raise UserError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({reason})") from None
