@@ -119,15 +119,3 @@ def init_distributed() -> World:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return World(rank, world_size, local_rank, device)
-
-
-def quiet_deepspeed() -> None:
-    """DeepSpeed logs every step's bookkeeping at INFO; keep warnings only."""
-    import logging
-    import warnings
-
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a collective that torch has deprecated; not ours to fix.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
