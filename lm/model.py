@@ -6,9 +6,10 @@ projection tied to the token embedding. Parameter names and shapes follow GPT-2 
 (`transformer.h.0.attn.c_attn.weight`, ...; our Linear weights are the transpose of GPT-2's Conv1D
 weights), so a softmax model exports to Hugging Face GPT-2 exactly.
 
-What is new is the attention of each layer, chosen by name from `lm.attention`: plain softmax
-attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets Twicing", ICLR 2025),
-out = (2A - A^2) V, which the paper's language model uses in its last two layers.
+What is new is the attention of each layer, a variant registered in `lm.attention` and named by
+the config: plain softmax attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets
+Twicing", ICLR 2025), out = (2A - A^2) V, which the paper's language model uses in its last two
+layers.
 """
 
 import math
@@ -17,17 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.attention import LayerCache, attend_cached, get_attention
+from lm.attention import AttentionVariant, LayerCache, get_attention
 from lm.config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str):
+    def __init__(self, config: ModelConfig, variant: AttentionVariant):
         super().__init__()
         self.n_head = config.n_head  # heads computed here: n_head / tp under tensor parallelism
         self.head_dim = config.n_embd // config.n_head
-        self.attention_name = attention
-        self.attend = get_attention(attention)
+        self.variant = variant  # softmax or twicing, and how it runs (lm.attention)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -36,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         # (B, T, 3 * heads * head_dim) -> three (B, heads, T, head_dim) tensors
         q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = self.attend(q, k, v) if cache is None else attend_cached(self.attention_name, q, k, v, cache)
+        y = self.variant.attend(q, k, v) if cache is None else self.variant.attend_cached(q, k, v, cache)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -54,10 +54,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str):
+    def __init__(self, config: ModelConfig, variant: AttentionVariant):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config, attention)
+        self.attn = CausalSelfAttention(config, variant)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -75,7 +75,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, name) for name in config.layer_attention()),
+                h=nn.ModuleList(Block(config, get_attention(name)) for name in config.layer_attention()),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
@@ -140,7 +140,7 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward), counting twicing's second pass."""
         c, n = self.config, self.config.block_size
         matmul_params = self.num_parameters(exclude_position_embedding=True)
-        attention_passes = sum(2 if "twicing" in b.attn.attention_name else 1 for b in self.transformer.h)
+        attention_passes = sum(block.attn.variant.passes for block in self.transformer.h)  # twicing: 2
         # each pass: QK^T and AV, 2 FLOPs per multiply-add, causal halves it on average
         attention = attention_passes * 2 * 2 * n * c.n_embd // 2
         return 3 * (2 * matmul_params + attention)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from lm import checkpoint as ckpt
-from lm.attention import twicing_runs_on
+from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.consolidate import protect_checkpoint_loading
 from lm.data import WindowBatches, eval_windows, rank_rows
@@ -319,11 +319,11 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
             print(f"removed {partial}: an interrupted checkpoint", flush=True)
     log = RunLog(run_dir, config, world)
     if world.is_main:
+        twicing = next((v for v in map(get_attention, config.model.layer_attention()) if v.twices), None)
         print(
             f"training {n_params / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
             f"{t.precision}, TP {groups.tp_size} x DP {groups.dp_size} x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
-            + (f", twicing on {twicing_runs_on(world.device, config.model.n_embd // config.model.n_head, config.model.attention_impl)}"
-               if config.model.twicing_layer_indices() else "")
+            + (f", twicing on {twicing.runs_on(world.device, config.model.n_embd // config.model.n_head)}" if twicing else "")
             + (f", resuming at step {start}" if start else ""),
             flush=True,
         )

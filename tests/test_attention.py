@@ -24,10 +24,10 @@ def relative_error(a, b):
 
 
 def test_variants_are_registered_by_name():
-    assert attention.ATTENTION["softmax"] is softmax_attention
-    assert attention.ATTENTION["twicing"] is twicing_attention
-    assert attention.ATTENTION["softmax_reference"] is softmax_attention_reference
-    assert attention.ATTENTION["twicing_reference"] is twicing_attention_reference
+    assert attention.ATTENTION["softmax"].attend is softmax_attention
+    assert attention.ATTENTION["twicing"].attend is twicing_attention
+    assert attention.ATTENTION["softmax_reference"].attend is softmax_attention_reference
+    assert attention.ATTENTION["twicing_reference"].attend is twicing_attention_reference
     with pytest.raises(ValueError, match="unknown attention"):
         attention.get_attention("twicng")
 

@@ -139,7 +139,7 @@ def test_fused_attention_gives_the_same_logits_as_the_reference(twicing_layers):
     fused = make_model(perturb=0.1, twicing_layers=twicing_layers, attention_impl="fused")
     reference = GPT(small_config(twicing_layers=twicing_layers, attention_impl="reference")).double().eval()
     reference.load_state_dict(fused.state_dict())
-    names = [block.attn.attention_name for block in reference.transformer.h]
+    names = [block.attn.variant.name for block in reference.transformer.h]
     assert names == [f"{name}_reference" for name in fused.config.layer_attention()]
     idx = tokens()
     assert relative_error(logits_of(fused, idx), logits_of(reference, idx)) <= 1e-10
@@ -147,7 +147,7 @@ def test_fused_attention_gives_the_same_logits_as_the_reference(twicing_layers):
 
 def test_layers_use_the_attention_the_config_selects():
     model = make_model(twicing_layers=[0, 2])
-    assert [block.attn.attention_name for block in model.transformer.h] == ["twicing", "softmax", "twicing"]
+    assert [block.attn.variant.name for block in model.transformer.h] == ["twicing", "softmax", "twicing"]
 
 
 # --------------------------------------------------------------------------- causality
