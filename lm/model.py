@@ -9,7 +9,8 @@ weights), so a softmax model exports to Hugging Face GPT-2 exactly.
 What is new is the attention of each layer, a variant registered in `lm.attention` and named by
 the config: plain softmax attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets
 Twicing", ICLR 2025), out = (2A - A^2) V, which the paper's language model uses in its last two
-layers.
+layers. The loss is a parameter-free submodule, so that tensor parallelism can swap in its own
+vocabulary-parallel cross-entropy as it swaps the other layers (lm.parallel).
 """
 
 import math
@@ -66,6 +67,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class CrossEntropy(nn.Module):
+    """Token cross-entropy of logits (B, T, vocab) against ids (B, T), reduced "mean", "sum" or "none"."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        # In at least fp32: a bf16 log-softmax over a large vocabulary loses the loss's digits.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss if reduction != "none" else loss.view(targets.shape)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -81,6 +92,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.loss = CrossEntropy()  # no parameters, so no state-dict keys; replaced under TP
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
@@ -118,14 +130,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        return logits, self.cross_entropy(logits, targets, reduction)
-
-    @staticmethod
-    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Token cross-entropy in at least fp32 (also for bf16 logits); replaced under TP."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
-        return loss if reduction != "none" else loss.view(targets.shape)
+        return logits, self.loss(logits, targets, reduction)
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.transformer.h]

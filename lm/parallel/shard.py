@@ -18,8 +18,6 @@ which must stay identical across a TP group: lm.train seeds dropout per data-par
 same on every rank of a TP group. No activation that is partitioned across TP ranks is dropped.
 """
 
-import functools
-
 import torch
 
 from lm.config import ModelConfig, check_tensor_parallel
@@ -28,9 +26,9 @@ from lm.parallel.groups import ParallelGroups
 from lm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelCrossEntropy,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -118,5 +116,5 @@ def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
     vocab_start = int(idx["vocab"][0])
     model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, vocab_start, len(idx["vocab"]), group)
     model.lm_head = VocabParallelLMHead(model.transformer.wte)
-    model.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=vocab_start, group=group)
+    model.loss = VocabParallelCrossEntropy(vocab_start, group)
     return model
