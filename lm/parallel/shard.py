@@ -54,7 +54,7 @@ def _indices(config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]
 def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, torch.Tensor]]:
     """For every parameter TP rank `rank` holds a slice of: (dimension, indices into the full one).
 
-    The one description of the split, used to shard a model, and to merge or re-split its weights.
+    The one description of the split, used to shard a model and to merge its weights.
     Parameters not listed are replicated.
     """
     check_tensor_parallel(config, tp)
@@ -70,13 +70,6 @@ def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, t
             layout[block + "attn.c_attn.bias"] = (0, idx["qkv_rows"])
             layout[block + "mlp.c_fc.bias"] = (0, idx["hidden"])
     return layout
-
-
-def split_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """TP rank `rank`'s state dict from the full one."""
-    layout = tp_layout(config, tp, rank)
-    return {name: (value.index_select(layout[name][0], layout[name][1]) if name in layout else value)
-            for name, value in full.items()}
 
 
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
