@@ -320,10 +320,11 @@ def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -
     log = RunLog(run_dir, config, world)
     if world.is_main:
         twicing = next((v for v in map(get_attention, config.model.layer_attention()) if v.twices), None)
+        head_dim = config.model.n_embd // config.model.n_head
         print(
             f"training {n_params / 1e6:.2f}M parameters, layers {config.model.layer_attention()}, ZeRO-{t.zero_stage}, "
             f"{t.precision}, TP {groups.tp_size} x DP {groups.dp_size} x {grad_accum} micro step(s) x {t.micro_batch_size} x {seq_len} tokens"
-            + (f", twicing on {twicing.runs_on(world.device, config.model.n_embd // config.model.n_head)}" if twicing else "")
+            + (f", twicing on {twicing.runs_on(world.device, head_dim)}" if twicing else "")
             + (f", resuming at step {start}" if start else ""),
             flush=True,
         )

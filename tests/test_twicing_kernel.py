@@ -220,7 +220,8 @@ def test_the_training_log_says_where_twicing_runs(kernel):
     gpu, twicing, twicing_sdpa = torch.device("cuda"), ATTENTION["twicing"], ATTENTION["twicing_sdpa"]
     assert twicing.runs_on(torch.device("cpu"), 64) == "two SDPA passes"
     assert twicing_sdpa.runs_on(gpu, 64) == "two SDPA passes" and twicing.runs_on(gpu, 24) == "two SDPA passes"
-    assert twicing.runs_on(gpu, 64) == ("the Triton kernel" if GPU else "two SDPA passes")  # Triton stays unimported on CPUs
+    # Triton stays unimported on CPUs
+    assert twicing.runs_on(gpu, 64) == ("the Triton kernel" if GPU else "two SDPA passes")
 
 
 def test_the_automatic_choice_compiles_without_graph_breaks(kernel):
