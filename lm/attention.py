@@ -1,4 +1,4 @@
-"""Causal attention variants, chosen by name.
+"""Causal attention variants, registered by name with the facts the rest of the model reads.
 
 Every function takes q, k, v shaped (batch, heads, time, head_dim) and is causal.
 
@@ -18,13 +18,18 @@ pass's log-sum-exp with the second and forms 2V - U in registers; elsewhere, or 
 kernel does not take, it is two SDPA passes (`twicing_sdpa`). The `*_reference` functions
 materialise A explicitly; they exist to test the fused ones.
 
-Cached decoding (`attend_cached`) keeps K and V of the tokens so far and, for twicing, U as well:
+Cached decoding (`*_cached`) keeps K and V of the tokens so far and, for twicing, U as well:
 for a new token i, u_i = a_i V is appended to the U cache and out_i = 2 u_i - a_i U, since row i
 of A (2V - U) is 2 a_i V - a_i U. Every row of U depends only on earlier tokens, so U computed once
 stays valid.
+
+Each variant is an `AttentionVariant` in `ATTENTION` (name -> variant): its function, its cached
+function, whether it twices and how many attention passes it costs. The model, the cache and the
+FLOP count read these facts; none of them parses a name.
 """
 
 import math
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CachedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LayerCache"], torch.Tensor]
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -58,16 +64,6 @@ def _load_triton_kernels() -> ModuleType | None:
 
 # Looked up once here rather than per call, so that torch.compile traces a plain global.
 TRITON_KERNELS = _load_triton_kernels()
-
-
-def twicing_runs_on(device: torch.device, head_dim: int, attention_impl: str = "fused") -> str:
-    """How `twicing` layers will run for a model on `device` (for the training log)."""
-    if attention_impl == "reference":
-        return "materialised A (reference)"
-    kernels = TRITON_KERNELS if device.type == "cuda" and attention_impl == "fused" else None
-    if kernels is not None and head_dim in kernels.SUPPORTED_HEAD_DIMS:
-        return "the Triton kernel"
-    return "two SDPA passes"
 
 
 def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -111,38 +107,82 @@ class LayerCache:
         return 0 if self.k is None else self.k.size(-2)
 
 
-def attend_cached(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """Attention of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
-    twicing = name.startswith("twicing")
-    if cache.length == 0:  # prefill: ordinary causal attention over the prompt, keeping U
-        if name == "twicing" and _kernel_takes(q, k, v):  # not twicing_sdpa: that asks for no kernel
-            out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
-        else:
-            u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            out = F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True) if twicing else u
-        cache.k, cache.v, cache.u = k, v, u
-        return out
+def _append_token(cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.size(-2) != 1:
         raise ValueError("after the prompt, cached attention takes one token at a time")
     cache.k, cache.v = torch.cat([cache.k, k], dim=-2), torch.cat([cache.v, v], dim=-2)
-    u = F.scaled_dot_product_attention(q, cache.k, cache.v)  # the newest token sees every cached one
-    if not twicing:
-        return u
+
+
+def softmax_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """A V of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
+    if cache.length == 0:
+        cache.k, cache.v = k, v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    _append_token(cache, q, k, v)
+    return F.scaled_dot_product_attention(q, cache.k, cache.v)  # the newest token sees every cached one
+
+
+def twicing_attention_sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  cache: LayerCache) -> torch.Tensor:
+    """A (2V - U) of new tokens over the cache, keeping U = A V: token i gets 2 u_i - a_i U."""
+    if cache.length == 0:  # prefill: the two passes over the prompt, keeping the first
+        u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        cache.k, cache.v, cache.u = k, v, u
+        return F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True)
+    _append_token(cache, q, k, v)
+    u = F.scaled_dot_product_attention(q, cache.k, cache.v)
     cache.u = torch.cat([cache.u, u], dim=-2)
     return 2 * u - F.scaled_dot_product_attention(q, cache.k, cache.u)
 
 
-ATTENTION: dict[str, AttentionFn] = {
-    "softmax": softmax_attention,
-    "twicing": twicing_attention,
-    "twicing_sdpa": twicing_attention_sdpa,
-    "softmax_reference": softmax_attention_reference,
-    "twicing_reference": twicing_attention_reference,
+def twicing_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """As `twicing_attention_sdpa_cached`, but a prefill the kernel takes gets out and U from one call."""
+    if cache.length == 0 and _kernel_takes(q, k, v):
+        out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
+        cache.k, cache.v, cache.u = k, v, u
+        return out
+    return twicing_attention_sdpa_cached(q, k, v, cache)
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """One registered attention variant: its math, and the facts the model, cache and FLOP count read."""
+
+    name: str
+    attend: AttentionFn  # (q, k, v) -> out, causal
+    attend_cached: CachedAttentionFn  # (q, k, v, cache) -> out: the prompt, then one token per call
+    twices: bool  # out = (2A - A^2) V rather than A V
+    passes: int  # attention passes (QK^T, then A times values) of its two-pass form, for the FLOP count
+    kernel: bool  # takes the Triton kernel on a GPU where it applies
+    runs: str  # how it runs off the kernel, for the training log
+
+    def runs_on(self, device: torch.device, head_dim: int) -> str:
+        """How layers of this variant will run for a model on `device` (for the training log)."""
+        if self.kernel and device.type == "cuda" and TRITON_KERNELS is not None:
+            if head_dim in TRITON_KERNELS.SUPPORTED_HEAD_DIMS:
+                return "the Triton kernel"
+        return self.runs
+
+
+# The reference variants cache like their fused twins: a cache is for generation, not for tests of A.
+ATTENTION: dict[str, AttentionVariant] = {
+    variant.name: variant
+    for variant in (
+        AttentionVariant("softmax", softmax_attention, softmax_attention_cached, twices=False, passes=1,
+                         kernel=False, runs="one SDPA pass"),
+        AttentionVariant("twicing", twicing_attention, twicing_attention_cached, twices=True, passes=2,
+                         kernel=True, runs="two SDPA passes"),
+        AttentionVariant("twicing_sdpa", twicing_attention_sdpa, twicing_attention_sdpa_cached, twices=True,
+                         passes=2, kernel=False, runs="two SDPA passes"),
+        AttentionVariant("softmax_reference", softmax_attention_reference, softmax_attention_cached,
+                         twices=False, passes=1, kernel=False, runs="materialised A (reference)"),
+        AttentionVariant("twicing_reference", twicing_attention_reference, twicing_attention_sdpa_cached,
+                         twices=True, passes=2, kernel=False, runs="materialised A (reference)"),
+    )
 }
 
 
-
-def get_attention(name: str) -> AttentionFn:
+def get_attention(name: str) -> AttentionVariant:
     """Look up an attention variant by name."""
     try:
         return ATTENTION[name]

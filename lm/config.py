@@ -3,6 +3,9 @@
 A run is described by one YAML file with three sections (`model`, `data`, `train`). Each maps onto
 a dataclass below; unknown keys, wrong types and bad values raise `UserError` with one line that
 names the key. No global argument object: these objects are passed to whatever needs them.
+
+`ModelConfig.layer_attention` names each layer's attention variant by looking up (layer kind,
+attention_impl) in `ATTENTION_VARIANTS`; what a variant computes and costs is lm.attention's to say.
 """
 
 import dataclasses
@@ -71,13 +74,26 @@ class ModelConfig:
             return list(range(n - int(sel[5:]), n))
         raise UserError(f"model.twicing_layers must be 'none', 'all', 'last:K' (K <= {n}) or a list of layers, got {sel!r}")
 
-    def layer_attention(self) -> list[str]:
-        """The attention variant name of every layer, as registered in `lm.attention`."""
+    def layer_kinds(self) -> list[str]:
+        """The attention of every layer as the model's math: "twicing" or "softmax"."""
         twicing = set(self.twicing_layer_indices())
-        if self.attention_impl == "reference":
-            return [("twicing" if i in twicing else "softmax") + "_reference" for i in range(self.n_layer)]
-        twicing_name = "twicing_sdpa" if self.attention_impl == "sdpa" else "twicing"
-        return [twicing_name if i in twicing else "softmax" for i in range(self.n_layer)]
+        return ["twicing" if i in twicing else "softmax" for i in range(self.n_layer)]
+
+    def layer_attention(self) -> list[str]:
+        """The attention variant of every layer, by its name in `lm.attention.ATTENTION`."""
+        return [ATTENTION_VARIANTS[kind, self.attention_impl] for kind in self.layer_kinds()]
+
+
+# Which registered attention variant (lm.attention, which owns what each one computes and costs) runs
+# a layer of each kind under each model.attention_impl. Names, so that configs load without torch.
+ATTENTION_VARIANTS: dict[tuple[str, str], str] = {
+    ("softmax", "fused"): "softmax",
+    ("twicing", "fused"): "twicing",
+    ("softmax", "sdpa"): "softmax",
+    ("twicing", "sdpa"): "twicing_sdpa",
+    ("softmax", "reference"): "softmax_reference",
+    ("twicing", "reference"): "twicing_reference",
+}
 
 
 @dataclass

@@ -137,7 +137,7 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
         vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, d_ff=config.ffn_dim, bias=config.bias,
         layer_norm_epsilon=config.layer_norm_epsilon,
-        layer_attention=[name.split("_")[0] for name in config.layer_attention()],  # the variant, not how it runs
+        layer_attention=config.layer_kinds(),  # the math of each layer, not how it runs here
         bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
     )
     hf.architectures = ["TwicingGPTForCausalLM"]

@@ -6,9 +6,11 @@ projection tied to the token embedding. Parameter names and shapes follow GPT-2 
 (`transformer.h.0.attn.c_attn.weight`, ...; our Linear weights are the transpose of GPT-2's Conv1D
 weights), so a softmax model exports to Hugging Face GPT-2 exactly.
 
-What is new is the attention of each layer, chosen by name from `lm.attention`: plain softmax
-attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets Twicing", ICLR 2025),
-out = (2A - A^2) V, which the paper's language model uses in its last two layers.
+What is new is the attention of each layer, a variant registered in `lm.attention` and named by
+the config: plain softmax attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets
+Twicing", ICLR 2025), out = (2A - A^2) V, which the paper's language model uses in its last two
+layers. The loss is a parameter-free submodule, so that tensor parallelism can swap in its own
+vocabulary-parallel cross-entropy as it swaps the other layers (lm.parallel).
 """
 
 import math
@@ -17,17 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.attention import LayerCache, attend_cached, get_attention
+from lm.attention import AttentionVariant, LayerCache, get_attention
 from lm.config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str):
+    def __init__(self, config: ModelConfig, variant: AttentionVariant):
         super().__init__()
         self.n_head = config.n_head  # heads computed here: n_head / tp under tensor parallelism
         self.head_dim = config.n_embd // config.n_head
-        self.attention_name = attention
-        self.attend = get_attention(attention)
+        self.variant = variant  # softmax or twicing, and how it runs (lm.attention)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -36,7 +37,7 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         # (B, T, 3 * heads * head_dim) -> three (B, heads, T, head_dim) tensors
         q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = self.attend(q, k, v) if cache is None else attend_cached(self.attention_name, q, k, v, cache)
+        y = self.variant.attend(q, k, v) if cache is None else self.variant.attend_cached(q, k, v, cache)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -54,16 +55,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str):
+    def __init__(self, config: ModelConfig, variant: AttentionVariant):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config, attention)
+        self.attn = CausalSelfAttention(config, variant)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class CrossEntropy(nn.Module):
+    """Token cross-entropy of logits (B, T, vocab) against ids (B, T), reduced "mean", "sum" or "none"."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        # In at least fp32: a bf16 log-softmax over a large vocabulary loses the loss's digits.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss if reduction != "none" else loss.view(targets.shape)
 
 
 class GPT(nn.Module):
@@ -75,12 +86,13 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, name) for name in config.layer_attention()),
+                h=nn.ModuleList(Block(config, get_attention(name)) for name in config.layer_attention()),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.loss = CrossEntropy()  # no parameters, so no state-dict keys; replaced under TP
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
@@ -118,14 +130,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        return logits, self.cross_entropy(logits, targets, reduction)
-
-    @staticmethod
-    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Token cross-entropy in at least fp32 (also for bf16 logits); replaced under TP."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
-        return loss if reduction != "none" else loss.view(targets.shape)
+        return logits, self.loss(logits, targets, reduction)
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.transformer.h]
@@ -140,7 +145,7 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward), counting twicing's second pass."""
         c, n = self.config, self.config.block_size
         matmul_params = self.num_parameters(exclude_position_embedding=True)
-        attention_passes = sum(2 if "twicing" in b.attn.attention_name else 1 for b in self.transformer.h)
+        attention_passes = sum(block.attn.variant.passes for block in self.transformer.h)  # twicing: 2
         # each pass: QK^T and AV, 2 FLOPs per multiply-add, causal halves it on average
         attention = attention_passes * 2 * 2 * n * c.n_embd // 2
         return 3 * (2 * matmul_params + attention)

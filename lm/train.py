@@ -24,7 +24,7 @@ import torch.distributed as dist
 from core.errors import UserError, run_command
 from data_prep.shards import ShardSet
 from lm import checkpoint as ckpt
-from lm.attention import twicing_runs_on
+from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed
@@ -177,8 +177,9 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     line = (f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, ZeRO-{t.zero_stage}, "
             f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
             f"{t.micro_batch_size} x {m.block_size} tokens")
-    if m.twicing_layer_indices():
-        line += f", twicing on {twicing_runs_on(run.world.device, m.n_embd // m.n_head, m.attention_impl)}"
+    twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
+    if twicing is not None:
+        line += f", twicing on {twicing.runs_on(run.world.device, m.n_embd // m.n_head)}"
     return line + (f", resuming at step {run.start}" if run.start else "")
 
 

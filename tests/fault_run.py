@@ -41,18 +41,18 @@ def main() -> None:
 
         lm.train.mean_over_ranks = mean_over_ranks
     elif fault == "nan-in-step":
-        from lm.model import GPT
+        from lm.model import CrossEntropy
 
-        real_loss, calls = GPT.cross_entropy, {"n": 0}
+        real_loss, calls = CrossEntropy.forward, {"n": 0}
 
-        def cross_entropy(logits, targets, reduction="mean"):
-            loss = real_loss(logits, targets, reduction)
+        def cross_entropy(self, logits, targets, reduction="mean"):
+            loss = real_loss(self, logits, targets, reduction)
             if logits.requires_grad:  # training forward passes only
                 calls["n"] += 1
             hit = calls["n"] >= step if onwards else calls["n"] == step
             return loss * float("nan") if hit and dist.get_rank() == rank else loss
 
-        GPT.cross_entropy = staticmethod(cross_entropy)
+        CrossEntropy.forward = cross_entropy
     elif fault == "nan-in-weights":
         real_save_checkpoint = lm.train.save_checkpoint
 

@@ -1,4 +1,10 @@
-"""Specification of the attention variants in lm.attention."""
+"""Specification of the attention variants in lm.attention: their math, their registry and the
+facts it records (twices, passes, the cached form), and how the config picks one per layer."""
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,9 @@ from lm.attention import (
     twicing_attention,
     twicing_attention_reference,
 )
+from lm.config import ATTENTION_VARIANTS, ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_qkv(b=2, h=3, t=17, d=8, dtype=torch.float64, seed=0, requires_grad=False):
@@ -24,10 +33,10 @@ def relative_error(a, b):
 
 
 def test_variants_are_registered_by_name():
-    assert attention.ATTENTION["softmax"] is softmax_attention
-    assert attention.ATTENTION["twicing"] is twicing_attention
-    assert attention.ATTENTION["softmax_reference"] is softmax_attention_reference
-    assert attention.ATTENTION["twicing_reference"] is twicing_attention_reference
+    assert attention.ATTENTION["softmax"].attend is softmax_attention
+    assert attention.ATTENTION["twicing"].attend is twicing_attention
+    assert attention.ATTENTION["softmax_reference"].attend is softmax_attention_reference
+    assert attention.ATTENTION["twicing_reference"].attend is twicing_attention_reference
     with pytest.raises(ValueError, match="unknown attention"):
         attention.get_attention("twicng")
 
@@ -110,3 +119,84 @@ def test_twicing_never_allocates_a_t_by_t_tensor():
     # The fused path only ever holds (T, head_dim)-sized tensors; the reference holds T x T ones.
     assert fused <= t * 16
     assert reference >= t * t
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@pytest.mark.parametrize("name", list(attention.ATTENTION))
+def test_every_variant_computes_what_its_facts_say(name):
+    """A variant that twices computes (2A - A^2) V in two passes; the others A V in one."""
+    variant = attention.get_attention(name)
+    assert variant is attention.ATTENTION[name] and variant.name == name
+    q, k, v = random_qkv()
+    a = causal_attention_matrix(q, k)
+    expected = (2 * a - a @ a) @ v if variant.twices else a @ v
+    assert relative_error(variant.attend(q, k, v), expected) <= 1e-10
+    assert variant.passes == (2 if variant.twices else 1)
+
+
+@pytest.mark.parametrize("name", list(attention.ATTENTION))
+def test_cached_attention_equals_the_uncached_token_by_token(name):
+    """A prompt into an empty cache, then one token per call, gives the rows of the whole sequence."""
+    variant = attention.ATTENTION[name]
+    q, k, v = random_qkv(t=12)
+    whole = variant.attend(q, k, v)
+    cache, prompt = attention.LayerCache(), 5
+    rows = [variant.attend_cached(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache)]
+    for i in range(prompt, 12):
+        rows.append(variant.attend_cached(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache))
+    assert cache.length == 12
+    assert relative_error(torch.cat(rows, dim=-2), whole) <= 1e-10
+    if variant.twices:  # U = A V of every token so far, the first pass that the cache keeps
+        assert relative_error(cache.u, softmax_attention(q, k, v)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["softmax", "twicing"])
+def test_after_the_prompt_the_cache_takes_one_token_at_a_time(name):
+    q, k, v = random_qkv(t=6)
+    cache = attention.LayerCache()
+    attention.ATTENTION[name].attend_cached(q[:, :, :4], k[:, :, :4], v[:, :, :4], cache)
+    with pytest.raises(ValueError, match="one token at a time"):
+        attention.ATTENTION[name].attend_cached(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], cache)
+
+
+def test_only_twicing_asks_for_the_kernel_and_the_log_says_how_each_runs_on_a_cpu():
+    cpu = torch.device("cpu")
+    assert [name for name, variant in attention.ATTENTION.items() if variant.kernel] == ["twicing"]
+    assert {name: variant.runs_on(cpu, 64) for name, variant in attention.ATTENTION.items()} == {
+        "softmax": "one SDPA pass",
+        "twicing": "two SDPA passes",
+        "twicing_sdpa": "two SDPA passes",
+        "softmax_reference": "materialised A (reference)",
+        "twicing_reference": "materialised A (reference)",
+    }
+
+
+# --------------------------------------------------------------------------- the config's choice
+
+
+@pytest.mark.parametrize("impl, softmax, twicing", [
+    ("fused", "softmax", "twicing"),
+    ("sdpa", "softmax", "twicing_sdpa"),
+    ("reference", "softmax_reference", "twicing_reference"),
+])
+def test_each_layer_kind_and_attention_impl_picks_a_registered_variant_of_that_kind(impl, softmax, twicing):
+    config = ModelConfig(n_layer=2, twicing_layers=[1], attention_impl=impl)
+    assert config.layer_kinds() == ["softmax", "twicing"]
+    assert config.layer_attention() == [softmax, twicing]
+    assert [attention.ATTENTION[name].twices for name in config.layer_attention()] == [False, True]
+
+
+def test_every_attention_impl_the_config_accepts_has_a_variant_for_each_layer_kind():
+    impls = typing.get_args(typing.get_type_hints(ModelConfig)["attention_impl"])
+    assert set(ATTENTION_VARIANTS) == {(kind, impl) for kind in ("softmax", "twicing") for impl in impls}
+    for (kind, _), name in ATTENTION_VARIANTS.items():
+        assert attention.ATTENTION[name].twices == (kind == "twicing")
+
+
+def test_the_config_names_variants_without_importing_torch():
+    """lm.config holds names only; the variants (and torch) are lm.attention's, imported by the model."""
+    code = "import sys, lm.config; assert 'torch' not in sys.modules, 'lm.config imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr

@@ -10,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm.attention import ATTENTION
 from lm.config import ModelConfig
-from lm.model import GPT
+from lm.model import GPT, CrossEntropy
+from lm.parallel import ParallelGroups, shard_model
+from lm.parallel.layers import VocabParallelCrossEntropy
 
 SMALL = dict(vocab_size=97, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=48)
 
@@ -139,7 +142,7 @@ def test_fused_attention_gives_the_same_logits_as_the_reference(twicing_layers):
     fused = make_model(perturb=0.1, twicing_layers=twicing_layers, attention_impl="fused")
     reference = GPT(small_config(twicing_layers=twicing_layers, attention_impl="reference")).double().eval()
     reference.load_state_dict(fused.state_dict())
-    names = [block.attn.attention_name for block in reference.transformer.h]
+    names = [block.attn.variant.name for block in reference.transformer.h]
     assert names == [f"{name}_reference" for name in fused.config.layer_attention()]
     idx = tokens()
     assert relative_error(logits_of(fused, idx), logits_of(reference, idx)) <= 1e-10
@@ -147,7 +150,15 @@ def test_fused_attention_gives_the_same_logits_as_the_reference(twicing_layers):
 
 def test_layers_use_the_attention_the_config_selects():
     model = make_model(twicing_layers=[0, 2])
-    assert [block.attn.attention_name for block in model.transformer.h] == ["twicing", "softmax", "twicing"]
+    assert [block.attn.variant.name for block in model.transformer.h] == ["twicing", "softmax", "twicing"]
+
+
+@pytest.mark.parametrize("attention_impl", ["fused", "sdpa", "reference"])
+def test_each_layer_holds_the_registered_variant_it_runs(attention_impl):
+    model = make_model(twicing_layers="last:1", attention_impl=attention_impl)
+    variants = [block.attn.variant for block in model.transformer.h]
+    assert variants == [ATTENTION[name] for name in model.config.layer_attention()]
+    assert [variant.twices for variant in variants] == [False, False, True]
 
 
 # --------------------------------------------------------------------------- causality
@@ -185,7 +196,33 @@ def test_loss_is_the_mean_cross_entropy_of_the_logits():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_without_targets_the_loss_is_none():
+def test_the_loss_is_a_parameter_free_submodule_in_at_least_fp32():
+    model = make_model()
+    assert isinstance(model.loss, CrossEntropy) and dict(model.named_children())["loss"] is model.loss
+    assert not list(model.loss.parameters()) and not list(model.loss.buffers())
+    logits, targets = torch.randn(2, 5, 7, dtype=torch.bfloat16), tokens(t=5) % 7
+    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    assert model.loss(logits, targets).dtype == torch.float32  # bf16 logits, fp32 loss
+    torch.testing.assert_close(model.loss(logits, targets, "none"), flat.view(2, 5))
+    torch.testing.assert_close(model.loss(logits, targets, "sum"), flat.sum())
+    torch.testing.assert_close(model.loss(logits, targets), flat.mean())
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_tensor_parallelism_gives_the_model_its_loss_as_a_submodule_and_keeps_the_state_dict_keys(tp_rank):
+    """shard_model swaps `loss` as it swaps the layers; nothing is assigned onto the instance.
+
+    Building the slices issues no collectives, so one process can check the structure; the slow
+    tests in test_tensor_parallel.py check what the sharded model computes.
+    """
+    full = make_model(vocab_size=96)  # TP splits the vocabulary evenly
+    groups = ParallelGroups(tp_size=2, tp_rank=tp_rank, tp_group=None, dp_size=1, dp_rank=0, dp_group=None)
+    sharded = shard_model(make_model(vocab_size=96), groups)
+    assert isinstance(sharded.loss, VocabParallelCrossEntropy) and sharded.loss.vocab_start == tp_rank * 48
+    assert dict(sharded.named_children())["loss"] is sharded.loss
+    assert not {"loss", "cross_entropy"} & set(vars(sharded))  # a module, not an instance attribute
+    assert list(sharded.state_dict()) == list(full.state_dict())  # checkpoints and HF export read these names
+
     logits, loss = make_model()(tokens())
     assert loss is None and logits.shape == (2, 16, SMALL["vocab_size"])
 
@@ -242,7 +279,7 @@ def test_flops_per_token_of_a_softmax_model():
 
 
 @pytest.mark.parametrize("twicing_layers, twiced", [("all", 3), ("last:1", 1), ([0, 2], 2)])
-@pytest.mark.parametrize("attention_impl", ["fused", "reference"])
+@pytest.mark.parametrize("attention_impl", ["fused", "sdpa", "reference"])
 def test_twicing_adds_exactly_one_attention_pass_per_twicing_layer(twicing_layers, twiced, attention_impl):
     """Twicing's second pass attn(Q, K, 2V - U) costs one more QK^T and AV: 3 x 2 T C per layer."""
     t, c = SMALL["block_size"], SMALL["n_embd"]

@@ -5,6 +5,7 @@ before anything imports Triton: Triton reads it as its own library is defined); 
 bf16 and long-sequence cases that only a GPU makes affordable.
 """
 
+import dataclasses
 import importlib
 
 import pytest
@@ -187,7 +188,8 @@ def test_a_twicing_gpt_trains_the_same_on_the_kernel_as_on_two_sdpa_passes(kerne
     idx = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def loss_and_grads(attend):
-        monkeypatch.setitem(attention.ATTENTION, "twicing", attend)
+        variant = dataclasses.replace(attention.ATTENTION["twicing"], attend=attend)
+        monkeypatch.setitem(attention.ATTENTION, "twicing", variant)
         torch.manual_seed(0)
         model = GPT(config).to(DEVICE)
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -213,12 +215,13 @@ def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypat
 
 
 def test_the_training_log_says_where_twicing_runs(kernel):
-    from lm.attention import twicing_runs_on
+    from lm.attention import ATTENTION
 
-    gpu = torch.device("cuda")
-    assert twicing_runs_on(torch.device("cpu"), 64) == "two SDPA passes"
-    assert twicing_runs_on(gpu, 64, "sdpa") == "two SDPA passes" and twicing_runs_on(gpu, 24) == "two SDPA passes"
-    assert twicing_runs_on(gpu, 64) == ("the Triton kernel" if GPU else "two SDPA passes")  # Triton stays unimported on CPUs
+    gpu, twicing, twicing_sdpa = torch.device("cuda"), ATTENTION["twicing"], ATTENTION["twicing_sdpa"]
+    assert twicing.runs_on(torch.device("cpu"), 64) == "two SDPA passes"
+    assert twicing_sdpa.runs_on(gpu, 64) == "two SDPA passes" and twicing.runs_on(gpu, 24) == "two SDPA passes"
+    # Triton stays unimported on CPUs
+    assert twicing.runs_on(gpu, 64) == ("the Triton kernel" if GPU else "two SDPA passes")
 
 
 def test_the_automatic_choice_compiles_without_graph_breaks(kernel):
@@ -229,12 +232,12 @@ def test_the_automatic_choice_compiles_without_graph_breaks(kernel):
 
 
 def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
-    from lm.attention import LayerCache, attend_cached
+    from lm.attention import ATTENTION, LayerCache
 
     calls = []
     monkeypatch.setattr(kernel, "twicing_attention_and_u", lambda *a: calls.append(1) or (twicing_attention_sdpa(*a), a[2]))
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 16, 16))
-    attend_cached("twicing_sdpa", q, k, v, LayerCache())
+    ATTENTION["twicing_sdpa"].attend_cached(q, k, v, LayerCache())
     assert calls == []  # the escape hatch from the kernel holds in generation too
-    attend_cached("twicing", q, k, v, LayerCache())
+    ATTENTION["twicing"].attend_cached(q, k, v, LayerCache())
     assert calls == ([1] if GPU else [])

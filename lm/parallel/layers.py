@@ -10,7 +10,8 @@ all-reduce per block forward and one per block backward.
 
 The vocabulary is split too: each rank embeds the ids in its range of the vocabulary and the
 partial embeddings are summed; the tied output projection gives each rank the logits of its
-range, and the cross-entropy is computed from those slices without ever gathering full logits.
+range, and the cross-entropy (a module, replacing the model's `loss`) is computed from those slices
+without ever gathering full logits.
 """
 
 import torch
@@ -158,8 +159,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad_logits * grad.unsqueeze(-1)).to(ctx.input_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
-                                 vocab_start: int, group) -> torch.Tensor:
-    """Cross-entropy of vocabulary-sliced logits (B, T, V/tp) against full-vocabulary targets."""
-    loss = _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+class VocabParallelCrossEntropy(nn.Module):
+    """Cross-entropy of vocabulary-sliced logits (B, T, V/tp) against full-vocabulary targets.
+
+    Parameter-free like the model's own `CrossEntropy`, which it replaces: same call, same reductions.
+    """
+
+    def __init__(self, vocab_start: int, group):
+        super().__init__()
+        self.vocab_start = vocab_start
+        self.group = group
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss = _VocabParallelCrossEntropy.apply(logits, targets, self.vocab_start, self.group)
+        return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss

@@ -18,8 +18,6 @@ which must stay identical across a TP group: lm.train seeds dropout per data-par
 same on every rank of a TP group. No activation that is partitioned across TP ranks is dropped.
 """
 
-import functools
-
 import torch
 
 from lm.config import ModelConfig, check_tensor_parallel
@@ -28,9 +26,9 @@ from lm.parallel.groups import ParallelGroups
 from lm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelCrossEntropy,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -56,7 +54,7 @@ def _indices(config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]
 def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, torch.Tensor]]:
     """For every parameter TP rank `rank` holds a slice of: (dimension, indices into the full one).
 
-    The one description of the split, used to shard a model, and to merge or re-split its weights.
+    The one description of the split, used to shard a model and to merge its weights.
     Parameters not listed are replicated.
     """
     check_tensor_parallel(config, tp)
@@ -72,13 +70,6 @@ def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, t
             layout[block + "attn.c_attn.bias"] = (0, idx["qkv_rows"])
             layout[block + "mlp.c_fc.bias"] = (0, idx["hidden"])
     return layout
-
-
-def split_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """TP rank `rank`'s state dict from the full one."""
-    layout = tp_layout(config, tp, rank)
-    return {name: (value.index_select(layout[name][0], layout[name][1]) if name in layout else value)
-            for name, value in full.items()}
 
 
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -118,5 +109,5 @@ def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
     vocab_start = int(idx["vocab"][0])
     model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, vocab_start, len(idx["vocab"]), group)
     model.lm_head = VocabParallelLMHead(model.transformer.wte)
-    model.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=vocab_start, group=group)
+    model.loss = VocabParallelCrossEntropy(vocab_start, group)
     return model
