@@ -47,6 +47,7 @@ def timed(fn, q, k, v, backward: bool, repeats: int) -> float:
         out = fn(q, k, v)
         if backward:
             out.backward(torch.ones_like(out))
+
     once()  # warm-up (and Triton's compilation)
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
     sync()
@@ -77,16 +78,23 @@ def main() -> None:
             continue
         error = worst_error(fn, device, dtype)
         failed |= error >= tolerance
-        print(f"correctness of {name} on {where}, {args.dtype}: worst relative error of output and gradients vs "
-              f"float64 (2A-A^2)V = {error:.2e} ({'ok' if error < tolerance else 'FAILED'}, tolerance {tolerance:g})")
+        print(
+            f"correctness of {name} on {where}, {args.dtype}: worst relative error of output and gradients vs "
+            f"float64 (2A-A^2)V = {error:.2e} ({'ok' if error < tolerance else 'FAILED'}, tolerance {tolerance:g})"
+        )
     if failed:
         raise SystemExit(1)
-    print(f"{'variant':<22} {'T':>6} {'fwd ms':>9} {'x softmax':>10} {'fwd+bwd ms':>11} {'x softmax':>10} {'peak MiB':>9} {'x softmax':>10}")
+    print(
+        f"{'variant':<22} {'T':>6} {'fwd ms':>9} {'x softmax':>10} {'fwd+bwd ms':>11} {'x softmax':>10} "
+        f"{'peak MiB':>9} {'x softmax':>10}"
+    )
     for t in args.lengths:
         base = None
         for name, fn in chosen.items():
-            q, k, v = (torch.randn(args.batch, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(args.batch, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+                for _ in range(3)
+            )
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -98,8 +106,10 @@ def main() -> None:
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
             base = base or (fwd, both, peak)
-            print(f"{name:<22} {t:>6} {fwd:>9.3f} {fwd / base[0]:>9.2f}x {both:>11.3f} {both / base[1]:>9.2f}x "
-                  f"{peak:>9.0f} {peak / base[2]:>9.2f}x")
+            print(
+                f"{name:<22} {t:>6} {fwd:>9.3f} {fwd / base[0]:>9.2f}x {both:>11.3f} {both / base[1]:>9.2f}x "
+                f"{peak:>9.0f} {peak / base[2]:>9.2f}x"
+            )
 
 
 if __name__ == "__main__":

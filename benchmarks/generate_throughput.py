@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from lm.inference import load_model
 from lm.config import RunConfig
 from lm.generate import generate_batch
+from lm.inference import load_model
 from lm.model import GPT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +35,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(RunConfig.from_dict({"model": raw["model"]}).model).eval()
     config = model.config
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, layers {config.layer_attention()}, "
-          f"{torch.get_num_threads()} threads, prompt {args.prompt}, {args.new} new tokens")
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, layers {config.layer_attention()}, "
+        f"{torch.get_num_threads()} threads, prompt {args.prompt}, {args.new} new tokens"
+    )
     print(f"{'batch':>5} {'cache':>6} {'tokens/s':>9} {'speed-up':>9}")
     for batch in (1, 8):
         prompts = [[(7 * i + j) % config.vocab_size for j in range(args.prompt)] for i in range(batch)]
@@ -47,7 +49,10 @@ def main() -> None:
             generate_batch(model, prompts, args.new, temperature=0, use_cache=use_cache)
             rates[use_cache] = batch * args.new / (time.perf_counter() - start)
         for use_cache in (False, True):
-            print(f"{batch:>5} {'yes' if use_cache else 'no':>6} {rates[use_cache]:>9.0f} {rates[use_cache] / rates[False]:>8.2f}x")
+            print(
+                f"{batch:>5} {'yes' if use_cache else 'no':>6} {rates[use_cache]:>9.0f} "
+                f"{rates[use_cache] / rates[False]:>8.2f}x"
+            )
 
 
 if __name__ == "__main__":

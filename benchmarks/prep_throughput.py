@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep import pipeline, sources  # noqa: E402
 from data_prep.corpus import embedded_corpus  # noqa: E402
-from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from data_prep.shards import ShardSet  # noqa: E402
+from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 
 def make_docs(megabytes: float) -> list[str]:
     """Documents of a few paragraphs each, repeated until the corpus holds ~megabytes."""
     paragraphs = [p for d in embedded_corpus() for p in d.split("\n\n") if p.strip()]
-    base = ["\n\n".join(paragraphs[i:i + 4]) for i in range(0, len(paragraphs), 4)]
+    base = ["\n\n".join(paragraphs[i : i + 4]) for i in range(0, len(paragraphs), 4)]
     docs: list[str] = []
     size, target = 0, megabytes * 1e6
     while size < target:
@@ -50,8 +50,7 @@ def bare_rate(tok: Tokenizer, docs: list[str]) -> tuple[float, int]:
 
 
 def pipeline_rate(model: Path, docs: list[str], workers: int, tmp: Path) -> tuple[float, int]:
-    opts = pipeline.PrepOptions(tokenizer=str(model), workers=workers, docs_per_unit=256,
-                                tokens_per_shard=1 << 22)
+    opts = pipeline.PrepOptions(tokenizer=str(model), workers=workers, docs_per_unit=256, tokens_per_shard=1 << 22)
     out = tmp / f"w{workers}"
     start = time.perf_counter()
     pipeline.run(sources.list_corpus(docs, []), out, opts)
@@ -81,13 +80,15 @@ def main() -> None:
                 rate, n = pipeline_rate(model, docs, w, tmp / f"r{r}")
                 assert n == n_bare, (n, n_bare)
                 best[w] = max(best[w], rate)
-        print(f"corpus: {len(docs):,} documents, {mb:.1f} MB, {n_bare:,} tokens; "
-              f"{os.cpu_count()} CPU cores; vocab {tok.vocab_size}; best of {args.repeats}")
+        print(
+            f"corpus: {len(docs):,} documents, {mb:.1f} MB, {n_bare:,} tokens; "
+            f"{os.cpu_count()} CPU cores; vocab {tok.vocab_size}; best of {args.repeats}"
+        )
         print(f"{'run':<24}{'tokens/s':>12}{'x bare':>9}{'goal':>7}")
         print(f"{'bare sp.encode loop':<24}{best['bare']:>12,.0f}{1.0:>9.2f}{'':>7}")
         for w in args.workers:
-            print(f"{f'pipeline, {w} worker(s)':<24}{best[w]:>12,.0f}"
-                  f"{best[w] / best['bare']:>9.2f}{0.8 * w:>7.1f}")
+            print(f"{f'pipeline, {w} worker(s)':<24}{best[w]:>12,.0f}{best[w] / best['bare']:>9.2f}{0.8 * w:>7.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,9 @@ def steady_rate(rates: list[float]) -> float:
 def deepspeed_row(config: dict, work: Path, name: str, nproc: int, stage: int) -> tuple[float, float]:
     """(tokens/s, peak MiB) of lm.train under DeepSpeed, read back from its metrics.jsonl."""
     config = json.loads(json.dumps(config))
-    config["train"].update(zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False, log_interval=10**6)
+    config["train"].update(
+        zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False, log_interval=10**6
+    )
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     if nproc == 1:
@@ -71,8 +73,11 @@ def plain_row(run_config: RunConfig, device: str, compile: bool) -> tuple[float,
         torch.cuda.reset_peak_memory_stats()
     plain = train_plain(run_config, device=device, compile=compile)
     tokens_per_step = run_config.train.batch_size * run_config.model.block_size
-    memory = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # RSS: the process's peak so far
+    memory = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # RSS: the process's peak so far
     rate = steady_rate([tokens_per_step / s for s in plain.pop("step_seconds")])
     del plain  # the model: free the GPU for the DeepSpeed processes
     if device == "cuda":
@@ -93,14 +98,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--shards", default=None,
-                   help="token shards; made there from the demo corpus (2048-piece tokenizer) when missing (default: a temporary copy)")
-    p.add_argument("--twicing", nargs="+", default=None, metavar="LAYERS",
-                   help="model.twicing_layers settings to compare: none, all, last:K (default: the config's)")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="token shards; made there from the demo corpus (2048-piece tokenizer) when missing "
+        "(default: a temporary copy)",
+    )
+    p.add_argument(
+        "--twicing",
+        nargs="+",
+        default=None,
+        metavar="LAYERS",
+        help="model.twicing_layers settings to compare: none, all, last:K (default: the config's)",
+    )
     p.add_argument("--stages", nargs="*", type=int, default=[0, 2], help="ZeRO stages of the one-process rows")
     p.add_argument("--two-process-stages", nargs="*", type=int, default=[2], help="ZeRO stages of the two-process rows")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the plain loop and set train.compile (auto: on the GPU only)")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the plain loop and set train.compile (auto: on the GPU only)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     return p.parse_args()
@@ -139,8 +157,17 @@ def main() -> None:
             for nproc, stage in stage_runs:
                 name = f"ds-{nproc}p-z{stage}"
                 rate, mib = deepspeed_row(config, work, f"{name}-{len(rows)}", nproc, stage)
-                rows.append((layers, name, f"DeepSpeed ZeRO-{stage}, {nproc} process" + "es" * (nproc > 1),
-                             rate, rate / base, mib, flops))
+                rows.append(
+                    (
+                        layers,
+                        name,
+                        f"DeepSpeed ZeRO-{stage}, {nproc} process" + "es" * (nproc > 1),
+                        rate,
+                        rate / base,
+                        mib,
+                        flops,
+                    )
+                )
                 write_table(args, run_config, rows, device, compile)  # rows so far survive a timeout
     print("\n" + write_table(args, run_config, rows, device, compile))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,8 +35,9 @@ def _decode(path: Path, data: bytes, offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (bad byte 0x{data[e.start]:02x} at byte "
-                        f"offset {offset + e.start})") from None
+        raise UserError(
+            f"{path} is not valid UTF-8 (bad byte 0x{data[e.start]:02x} at byte offset {offset + e.start})"
+        ) from None
 
 
 def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
@@ -114,8 +115,7 @@ def held_out_indices(n: int, val_fraction: float, seed: int = 0) -> set[int]:
     return set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
 
 
-def split_train_val(docs: Sequence[str], val_fraction: float,
-                    seed: int = 0) -> tuple[list[str], list[str]]:
+def split_train_val(docs: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministically hold out about val_fraction of the documents for validation.
 
     With two or more documents, each side gets at least one; a single document all goes

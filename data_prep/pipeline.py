@@ -24,12 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep import units
+from core.errors import UserError
+from data_prep import shards, units
 from data_prep.ranks import Ranks
 from data_prep.sources import Corpus
 from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from data_prep import shards
-from core.errors import UserError
 
 TOKENIZER_NAME = "tokenizer.model"
 WORK_DIR = ".prep"  # parts and settings of an unfinished prep; removed once it is done
@@ -56,8 +55,16 @@ class PrepOptions:
 
 def _settings(corpus: Corpus, opts: PrepOptions) -> dict:
     """What the parts depend on: a resume continues only a run with the same settings."""
-    keep = ("vocab_size", "model_type", "character_coverage", "max_sentences", "seed",
-            "tokenizer", "docs_per_unit", "unit_chars")
+    keep = (
+        "vocab_size",
+        "model_type",
+        "character_coverage",
+        "max_sentences",
+        "seed",
+        "tokenizer",
+        "docs_per_unit",
+        "unit_chars",
+    )
     return {"corpus": corpus.description, **{k: v for k, v in asdict(opts).items() if k in keep}}
 
 
@@ -82,9 +89,11 @@ def _claim_out_dir(out: Path, opts: PrepOptions, settings: dict) -> str:
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{state} is unreadable; pass --overwrite to start over") from None
             if old != settings:
-                raise UserError(f"cannot resume in {out}: it was started with other settings "
-                                f"({_first_difference(old, settings)}); pass --overwrite "
-                                "to start over")
+                raise UserError(
+                    f"cannot resume in {out}: it was started with other settings "
+                    f"({_first_difference(old, settings)}); pass --overwrite "
+                    "to start over"
+                )
             return "resume"
         if manifest.is_file():
             try:
@@ -93,16 +102,14 @@ def _claim_out_dir(out: Path, opts: PrepOptions, settings: dict) -> str:
                 done = None
             if done == settings:
                 return "done"
-            raise UserError(f"{out} already holds finished token shards made with other "
-                            "settings; pass --overwrite to replace them")
-        raise UserError(f"{out} is not empty and holds no unfinished prep to resume; "
-                        "choose an empty directory")
+            raise UserError(
+                f"{out} already holds finished token shards made with other settings; pass --overwrite to replace them"
+            )
+        raise UserError(f"{out} is not empty and holds no unfinished prep to resume; choose an empty directory")
     if manifest.is_file():
-        raise UserError(f"{out} already holds token shards; pass --overwrite "
-                        "(overwrite=True) to replace them")
+        raise UserError(f"{out} already holds token shards; pass --overwrite (overwrite=True) to replace them")
     if state.is_file():
-        raise UserError(f"{out} holds an unfinished prep; pass --resume to continue it or "
-                        "--overwrite to start over")
+        raise UserError(f"{out} holds an unfinished prep; pass --resume to continue it or --overwrite to start over")
     raise UserError(f"{out} is not empty; choose an empty directory or pass --overwrite")
 
 
@@ -150,8 +157,11 @@ def _start(corpus: Corpus, out: Path, opts: PrepOptions, settings: dict, mode: s
     if mode == "resume":
         state = json.loads(state_path.read_text())
     else:  # an earlier prep stays whole until this one's shards are ready to replace it
-        state = {"settings": settings, "tokenizer_sha256": None,
-                 "old_files": sorted(_old_shard_files(out)) if opts.overwrite else []}
+        state = {
+            "settings": settings,
+            "tokenizer_sha256": None,
+            "old_files": sorted(_old_shard_files(out)) if opts.overwrite else [],
+        }
     # The new tokenizer waits in the work dir too; it replaces the old one at assembly.
     model = work / TOKENIZER_NAME
     if not (model.is_file() and state.get("tokenizer_sha256") == shards.sha256_file(model)):
@@ -162,10 +172,15 @@ def _start(corpus: Corpus, out: Path, opts: PrepOptions, settings: dict, mode: s
             shutil.copyfile(Tokenizer(opts.tokenizer).path, tmp)
             os.replace(tmp, model)
         else:
-            train_sentencepiece(corpus.documents("train"), work / model.stem, opts.vocab_size,
-                                model_type=opts.model_type,
-                                character_coverage=opts.character_coverage,
-                                max_sentences=opts.max_sentences, seed=opts.seed)
+            train_sentencepiece(
+                corpus.documents("train"),
+                work / model.stem,
+                opts.vocab_size,
+                model_type=opts.model_type,
+                character_coverage=opts.character_coverage,
+                max_sentences=opts.max_sentences,
+                seed=opts.seed,
+            )
     state["tokenizer_sha256"] = sha = shards.sha256_file(model)
     _write_json(state_path, state)
     corpus.prepare()  # e.g. download a hub dataset once, before the other ranks read it
@@ -178,17 +193,22 @@ def _pool(workers: int, model: Path, under_mpi: bool) -> ProcessPoolExecutor | N
         return None
     # fork is quickest; after MPI is initialised a clean forkserver child is safer.
     ctx = get_context("forkserver" if under_mpi else "fork")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=units.init_worker,
-                               initargs=(str(model),))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=units.init_worker, initargs=(str(model),))
 
 
-def _tokenize_split(corpus: Corpus, split: str, parts: Path, opts: PrepOptions,
-                    ranks: Ranks, pool: ProcessPoolExecutor | None, dtype: str,
-                    tok_sha: str) -> int:
+def _tokenize_split(
+    corpus: Corpus,
+    split: str,
+    parts: Path,
+    opts: PrepOptions,
+    ranks: Ranks,
+    pool: ProcessPoolExecutor | None,
+    dtype: str,
+    tok_sha: str,
+) -> int:
     """Tokenise this rank's unfinished units of a split; returns the split's unit count."""
     pending: deque[Future] = deque()
-    bar = tqdm(desc=f"tokenising {split}", unit="doc", unit_scale=True,
-               disable=None if ranks.rank == 0 else True)
+    bar = tqdm(desc=f"tokenising {split}", unit="doc", unit_scale=True, disable=None if ranks.rank == 0 else True)
     skipped, n_units = 0, 0
 
     def settle(block_until: int) -> None:
@@ -199,8 +219,7 @@ def _tokenize_split(corpus: Corpus, split: str, parts: Path, opts: PrepOptions,
                 bar.update(f.result()[2])  # re-raises a worker's exception here
 
     try:
-        for u, docs in units.iter_units(corpus.documents(split), opts.docs_per_unit,
-                                        opts.unit_chars):
+        for u, docs in units.iter_units(corpus.documents(split), opts.docs_per_unit, opts.unit_chars):
             n_units = u + 1
             if u % ranks.size != ranks.rank:
                 continue
@@ -224,8 +243,7 @@ def _tokenize_split(corpus: Corpus, split: str, parts: Path, opts: PrepOptions,
     return n_units
 
 
-def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: dict,
-              old_files: list[str]) -> None:
+def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: dict, old_files: list[str]) -> None:
     """Rank 0: concatenate every split's parts in unit order into shards; manifest last."""
     parts = out / WORK_DIR / "parts"
     # From here an earlier manifest no longer describes the directory.
@@ -237,21 +255,26 @@ def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: di
     entries: dict[str, list[dict]] = {}
     for split, n_units in splits.items():
         with shards.ShardWriter(out, split, dtype, opts.tokens_per_shard, tok.eod_id) as w:
-            for u in tqdm(range(n_units), desc=f"writing {split} shards", unit="unit",
-                          disable=None):
+            for u in tqdm(range(n_units), desc=f"writing {split} shards", unit="unit", disable=None):
                 w.add_encoded(*units.read_part(parts, split, u, dtype))
         entries[split] = w.close()
     prep_record = {"settings": settings, "tokens_per_shard": opts.tokens_per_shard}
-    shards.write_manifest(out, vocab_size=tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id,
-                          tokenizer_path=tok.path, splits=entries, extra={"prep": prep_record})
+    shards.write_manifest(
+        out,
+        vocab_size=tok.vocab_size,
+        eod_id=tok.eod_id,
+        pad_id=tok.pad_id,
+        tokenizer_path=tok.path,
+        splits=entries,
+        extra={"prep": prep_record},
+    )
     new_files = {e[key] for es in entries.values() for e in es for key in ("file", "index")}
     for name in set(old_files) - new_files:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
 
-def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions,
-        ranks: Ranks | None = None) -> Path:
+def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions, ranks: Ranks | None = None) -> Path:
     """Prepare token shards of every split of `corpus` in out_dir; returns out_dir."""
     ranks = ranks or Ranks()
     out = Path(out_dir).resolve()
@@ -271,15 +294,18 @@ def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions,
     def tokenize() -> dict[str, int]:
         tok = Tokenizer(out / WORK_DIR / TOKENIZER_NAME)
         if tok.sha256 != plan["tokenizer_sha256"]:
-            raise UserError(f"rank {ranks.rank} sees a different {tok.path}: "
-                            "with several nodes, --out must be on a shared filesystem")
+            raise UserError(
+                f"rank {ranks.rank} sees a different {tok.path}: "
+                "with several nodes, --out must be on a shared filesystem"
+            )
         dtype = shards.dtype_for_vocab(tok.vocab_size).str
         pool = _pool(opts.workers, tok.path, ranks.size > 1)
         try:
             resumed = PrepOptions(**{**asdict(opts), "resume": plan["mode"] == "resume"})
-            return {split: _tokenize_split(corpus, split, out / WORK_DIR / "parts", resumed,
-                                           ranks, pool, dtype, tok.sha256)
-                    for split in corpus.splits}
+            return {
+                split: _tokenize_split(corpus, split, out / WORK_DIR / "parts", resumed, ranks, pool, dtype, tok.sha256)
+                for split in corpus.splits
+            }
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)

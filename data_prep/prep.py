@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from data_prep import pipeline, ranks as ranks_mod, sources, wikitext
-from data_prep.pipeline import PrepOptions
-from data_prep import shards
 from core.errors import UserError, run_command
+from data_prep import pipeline, shards, sources, wikitext
+from data_prep import ranks as ranks_mod
+from data_prep.pipeline import PrepOptions
 
 TOKENIZER_NAME = pipeline.TOKENIZER_NAME
 
@@ -53,22 +52,40 @@ resuming: an interrupted run leaves DIR/.prep; rerun the same command with --res
 """
 
 
-def prepare_shards(train_docs: Sequence[str], val_docs: Sequence[str],
-                   out_dir: str | os.PathLike, *, vocab_size: int, workers: int = 1,
-                   tokens_per_shard: int = 50_000_000, model_type: str = "bpe",
-                   overwrite: bool = False, seed: int = 0, max_sentences: int | None = None,
-                   resume: bool = False, docs_per_unit: int = 1024,
-                   character_coverage: float = 0.9995) -> Path:
+def prepare_shards(
+    train_docs: Sequence[str],
+    val_docs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    workers: int = 1,
+    tokens_per_shard: int = 50_000_000,
+    model_type: str = "bpe",
+    overwrite: bool = False,
+    seed: int = 0,
+    max_sentences: int | None = None,
+    resume: bool = False,
+    docs_per_unit: int = 1024,
+    character_coverage: float = 0.9995,
+) -> Path:
     """Train `out_dir/tokenizer.model` on train_docs, then tokenise both splits into shards.
 
     Returns out_dir. The manifest is written last, so an interrupted run leaves no manifest.
     """
     if not train_docs:
         raise UserError("no training documents to prepare")
-    opts = PrepOptions(vocab_size=vocab_size, workers=workers, tokens_per_shard=tokens_per_shard,
-                       model_type=model_type, overwrite=overwrite, seed=seed,
-                       max_sentences=max_sentences, resume=resume, docs_per_unit=docs_per_unit,
-                       character_coverage=character_coverage)
+    opts = PrepOptions(
+        vocab_size=vocab_size,
+        workers=workers,
+        tokens_per_shard=tokens_per_shard,
+        model_type=model_type,
+        overwrite=overwrite,
+        seed=seed,
+        max_sentences=max_sentences,
+        resume=resume,
+        docs_per_unit=docs_per_unit,
+        character_coverage=character_coverage,
+    )
     return pipeline.run(sources.list_corpus(train_docs, val_docs), out_dir, opts)
 
 
@@ -101,83 +118,137 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="lm prep", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="lm prep",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a sentencepiece tokenizer and write token shards (manifest.json,\n"
-                    "tokenizer.model, {split}-NNNNN.bin/.idx) to --out.")
+        "tokenizer.model, {split}-NNNNN.bin/.idx) to --out.",
+    )
     src = p.add_argument_group("source (one of)")
-    src.add_argument("--input", nargs="+", metavar="FILE",
-                     help="text/jsonl/parquet/arrow files or globs")
+    src.add_argument("--input", nargs="+", metavar="FILE", help="text/jsonl/parquet/arrow files or globs")
     src.add_argument("--dataset", metavar="NAME", help="WikiText: " + ", ".join(wikitext.CONFIGS))
     src.add_argument("--wikitext-dir", metavar="DIR", help="local WikiText copy (offline)")
     src.add_argument("--hf-dataset", metavar="NAME", help="any Hugging Face dataset name")
     src.add_argument("--hf-config", metavar="C", help="its config (subset) name")
-    src.add_argument("--hf-split", default="train", metavar="S",
-                     help="its split to train on (default: %(default)s)")
-    src.add_argument("--hf-val-split", metavar="S", help="its split to use as val "
-                     "(default: carve --val-fraction out of --hf-split)")
-    src.add_argument("--hf-streaming", action="store_true",
-                     help="stream hub data instead of downloading it to the datasets cache")
-    src.add_argument("--text-field", "--jsonl-field", default="text", metavar="F",
-                     help="field holding the text in jsonl/parquet/arrow/hub rows "
-                          "(default: %(default)s)")
-    src.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
-                     help="fraction of documents held out as val, for sources without a val "
-                          "split (default: %(default)s)")
+    src.add_argument("--hf-split", default="train", metavar="S", help="its split to train on (default: %(default)s)")
+    src.add_argument(
+        "--hf-val-split", metavar="S", help="its split to use as val (default: carve --val-fraction out of --hf-split)"
+    )
+    src.add_argument(
+        "--hf-streaming", action="store_true", help="stream hub data instead of downloading it to the datasets cache"
+    )
+    src.add_argument(
+        "--text-field",
+        "--jsonl-field",
+        default="text",
+        metavar="F",
+        help="field holding the text in jsonl/parquet/arrow/hub rows (default: %(default)s)",
+    )
+    src.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="fraction of documents held out as val, for sources without a val split (default: %(default)s)",
+    )
     tok = p.add_argument_group("tokenizer (sentencepiece, byte fallback: no input is unknown)")
-    tok.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
-                     help="vocabulary size (default: %(default)s)")
-    tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
-                     help="sentencepiece model type (default: %(default)s)")
-    tok.add_argument("--character-coverage", type=_fraction, default=0.9995, metavar="F",
-                     help="share of characters given their own pieces; the rest are spelled "
-                          "as bytes (default: %(default)s)")
-    tok.add_argument("--max-sentences", type=_positive_int, default=1_000_000, metavar="N",
-                     help="train on a seeded random sample of N lines (default: %(default)s)")
-    tok.add_argument("--tokenizer", metavar="MODEL",
-                     help="use this sentencepiece model instead of training one")
-    tok.add_argument("--seed", type=int, default=0, metavar="S",
-                     help="seed of the val split and the tokenizer sample (default: %(default)s)")
+    tok.add_argument(
+        "--vocab-size", type=_positive_int, default=8000, metavar="N", help="vocabulary size (default: %(default)s)"
+    )
+    tok.add_argument(
+        "--model-type",
+        choices=("bpe", "unigram"),
+        default="bpe",
+        help="sentencepiece model type (default: %(default)s)",
+    )
+    tok.add_argument(
+        "--character-coverage",
+        type=_fraction,
+        default=0.9995,
+        metavar="F",
+        help="share of characters given their own pieces; the rest are spelled as bytes (default: %(default)s)",
+    )
+    tok.add_argument(
+        "--max-sentences",
+        type=_positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="train on a seeded random sample of N lines (default: %(default)s)",
+    )
+    tok.add_argument("--tokenizer", metavar="MODEL", help="use this sentencepiece model instead of training one")
+    tok.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the val split and the tokenizer sample (default: %(default)s)",
+    )
     run = p.add_argument_group("sharding and parallelism")
     run.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
-    run.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                     help="tokenising processes per rank (default: %(default)s)")
-    run.add_argument("--tokens-per-shard", type=_positive_int, default=50_000_000, metavar="N",
-                     help="start a new shard file after this many tokens (default: %(default)s)")
-    run.add_argument("--docs-per-unit", type=_positive_int, default=1024, metavar="N",
-                     help="documents per work unit (default: %(default)s)")
-    run.add_argument("--unit-chars", type=_positive_int, default=1 << 22, metavar="N",
-                     help="close a work unit early at this many characters (default: %(default)s)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue an interrupted prep in --out, skipping finished units")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier prep in --out")
-    run.add_argument("--mpi", action="store_true",
-                     help="use mpi4py ranks even if no MPI launcher is detected")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="tokenising processes per rank (default: %(default)s)",
+    )
+    run.add_argument(
+        "--tokens-per-shard",
+        type=_positive_int,
+        default=50_000_000,
+        metavar="N",
+        help="start a new shard file after this many tokens (default: %(default)s)",
+    )
+    run.add_argument(
+        "--docs-per-unit",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="documents per work unit (default: %(default)s)",
+    )
+    run.add_argument(
+        "--unit-chars",
+        type=_positive_int,
+        default=1 << 22,
+        metavar="N",
+        help="close a work unit early at this many characters (default: %(default)s)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue an interrupted prep in --out, skipping finished units"
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier prep in --out")
+    run.add_argument("--mpi", action="store_true", help="use mpi4py ranks even if no MPI launcher is detected")
     return p
 
 
 def corpus_from_args(args: argparse.Namespace) -> sources.Corpus:
     """The one source the arguments name; a bad combination is a UserError."""
-    named = (("--input", args.input), ("--wikitext-dir", args.wikitext_dir),
-             ("--hf-dataset", args.hf_dataset))
+    named = (("--input", args.input), ("--wikitext-dir", args.wikitext_dir), ("--hf-dataset", args.hf_dataset))
     chosen = [flag for flag, value in named if value]
     if args.dataset and not args.wikitext_dir:
         chosen.append("--dataset")
     if len(chosen) != 1:
-        raise UserError("give exactly one source: --input, --dataset, --wikitext-dir or "
-                        f"--hf-dataset (got {', '.join(chosen) or 'none'})")
+        raise UserError(
+            "give exactly one source: --input, --dataset, --wikitext-dir or "
+            f"--hf-dataset (got {', '.join(chosen) or 'none'})"
+        )
     if args.wikitext_dir:
         return wikitext.dir_corpus(args.wikitext_dir, args.dataset)
     if args.dataset:
         return wikitext.hub_corpus(args.dataset, streaming=args.hf_streaming)
     if not 0 < args.val_fraction < 1:
-        raise UserError("--val-fraction must be between 0 and 1 (exclusive), "
-                        f"got {args.val_fraction}")
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     if args.hf_dataset:
-        return sources.hf_corpus(args.hf_dataset, args.text_field, config=args.hf_config,
-                                 split=args.hf_split, val_split=args.hf_val_split,
-                                 val_fraction=args.val_fraction, seed=args.seed,
-                                 streaming=args.hf_streaming)
+        return sources.hf_corpus(
+            args.hf_dataset,
+            args.text_field,
+            config=args.hf_config,
+            split=args.hf_split,
+            val_split=args.hf_val_split,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            streaming=args.hf_streaming,
+        )
     return sources.files_corpus(args.input, args.text_field, args.val_fraction, args.seed)
 
 
@@ -186,13 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         raise UserError(f"--seed must be non-negative, got {args.seed}")
     ranks = ranks_mod.current(args.mpi)
-    opts = PrepOptions(vocab_size=args.vocab_size, model_type=args.model_type,
-                       character_coverage=args.character_coverage,
-                       max_sentences=args.max_sentences, seed=args.seed,
-                       tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
-                       tokens_per_shard=args.tokens_per_shard, docs_per_unit=args.docs_per_unit,
-                       unit_chars=args.unit_chars, workers=args.workers, resume=args.resume,
-                       overwrite=args.overwrite)
+    opts = PrepOptions(
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        max_sentences=args.max_sentences,
+        seed=args.seed,
+        tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+        tokens_per_shard=args.tokens_per_shard,
+        docs_per_unit=args.docs_per_unit,
+        unit_chars=args.unit_chars,
+        workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
 
     def go() -> int:
         corpus = corpus_from_args(args)
@@ -200,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         if ranks.rank == 0:
             result = shards.ShardSet.open(out, verify=False)
             for split in result.splits():
-                print(f"{split}: {result.num_documents(split)} documents, "
-                      f"{result.num_tokens(split):,} tokens "
-                      f"in {len(result.tokens(split))} shard(s)")
-            print(f"wrote {out} (tokenizer {result.tokenizer_path.name}, "
-                  f"vocab {result.vocab_size})")
+                print(
+                    f"{split}: {result.num_documents(split)} documents, "
+                    f"{result.num_tokens(split):,} tokens "
+                    f"in {len(result.tokens(split))} shard(s)"
+                )
+            print(f"wrote {out} (tokenizer {result.tokenizer_path.name}, vocab {result.vocab_size})")
         return 0
 
     return ranks_mod.run_guarded(ranks, go)

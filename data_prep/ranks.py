@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from core.errors import UserError
 
@@ -93,8 +94,9 @@ def current(force_mpi: bool = False) -> Ranks:
     try:
         from mpi4py import MPI
     except ImportError:
-        raise UserError("started by an MPI launcher (or --mpi) but mpi4py is not installed: "
-                        "pip install mpi4py") from None
+        raise UserError(
+            "started by an MPI launcher (or --mpi) but mpi4py is not installed: pip install mpi4py"
+        ) from None
     return MPIRanks(MPI.COMM_WORLD)
 
 

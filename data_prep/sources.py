@@ -24,12 +24,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from data_prep.corpus import held_out_indices, iter_articles, iter_file_lines
 from core.errors import UserError
+from data_prep.corpus import held_out_indices, iter_articles, iter_file_lines
 
 DocStream = Callable[[], Iterator[str]]
 HF_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # datasets' packaged file readers
@@ -55,6 +56,7 @@ def _one_line(err: BaseException) -> str:
 
 
 # ---- local files ---------------------------------------------------------------------------
+
 
 def expand_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
     """Paths and globs -> files, in the order given (each glob sorted). Refuses no match."""
@@ -98,12 +100,13 @@ def jsonl_rows(path: Path, field_name: str) -> Iterator[str]:
         if not isinstance(row, dict):
             raise UserError(f"{path} line {number} is not a JSON object")
         if field_name not in row:
-            raise UserError(f"{path} line {number} has no field {field_name!r} "
-                            f"(fields: {', '.join(row) or 'none'}); choose one with --text-field")
+            raise UserError(
+                f"{path} line {number} has no field {field_name!r} "
+                f"(fields: {', '.join(row) or 'none'}); choose one with --text-field"
+            )
         value = row[field_name]
         if not isinstance(value, str):
-            raise UserError(f"{path} line {number}: field {field_name!r} is "
-                            f"{type(value).__name__}, not text")
+            raise UserError(f"{path} line {number}: field {field_name!r} is {type(value).__name__}, not text")
         yield value
 
 
@@ -139,20 +142,29 @@ def text_files(patterns: Sequence[str | os.PathLike], field_name: str = "text") 
 
 # ---- Hugging Face datasets -----------------------------------------------------------------
 
+
 def _datasets():
     try:
         import datasets
     except ImportError:
-        raise UserError("reading Hugging Face datasets (or parquet/arrow files) needs the "
-                        "`datasets` package: pip install datasets") from None
+        raise UserError(
+            "reading Hugging Face datasets (or parquet/arrow files) needs the `datasets` package: pip install datasets"
+        ) from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()  # our own tqdm bar reports progress
     return datasets
 
 
-def hf_rows(path: str, field_name: str, *, config: str | None = None,
-            data_files: Sequence[str] | None = None, split: str = "train",
-            streaming: bool | None = None, what: str | None = None) -> Iterator[str]:
+def hf_rows(
+    path: str,
+    field_name: str,
+    *,
+    config: str | None = None,
+    data_files: Sequence[str] | None = None,
+    split: str = "train",
+    streaming: bool | None = None,
+    what: str | None = None,
+) -> Iterator[str]:
     """The `field_name` column of a dataset, row by row: `load_dataset(path, config, ...)`.
 
     The one reader for hub datasets (`path` = "Salesforce/wikitext") and local dumps
@@ -166,23 +178,23 @@ def hf_rows(path: str, field_name: str, *, config: str | None = None,
         streaming = data_files is not None
     files = {split: list(data_files)} if data_files is not None else None
     try:
-        ds = ds_lib.load_dataset(path, config, data_files=files, split=split,
-                                 streaming=streaming)
+        ds = ds_lib.load_dataset(path, config, data_files=files, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (network, config, split, file errors)
         raise UserError(f"could not load {what}, split {split!r}: {_one_line(e)}") from None
     columns = ds.column_names
     if columns is not None and field_name not in columns:
-        raise UserError(f"{what} has no field {field_name!r} (fields: {', '.join(columns)}); "
-                        "choose one with --text-field")
+        raise UserError(
+            f"{what} has no field {field_name!r} (fields: {', '.join(columns)}); choose one with --text-field"
+        )
     try:
         for batch in ds.iter(batch_size=_HF_BATCH):
             if field_name not in batch:
-                raise UserError(f"{what} has no field {field_name!r} "
-                                f"(fields: {', '.join(batch)}); choose one with --text-field")
+                raise UserError(
+                    f"{what} has no field {field_name!r} (fields: {', '.join(batch)}); choose one with --text-field"
+                )
             for value in batch[field_name]:
                 if not isinstance(value, str):
-                    raise UserError(f"{what}: field {field_name!r} holds "
-                                    f"{type(value).__name__}, not text")
+                    raise UserError(f"{what}: field {field_name!r} holds {type(value).__name__}, not text")
                 yield value
     except (UserError, GeneratorExit):
         raise
@@ -190,20 +202,35 @@ def hf_rows(path: str, field_name: str, *, config: str | None = None,
         raise UserError(f"could not read {what}: {_one_line(e)}") from None
 
 
-def hf_corpus(name: str, field_name: str, *, config: str | None = None, split: str = "train",
-              val_split: str | None = None, val_fraction: float = 0.05, seed: int = 0,
-              streaming: bool = False) -> Corpus:
+def hf_corpus(
+    name: str,
+    field_name: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    val_split: str | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    streaming: bool = False,
+) -> Corpus:
     """Any hub dataset: one document per row of `field_name`.
 
     With `val_split` that split becomes "val"; otherwise val is carved out of `split`.
     """
-    def rows(s: str) -> DocStream:
-        return lambda: (r for r in hf_rows(name, field_name, config=config, split=s,
-                                            streaming=streaming) if r.strip())
 
-    description = {"source": "hf", "name": name, "config": config, "split": split,
-                   "val_split": val_split, "field": field_name, "val_fraction": val_fraction,
-                   "seed": seed}
+    def rows(s: str) -> DocStream:
+        return lambda: (r for r in hf_rows(name, field_name, config=config, split=s, streaming=streaming) if r.strip())
+
+    description = {
+        "source": "hf",
+        "name": name,
+        "config": config,
+        "split": split,
+        "val_split": val_split,
+        "field": field_name,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
 
     def prepare() -> None:  # one rank downloads; the others then find it in the cache
         if not streaming:
@@ -217,11 +244,11 @@ def hf_corpus(name: str, field_name: str, *, config: str | None = None, split: s
 
 # ---- in memory, and carving a val split ----------------------------------------------------
 
+
 def list_corpus(train_docs: Sequence[str], val_docs: Sequence[str]) -> Corpus:
     """Documents already in memory (the Python API and the demo)."""
     splits = {"train": lambda: iter(train_docs), "val": lambda: iter(val_docs)}
-    return Corpus(splits, {"source": "memory", "train_documents": len(train_docs),
-                           "val_documents": len(val_docs)})
+    return Corpus(splits, {"source": "memory", "train_documents": len(train_docs), "val_documents": len(val_docs)})
 
 
 def carve_val(stream: DocStream, val_fraction: float, seed: int) -> tuple[DocStream, DocStream]:
@@ -244,16 +271,23 @@ def carve_val(stream: DocStream, val_fraction: float, seed: int) -> tuple[DocStr
         def docs() -> Iterator[str]:
             h = held_out()
             return (d for i, d in enumerate(stream()) if (i in h) == keep_held)
+
         return docs
 
     return side(False), side(True)
 
 
-def files_corpus(patterns: Sequence[str | os.PathLike], field_name: str = "text",
-                 val_fraction: float = 0.05, seed: int = 0) -> Corpus:
+def files_corpus(
+    patterns: Sequence[str | os.PathLike], field_name: str = "text", val_fraction: float = 0.05, seed: int = 0
+) -> Corpus:
     """`lm prep --input`: local files, with val carved out by `val_fraction`."""
     stream = text_files(patterns, field_name)
     train, val = carve_val(stream, val_fraction, seed)
-    description = {"source": "files", "files": file_fingerprint(stream.paths),  # type: ignore
-                   "field": field_name, "val_fraction": val_fraction, "seed": seed}
+    description = {
+        "source": "files",
+        "files": file_fingerprint(stream.paths),  # type: ignore
+        "field": field_name,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
     return Corpus({"train": train, "val": val}, description)

@@ -13,8 +13,8 @@ import io
 import itertools
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -39,11 +39,18 @@ def _training_lines(docs: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_sentencepiece(docs: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int,
-                        model_type: str = "bpe", character_coverage: float = 0.9995,
-                        byte_fallback: bool = True, max_sentences: int | None = None,
-                        seed: int = 0, normalization_rule_name: str = "identity",
-                        remove_extra_whitespaces: bool = False) -> Path:
+def train_sentencepiece(
+    docs: Iterable[str],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    max_sentences: int | None = None,
+    seed: int = 0,
+    normalization_rule_name: str = "identity",
+    remove_extra_whitespaces: bool = False,
+) -> Path:
     """Train a sentencepiece model on docs; write `{model_prefix}.model`, return its path.
 
     Each non-blank line of each document is one training sentence. With `max_sentences`,
@@ -63,28 +70,37 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str | os.PathLike, vo
     if not 0 < character_coverage <= 1:
         raise UserError(f"character coverage must be in (0, 1], got {character_coverage}")
     if max_sentences is not None and max_sentences <= 100:
-        raise UserError(f"max sentences must be above 100 (sentencepiece's minimum sample), "
-                        f"got {max_sentences}")
+        raise UserError(f"max sentences must be above 100 (sentencepiece's minimum sample), got {max_sentences}")
     lines = _training_lines(docs)
     first = next(lines, None)
     if first is None:
         raise UserError("cannot train a tokenizer on an empty corpus")
     model = io.BytesIO()
     options = dict(
-        sentence_iterator=itertools.chain([first], lines), model_writer=model,
-        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-        byte_fallback=byte_fallback, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_id=PAD_ID, normalization_rule_name=normalization_rule_name,
-        remove_extra_whitespaces=remove_extra_whitespaces, num_threads=1,
-        shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES, minloglevel=2)
+        sentence_iterator=itertools.chain([first], lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        normalization_rule_name=normalization_rule_name,
+        remove_extra_whitespaces=remove_extra_whitespaces,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        minloglevel=2,
+    )
     if max_sentences is not None:
         options.update(input_sentence_size=max_sentences, shuffle_input_sentence=True)
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.Train(**options)
     except (RuntimeError, OSError) as e:
-        raise UserError(f"sentencepiece training failed (vocab size {vocab_size}): "
-                        f"{_one_line(e)}") from None
+        raise UserError(f"sentencepiece training failed (vocab size {vocab_size}): {_one_line(e)}") from None
     path = Path(f"{model_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write under a temporary name next to the target, then rename: no half-written model.
@@ -106,8 +122,7 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:
-            raise UserError(f"{self.path} is not a valid sentencepiece model: "
-                            f"{_one_line(e)}") from None
+            raise UserError(f"{self.path} is not a valid sentencepiece model: {_one_line(e)}") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size: int = self.sp.get_piece_size()
         self.eod_id: int = self.sp.eos_id()

@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -35,8 +35,7 @@ _tokenizer = None  # the worker's sentencepiece model, loaded once per process
 _units_done_here = 0
 
 
-def iter_units(docs: Iterable[str], docs_per_unit: int,
-               unit_chars: int) -> Iterator[tuple[int, list[str]]]:
+def iter_units(docs: Iterable[str], docs_per_unit: int, unit_chars: int) -> Iterator[tuple[int, list[str]]]:
     """(unit number, documents) in corpus order; every unit has at least one document."""
     unit: list[str] = []
     chars, number = 0, 0
@@ -82,8 +81,7 @@ def unit_is_finished(parts_dir: Path, split: str, unit: int, tokenizer_sha256: s
     return hashlib.sha256(part.read_bytes()).hexdigest() == meta.get("sha256")
 
 
-def read_part(parts_dir: Path, split: str, unit: int,
-              dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def read_part(parts_dir: Path, split: str, unit: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, document lengths) of a finished unit, checksum verified."""
     part, meta_path = part_paths(parts_dir, split, unit)
     meta = _meta(parts_dir, split, unit)
@@ -91,8 +89,9 @@ def read_part(parts_dir: Path, split: str, unit: int,
         raise UserError(f"work unit {split} {unit} is missing ({part}); rerun with --resume")
     data = part.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise UserError(f"part file {part} does not match its sha256 in {meta_path.name}; "
-                        "rerun with --resume to redo it")
+        raise UserError(
+            f"part file {part} does not match its sha256 in {meta_path.name}; rerun with --resume to redo it"
+        )
     n = int(np.frombuffer(data, _U64, count=1)[0])
     lengths = np.frombuffer(data, _U64, count=n, offset=_U64.itemsize)
     tokens = np.frombuffer(data, dtype, offset=_U64.itemsize * (n + 1))
@@ -118,8 +117,9 @@ def _maybe_fail(part: Path, data: bytes) -> None:
     raise RuntimeError(f"{FAIL_AFTER_ENV}={limit}: simulated failure")
 
 
-def encode_unit(parts_dir: str, split: str, unit: int, docs: list[str], dtype: str,
-                tokenizer_sha256: str) -> tuple[str, int, int, int]:
+def encode_unit(
+    parts_dir: str, split: str, unit: int, docs: list[str], dtype: str, tokenizer_sha256: str
+) -> tuple[str, int, int, int]:
     """Tokenise one unit and write its part; returns (split, unit, documents, tokens)."""
     global _units_done_here
     tok = _tokenizer
@@ -130,15 +130,25 @@ def encode_unit(parts_dir: str, split: str, unit: int, docs: list[str], dtype: s
     ends = np.cumsum(lengths, dtype=np.int64)
     starts = ends - lengths.astype(np.int64)
     for start, end, x in zip(starts.tolist(), ends.tolist(), ids):
-        tokens[start:end - 1] = x
+        tokens[start : end - 1] = x
     tokens[ends - 1] = tok.eod_id
-    data = (np.array([len(docs)], dtype=_U64).tobytes() + lengths.tobytes() + tokens.tobytes())
+    data = np.array([len(docs)], dtype=_U64).tobytes() + lengths.tobytes() + tokens.tobytes()
     part, meta = part_paths(Path(parts_dir), split, unit)
     _maybe_fail(part, data)
     _atomic_write(part, data)
-    _atomic_write(meta, json.dumps({
-        "split": split, "unit": unit, "documents": len(docs), "tokens": int(tokens.size),
-        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-        "tokenizer_sha256": tokenizer_sha256}).encode())
+    _atomic_write(
+        meta,
+        json.dumps(
+            {
+                "split": split,
+                "unit": unit,
+                "documents": len(docs),
+                "tokens": int(tokens.size),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "tokenizer_sha256": tokenizer_sha256,
+            }
+        ).encode(),
+    )
     _units_done_here += 1
     return split, unit, len(docs), int(tokens.size)

@@ -13,13 +13,12 @@ Parquet and arrow dumps are read by the same `sources.hf_rows` as the hub name.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from data_prep.corpus import iter_articles, iter_file_lines
-from data_prep.sources import (HF_BUILDERS, Corpus, DocStream, file_fingerprint, hf_rows,
-                               jsonl_rows)
 from core.errors import UserError
+from data_prep.corpus import iter_articles, iter_file_lines
+from data_prep.sources import HF_BUILDERS, Corpus, DocStream, file_fingerprint, hf_rows, jsonl_rows
 
 HUB_NAME = "Salesforce/wikitext"
 # Our short names -> the hub's config names; "-raw" keeps the original text, the others
@@ -33,8 +32,7 @@ CONFIGS = {
 # Our split name -> (the hub's split name, the original files' split name).
 SPLITS = {"train": ("train", "train"), "val": ("validation", "valid"), "test": ("test", "test")}
 _DUMP_SUFFIXES = (*HF_BUILDERS, ".jsonl")
-_SPLIT_WORDS = {"train": "train", "validation": "val", "valid": "val", "val": "val",
-                "test": "test"}
+_SPLIT_WORDS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 
 
 def rows_to_lines(rows: Iterable[str]) -> Iterator[str]:
@@ -46,8 +44,7 @@ def rows_to_lines(rows: Iterable[str]) -> Iterator[str]:
 def _config(name: str) -> str:
     key = name.removeprefix(HUB_NAME + "/").removesuffix("-v1")
     if key not in CONFIGS:
-        raise UserError(f"unknown WikiText dataset {name!r}; choose one of "
-                        f"{', '.join(CONFIGS)}")
+        raise UserError(f"unknown WikiText dataset {name!r}; choose one of {', '.join(CONFIGS)}")
     return CONFIGS[key]
 
 
@@ -60,13 +57,11 @@ def hub_corpus(name: str, streaming: bool = False) -> Corpus:
     config = _config(name)
 
     def lines(hub_split: str) -> DocStream:
-        return lambda: rows_to_lines(hf_rows(HUB_NAME, "text", config=config, split=hub_split,
-                                             streaming=streaming))
+        return lambda: rows_to_lines(hf_rows(HUB_NAME, "text", config=config, split=hub_split, streaming=streaming))
 
     splits = {ours: _articles(lines(hub)) for ours, (hub, _) in SPLITS.items()}
     prepare = (lambda: None) if streaming else (lambda: next(splits["train"](), None))
-    return Corpus(splits, {"source": "wikitext-hub", "name": HUB_NAME, "config": config},
-                  prepare)
+    return Corpus(splits, {"source": "wikitext-hub", "name": HUB_NAME, "config": config}, prepare)
 
 
 def _original_files(root: Path, variant: str | None) -> dict[str, Path] | None:
@@ -76,15 +71,19 @@ def _original_files(root: Path, variant: str | None) -> dict[str, Path] | None:
         return None
     if variant is None:
         if len(found) > 1:
-            raise UserError(f"{root} has both wiki.train.raw and wiki.train.tokens; pick one "
-                            "with --dataset wikitext-103-raw or --dataset wikitext-103")
+            raise UserError(
+                f"{root} has both wiki.train.raw and wiki.train.tokens; pick one "
+                "with --dataset wikitext-103-raw or --dataset wikitext-103"
+            )
         variant = found.pop()
     files = {}
     for ours, (_, original) in SPLITS.items():
         matches = sorted(root.rglob(f"wiki.{original}.{variant}"))
         if len(matches) > 1:
-            raise UserError(f"{root} has several wiki.{original}.{variant} files "
-                            f"({matches[0]}, {matches[1]}); point --wikitext-dir at one copy")
+            raise UserError(
+                f"{root} has several wiki.{original}.{variant} files "
+                f"({matches[0]}, {matches[1]}); point --wikitext-dir at one copy"
+            )
         if matches:
             files[ours] = matches[0]
     return files
@@ -101,12 +100,12 @@ def _dump_split(rel: Path) -> str | None:
 def _dump_files(root: Path, config: str | None) -> dict[str, list[Path]]:
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in _DUMP_SUFFIXES]
     # The hub's parquet layout keeps one folder per config: keep the one asked for.
-    configs = {part for p in files for part in p.relative_to(root).parts if part in
-               CONFIGS.values()}
+    configs = {part for p in files for part in p.relative_to(root).parts if part in CONFIGS.values()}
     if configs:
         if config is None and len(configs) > 1:
-            raise UserError(f"{root} holds several WikiText variants "
-                            f"({', '.join(sorted(configs))}); pick one with --dataset")
+            raise UserError(
+                f"{root} holds several WikiText variants ({', '.join(sorted(configs))}); pick one with --dataset"
+            )
         chosen = config if config is not None else configs.pop()
         files = [p for p in files if chosen in p.relative_to(root).parts]
     by_split: dict[str, list[Path]] = {}
@@ -145,11 +144,12 @@ def dir_corpus(root: str | Path, name: str | None = None) -> Corpus:
         streams = {s: (lambda fs=fs: _dump_lines(fs)) for s, fs in dumps.items()}
         used = [p for fs in dumps.values() for p in fs]
     if not used:
-        raise UserError(f"no WikiText files in {root}: expected wiki.train.tokens / "
-                        "wiki.train.raw, or parquet, arrow or jsonl dumps of the splits")
+        raise UserError(
+            f"no WikiText files in {root}: expected wiki.train.tokens / "
+            "wiki.train.raw, or parquet, arrow or jsonl dumps of the splits"
+        )
     for split, word in (("train", "train"), ("val", "valid/validation")):
         if split not in streams:
             raise UserError(f"no WikiText {word} split in {root}")
     splits = {s: _articles(streams[s]) for s in SPLITS if s in streams}
-    return Corpus(splits, {"source": "wikitext-dir", "config": config,
-                           "files": file_fingerprint(used)})
+    return Corpus(splits, {"source": "wikitext-dir", "config": config, "files": file_fingerprint(used)})

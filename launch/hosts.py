@@ -106,5 +106,7 @@ def from_mpi(env: dict | None = None) -> Allocation:
     for variable in ("PBS_NODEFILE", "OMPI_MCA_orte_default_hostfile", "OMPI_MCA_rmaps_default_hostfile"):
         if env.get(variable):
             return from_hostfile(env[variable])
-    raise UserError("--mpi: no MPI node file in the environment (PBS_NODEFILE, OMPI_MCA_orte_default_hostfile); "
-                    "use --hostfile or --nodes")
+    raise UserError(
+        "--mpi: no MPI node file in the environment (PBS_NODEFILE, OMPI_MCA_orte_default_hostfile); "
+        "use --hostfile or --nodes"
+    )

@@ -21,30 +21,55 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.hosts import Allocation, from_hostfile, from_mpi, from_nodes, from_slurm
 from core.errors import UserError
+from launch.hosts import Allocation, from_hostfile, from_mpi, from_nodes, from_slurm
 
 LAUNCHERS = ("pdsh", "openmpi", "mpich", "slurm")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", os.uname().nodename}
 # Variables every rank needs as the launching shell has them (prefixes end with "_").
-FORWARDED = ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH",
-             "NCCL_", "CUDA_VISIBLE_DEVICES", "HF_HOME")
+FORWARDED = (
+    "OMP_NUM_THREADS",
+    "GLOO_SOCKET_IFNAME",
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "PYTHONPATH",
+    "NCCL_",
+    "CUDA_VISIBLE_DEVICES",
+    "HF_HOME",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lm launch", description="Start training on one or many nodes (the deepspeed launcher).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 3)[3])
+    p = argparse.ArgumentParser(
+        prog="lm launch",
+        description="Start training on one or many nodes (the deepspeed launcher).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 3)[3],
+    )
     p.add_argument("--config", required=True, help="YAML run config")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override, passed on to lm.train")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override, passed on to lm.train"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--nodes", help="node list, SLURM syntax allowed: 'gpu[01-04],cpu12'")
     source.add_argument("--hostfile", help="DeepSpeed hostfile: one 'host slots=N' line per node")
     source.add_argument("--slurm", action="store_true", help="the nodes of the current SLURM allocation")
-    source.add_argument("--mpi", action="store_true", help="the node file of the current MPI allocation (PBS_NODEFILE, ...)")
-    p.add_argument("--slots", type=int, default=None, help="processes per node (GPUs per node); default 1, or SLURM's tasks")
-    p.add_argument("--launcher", choices=LAUNCHERS, default=None, help="multi-node backend (default: slurm for --slurm, openmpi for --mpi, else pdsh)")
+    source.add_argument(
+        "--mpi", action="store_true", help="the node file of the current MPI allocation (PBS_NODEFILE, ...)"
+    )
+    p.add_argument(
+        "--slots", type=int, default=None, help="processes per node (GPUs per node); default 1, or SLURM's tasks"
+    )
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=None,
+        help="multi-node backend (default: slurm for --slurm, openmpi for --mpi, else pdsh)",
+    )
     p.add_argument("--launcher-args", default="", help="extra arguments for the backend (mpirun, srun, pdsh)")
-    p.add_argument("--no-ssh", action="store_true", help="start this node's ranks only; run the same command on every node")
+    p.add_argument(
+        "--no-ssh", action="store_true", help="start this node's ranks only; run the same command on every node"
+    )
     p.add_argument("--node-rank", type=int, default=None, help="with --no-ssh: this node's index in the node list")
     p.add_argument("--master-addr", default=None, help="address of rank 0 (default: the first node)")
     p.add_argument("--master-port", type=int, default=29500)
@@ -72,7 +97,9 @@ def resolve_allocation(args) -> Allocation:
 
 
 def rank_environment(args, master_addr: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if any(k == f or (f.endswith("_") and k.startswith(f)) for f in FORWARDED)}
+    env = {
+        k: v for k, v in os.environ.items() if any(k == f or (f.endswith("_") and k.startswith(f)) for f in FORWARDED)
+    }
     env.update(MASTER_ADDR=master_addr, MASTER_PORT=str(args.master_port))
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -83,8 +110,17 @@ def rank_environment(args, master_addr: str) -> dict[str, str]:
 
 
 def build_command(args, allocation: Allocation, hostfile: Path, master_addr: str) -> list[str]:
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-               "--master_addr", master_addr, "--master_port", str(args.master_port)]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        master_addr,
+        "--master_port",
+        str(args.master_port),
+    ]
     if args.no_ssh:
         if not 0 <= args.node_rank < len(allocation.hosts):
             raise UserError(f"--node-rank {args.node_rank} is not in 0..{len(allocation.hosts) - 1}")
@@ -113,8 +149,10 @@ def start(args, allocation: Allocation, launch_dir: Path, summary: str) -> int:
     env_text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
     summary = f"{summary}, master {master_addr}:{args.master_port}"
     if args.dry_run:
-        print(f"# {summary}\n# {hostfile}\n{allocation.hostfile_text()}# {env_file}\n{env_text}"
-              f"DS_ENV_FILE={shlex.quote(str(env_file))} {shlex.join(command)}")
+        print(
+            f"# {summary}\n# {hostfile}\n{allocation.hostfile_text()}# {env_file}\n{env_text}"
+            f"DS_ENV_FILE={shlex.quote(str(env_file))} {shlex.join(command)}"
+        )
         return 0
     launch_dir.mkdir(parents=True, exist_ok=True)
     hostfile.write_text(allocation.hostfile_text())

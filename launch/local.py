@@ -8,18 +8,27 @@ import torch
 from core.ranks import free_port
 
 
-def deepspeed_local_command(num_procs: int, module: str, module_args: list[str], master_port: int | None = None) -> list[str]:
+def deepspeed_local_command(
+    num_procs: int, module: str, module_args: list[str], master_port: int | None = None
+) -> list[str]:
     """The deepspeed launcher invocation for `num_procs` ranks on this machine.
 
     On a CPU machine the launcher counts NUMA nodes as devices, so the process count is explicit.
     The launcher is run as a module of this interpreter so the right environment is used.
     """
     return [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(num_procs),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(master_port or free_port()),
-        "--module", module, *module_args,
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(num_procs),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(master_port or free_port()),
+        "--module",
+        module,
+        *module_args,
     ]
 
 

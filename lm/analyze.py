@@ -32,18 +32,21 @@ import numpy as np
 import torch
 
 from core.errors import UserError, refuse_non_empty, run_command
-from lm.inference import load_for_inference
 from lm.evaluate import EvalText, Parser, add_text_arguments, document_ids, evaluate_documents, text_from_args
+from lm.inference import load_for_inference
 
 DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2)
 DEFAULT_POWERS = (1, 2, 4, 8, 16)
-PAIRS = ("per window of `context` tokens (consecutive, non-overlapping, evenly spaced over the text), "
-         "mean of cos(h_i, h_j) over all ordered pairs i != j of the window's residual-stream vectors; "
-         "layer 0 = embedding output, layer l = output of block l; then the mean over windows")
+PAIRS = (
+    "per window of `context` tokens (consecutive, non-overlapping, evenly spaced over the text), "
+    "mean of cos(h_i, h_j) over all ordered pairs i != j of the window's residual-stream vectors; "
+    "layer 0 = embedding output, layer l = output of block l; then the mean over windows"
+)
 _WORD = re.compile(r"\S+")
 
 
 # ---- 1. over-smoothing ------------------------------------------------------------------------
+
 
 def mean_pairwise_cosine(h: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity over ordered pairs i != j of the rows of h (..., T, d), T >= 2.
@@ -83,8 +86,9 @@ def analysis_windows(n_tokens: int, context: int, max_windows: int) -> list[tupl
 
 
 @torch.no_grad()
-def cosine_similarity_per_layer(model, ids: list[int], bos_id: int, context: int, max_windows: int = 64,
-                                batch_size: int = 8) -> list[float]:
+def cosine_similarity_per_layer(
+    model, ids: list[int], bos_id: int, context: int, max_windows: int = 64, batch_size: int = 8
+) -> list[float]:
     """Average pairwise cosine similarity per layer (0 = embedding), over the analysis windows."""
     sequence = torch.tensor([bos_id] + list(ids))
     windows = analysis_windows(len(sequence), context, max_windows)
@@ -98,6 +102,7 @@ def cosine_similarity_per_layer(model, ids: list[int], bos_id: int, context: int
 
 
 # ---- 2. word-swap corruption ------------------------------------------------------------------
+
 
 def word_swap(documents: list[str], rate: float, seed: int = 0) -> list[str]:
     """The documents with round(rate * words) words replaced by other words of their vocabulary."""
@@ -131,6 +136,7 @@ def word_swap(documents: list[str], rate: float, seed: int = 0) -> list[str]:
 
 # ---- 3. spectral curves -----------------------------------------------------------------------
 
+
 def spectral_curves(powers=DEFAULT_POWERS, points: int = 101) -> dict:
     """p_n(x) = x^n (n softmax layers) and (2x - x^2)^n (n twicing layers) on x in [0, 1]."""
     x = np.linspace(0.0, 1.0, points)
@@ -144,12 +150,24 @@ def spectral_curves(powers=DEFAULT_POWERS, points: int = 101) -> dict:
 
 # ---- one model, several models, the outputs ---------------------------------------------------
 
-def analyze_model(model, tokenizer, text: EvalText, context: int | None, stride: int | None,
-                  rates=DEFAULT_RATES, seed: int = 0, max_windows: int = 64, batch_size: int = 8) -> dict:
+
+def analyze_model(
+    model,
+    tokenizer,
+    text: EvalText,
+    context: int | None,
+    stride: int | None,
+    rates=DEFAULT_RATES,
+    seed: int = 0,
+    max_windows: int = 64,
+    batch_size: int = 8,
+) -> dict:
     context = context if context is not None else model.config.block_size
     swaps = []
     for rate in rates:
-        report = evaluate_documents(model, tokenizer, word_swap(text.documents, rate, seed), context, stride, batch_size)
+        report = evaluate_documents(
+            model, tokenizer, word_swap(text.documents, rate, seed), context, stride, batch_size
+        )
         swaps.append({"rate": rate, **report})
     clean = next((s for s in swaps if s["rate"] == 0.0), None)
     if clean is None:
@@ -160,14 +178,18 @@ def analyze_model(model, tokenizer, text: EvalText, context: int | None, stride:
         "n_layer": model.config.n_layer,
         "clean": clean,
         "word_swap": swaps,
-        "cosine_similarity": cosine_similarity_per_layer(model, ids, tokenizer.eod_id, context, max_windows, batch_size),
+        "cosine_similarity": cosine_similarity_per_layer(
+            model, ids, tokenizer.eod_id, context, max_windows, batch_size
+        ),
     }
 
 
 def unique_labels(checkpoints: list[str], labels: list[str] | None) -> list[str]:
     if labels:
         if len(labels) != len(checkpoints):
-            raise UserError(f"{len(labels)} --label for {len(checkpoints)} --checkpoint; give one per checkpoint or none")
+            raise UserError(
+                f"{len(labels)} --label for {len(checkpoints)} --checkpoint; give one per checkpoint or none"
+            )
         names = list(labels)
     else:
         names = [Path(c).resolve().name for c in checkpoints]
@@ -183,9 +205,19 @@ def check_out_dir(out: Path) -> None:
     refuse_non_empty(out)
 
 
-def run_analysis(checkpoints: list[str], text: EvalText, out: Path, labels: list[str] | None = None,
-                 context: int | None = None, stride: int | None = None, rates=DEFAULT_RATES, seed: int = 0,
-                 max_windows: int = 64, powers=DEFAULT_POWERS, batch_size: int = 8) -> dict:
+def run_analysis(
+    checkpoints: list[str],
+    text: EvalText,
+    out: Path,
+    labels: list[str] | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    rates=DEFAULT_RATES,
+    seed: int = 0,
+    max_windows: int = 64,
+    powers=DEFAULT_POWERS,
+    batch_size: int = 8,
+) -> dict:
     """Analyse every checkpoint on `text`; write analysis.json, .png and .md into the new dir `out`."""
 
     check_out_dir(out)
@@ -198,9 +230,19 @@ def run_analysis(checkpoints: list[str], text: EvalText, out: Path, labels: list
         result = analyze_model(model, tokenizer, text, context, stride, rates, seed, max_windows, batch_size)
         models.append({"label": name, "checkpoint": str(source), **result})
     analysis = {
-        "text": {"source": text.source, "documents": len(text.documents), "words": len(text.text.split()),
-                 "bytes": len(text.text.encode("utf-8"))},
-        "settings": {"context": context, "stride": stride, "rates": list(rates), "seed": seed, "max_windows": max_windows},
+        "text": {
+            "source": text.source,
+            "documents": len(text.documents),
+            "words": len(text.text.split()),
+            "bytes": len(text.text.encode("utf-8")),
+        },
+        "settings": {
+            "context": context,
+            "stride": stride,
+            "rates": list(rates),
+            "seed": seed,
+            "max_windows": max_windows,
+        },
         "cosine_pairs": PAIRS,
         "models": models,
         "spectral": spectral_curves(powers),
@@ -215,18 +257,22 @@ def run_analysis(checkpoints: list[str], text: EvalText, out: Path, labels: list
 def markdown_table(analysis: dict) -> str:
     """Side by side: one column per model; clean and word-swap PPL, cosine similarity per layer."""
     models = analysis["models"]
-    rows = [["clean token PPL"] + [f"{m['clean']['token_ppl']:.2f}" for m in models],
-            ["clean word PPL"] + [f"{m['clean']['word_ppl']:.2f}" for m in models],
-            ["clean bits/byte"] + [f"{m['clean']['bits_per_byte']:.4f}" for m in models],
-            ["twicing layers"] + [",".join(map(str, m["twicing_layers"])) or "none" for m in models]]
+    rows = [
+        ["clean token PPL"] + [f"{m['clean']['token_ppl']:.2f}" for m in models],
+        ["clean word PPL"] + [f"{m['clean']['word_ppl']:.2f}" for m in models],
+        ["clean bits/byte"] + [f"{m['clean']['bits_per_byte']:.4f}" for m in models],
+        ["twicing layers"] + [",".join(map(str, m["twicing_layers"])) or "none" for m in models],
+    ]
     for i, rate in enumerate(analysis["settings"]["rates"]):
         if rate:
             rows.append([f"word-swap {rate:.0%} token PPL"] + [f"{m['word_swap'][i]['token_ppl']:.2f}" for m in models])
             rows.append([f"word-swap {rate:.0%} word PPL"] + [f"{m['word_swap'][i]['word_ppl']:.2f}" for m in models])
     for layer in range(max(len(m["cosine_similarity"]) for m in models)):
         name = "embedding" if layer == 0 else f"block {layer}"
-        rows.append([f"cos sim layer {layer} ({name})"]
-                    + [f"{m['cosine_similarity'][layer]:.4f}" if layer < len(m["cosine_similarity"]) else "" for m in models])
+        rows.append(
+            [f"cos sim layer {layer} ({name})"]
+            + [f"{m['cosine_similarity'][layer]:.4f}" if layer < len(m["cosine_similarity"]) else "" for m in models]
+        )
     header = ["metric"] + [m["label"] for m in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -270,10 +316,18 @@ def _rates(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="lm analyze", description="The twicing paper's analyses of one or more checkpoints on one text.",
-               epilog=__doc__.split("\n\n", 2)[1] + "\n\n" + PAIRS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", action="append", required=True, help="run, checkpoint or converted directory (repeat)")
-    p.add_argument("--label", action="append", default=None, help="column name per checkpoint (repeat; default: directory name)")
+    p = Parser(
+        prog="lm analyze",
+        description="The twicing paper's analyses of one or more checkpoints on one text.",
+        epilog=__doc__.split("\n\n", 2)[1] + "\n\n" + PAIRS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", action="append", required=True, help="run, checkpoint or converted directory (repeat)"
+    )
+    p.add_argument(
+        "--label", action="append", default=None, help="column name per checkpoint (repeat; default: directory name)"
+    )
     add_text_arguments(p)
     p.add_argument("--out", required=True, help="new (or empty) directory for analysis.json / .png / .md")
     p.add_argument("--context", type=int, default=None, help="window length (default: each model's context)")
@@ -292,8 +346,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     check_out_dir(out)  # before the (slow) loading
     text = text_from_args(args)
-    analysis = run_analysis(args.checkpoint, text, out, args.label, args.context, args.stride, args.rates,
-                            args.seed, args.windows, batch_size=args.batch_size)
+    analysis = run_analysis(
+        args.checkpoint,
+        text,
+        out,
+        args.label,
+        args.context,
+        args.stride,
+        args.rates,
+        args.seed,
+        args.windows,
+        batch_size=args.batch_size,
+    )
     print(markdown_table(analysis))
     print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}")
     return 0

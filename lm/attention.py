@@ -29,9 +29,9 @@ FLOP count read these facts; none of them parses a name.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,7 @@ def softmax_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return F.scaled_dot_product_attention(q, cache.k, cache.v)  # the newest token sees every cached one
 
 
-def twicing_attention_sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  cache: LayerCache) -> torch.Tensor:
+def twicing_attention_sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """A (2V - U) of new tokens over the cache, keeping U = A V: token i gets 2 u_i - a_i U."""
     if cache.length == 0:  # prefill: the two passes over the prompt, keeping the first
         u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -168,16 +167,51 @@ class AttentionVariant:
 ATTENTION: dict[str, AttentionVariant] = {
     variant.name: variant
     for variant in (
-        AttentionVariant("softmax", softmax_attention, softmax_attention_cached, twices=False, passes=1,
-                         kernel=False, runs="one SDPA pass"),
-        AttentionVariant("twicing", twicing_attention, twicing_attention_cached, twices=True, passes=2,
-                         kernel=True, runs="two SDPA passes"),
-        AttentionVariant("twicing_sdpa", twicing_attention_sdpa, twicing_attention_sdpa_cached, twices=True,
-                         passes=2, kernel=False, runs="two SDPA passes"),
-        AttentionVariant("softmax_reference", softmax_attention_reference, softmax_attention_cached,
-                         twices=False, passes=1, kernel=False, runs="materialised A (reference)"),
-        AttentionVariant("twicing_reference", twicing_attention_reference, twicing_attention_sdpa_cached,
-                         twices=True, passes=2, kernel=False, runs="materialised A (reference)"),
+        AttentionVariant(
+            "softmax",
+            softmax_attention,
+            softmax_attention_cached,
+            twices=False,
+            passes=1,
+            kernel=False,
+            runs="one SDPA pass",
+        ),
+        AttentionVariant(
+            "twicing",
+            twicing_attention,
+            twicing_attention_cached,
+            twices=True,
+            passes=2,
+            kernel=True,
+            runs="two SDPA passes",
+        ),
+        AttentionVariant(
+            "twicing_sdpa",
+            twicing_attention_sdpa,
+            twicing_attention_sdpa_cached,
+            twices=True,
+            passes=2,
+            kernel=False,
+            runs="two SDPA passes",
+        ),
+        AttentionVariant(
+            "softmax_reference",
+            softmax_attention_reference,
+            softmax_attention_cached,
+            twices=False,
+            passes=1,
+            kernel=False,
+            runs="materialised A (reference)",
+        ),
+        AttentionVariant(
+            "twicing_reference",
+            twicing_attention_reference,
+            twicing_attention_sdpa_cached,
+            twices=True,
+            passes=2,
+            kernel=False,
+            runs="materialised A (reference)",
+        ),
     )
 }
 

@@ -1,13 +1,13 @@
 """The `lm` command: one subcommand per job, each with its own --help.
 
-    lm demo      the whole pipeline on an embedded corpus (CPU, a few minutes)
-    lm prep      train a sentencepiece tokenizer and write token shards
-    lm train     train under DeepSpeed from a YAML run config
-    lm eval      perplexity of a checkpoint on a text or WikiText-103
-    lm analyze   the paper's analyses: over-smoothing, word-swap robustness, spectra
-    lm convert   checkpoint -> consolidated safetensors
-    lm generate  sample text from a checkpoint
-    lm launch    start training on one or many nodes
+lm demo      the whole pipeline on an embedded corpus (CPU, a few minutes)
+lm prep      train a sentencepiece tokenizer and write token shards
+lm train     train under DeepSpeed from a YAML run config
+lm eval      perplexity of a checkpoint on a text or WikiText-103
+lm analyze   the paper's analyses: over-smoothing, word-swap robustness, spectra
+lm convert   checkpoint -> consolidated safetensors
+lm generate  sample text from a checkpoint
+lm launch    start training on one or many nodes
 """
 
 import importlib

@@ -72,7 +72,9 @@ class ModelConfig:
             return list(range(n))
         if sel.startswith("last:") and sel[5:].isascii() and sel[5:].isdigit() and int(sel[5:]) <= n:
             return list(range(n - int(sel[5:]), n))
-        raise UserError(f"model.twicing_layers must be 'none', 'all', 'last:K' (K <= {n}) or a list of layers, got {sel!r}")
+        raise UserError(
+            f"model.twicing_layers must be 'none', 'all', 'last:K' (K <= {n}) or a list of layers, got {sel!r}"
+        )
 
     def layer_kinds(self) -> list[str]:
         """The attention of every layer as the model's math: "twicing" or "softmax"."""
@@ -144,13 +146,26 @@ class TrainConfig:
         for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel", "skip_limit"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "eval_windows", "checkpoint_interval", "keep_last", "weight_decay", "grad_clip"):
+        for name in (
+            "warmup_steps",
+            "eval_interval",
+            "eval_windows",
+            "checkpoint_interval",
+            "keep_last",
+            "weight_decay",
+            "grad_clip",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"train.lr must be positive and 0 <= train.min_lr <= train.lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise UserError(
+                f"train.lr must be positive and 0 <= train.min_lr <= train.lr, got lr={self.lr}, min_lr={self.min_lr}"
+            )
         if self.batch_size % self.micro_batch_size:
-            raise UserError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
+            raise UserError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
 
     def grad_accum_steps(self, data_parallel_size: int) -> int:
         """Micro steps per optimizer step, so that micro_batch * accum * dp == batch_size."""
@@ -192,8 +207,11 @@ class RunConfig:
 
 def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
     """Tensor parallelism splits heads, MLP units and the vocabulary: each must divide by tp."""
-    for name, value in (("model.n_head", model.n_head), ("model.vocab_size", model.vocab_size),
-                        ("model.d_ff", model.ffn_dim)):
+    for name, value in (
+        ("model.n_head", model.n_head),
+        ("model.vocab_size", model.vocab_size),
+        ("model.d_ff", model.ffn_dim),
+    ):
         if value % tp:
             hint = "; it may exceed the tokenizer's vocabulary, so round it up" if name == "model.vocab_size" else ""
             raise UserError(f"{name} ({value}) is not divisible by train.tensor_parallel ({tp}){hint}")

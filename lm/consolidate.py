@@ -44,13 +44,21 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _model_states(tag_dir: Path, stage: int, tp_rank: int) -> dict:
-    name = f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if stage == 3 else f"mp_rank_{tp_rank:02d}_model_states.pt"
+    name = (
+        f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+        if stage == 3
+        else f"mp_rank_{tp_rank:02d}_model_states.pt"
+    )
     return read_checkpoint_file(tag_dir / name)
 
 
 def _optim_states(tag_dir: Path, tp_rank: int, dp_size: int) -> list[dict]:
-    return [read_checkpoint_file(tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
-            for d in range(dp_size)]
+    return [
+        read_checkpoint_file(tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")[
+            "optimizer_state_dict"
+        ]
+        for d in range(dp_size)
+    ]
 
 
 def _unflatten(flat: torch.Tensor, shapes: dict, where: Path) -> dict[str, torch.Tensor]:

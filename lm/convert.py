@@ -28,11 +28,20 @@ from lm.inference import load_model
 
 def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, source: str) -> None:
     weights = {k: v for k, v in weights.items() if k != "transformer.wte.weight"}  # tied to lm_head.weight
-    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt", "source": source})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in weights.items()},
+        str(path),
+        metadata={"format": "pt", "source": source},
+    )
 
 
-def convert(checkpoint: str, out: Path, to: str = "safetensors", dtype: torch.dtype = torch.float32,
-            tensor_parallel: int | None = None) -> Path:
+def convert(
+    checkpoint: str,
+    out: Path,
+    to: str = "safetensors",
+    dtype: torch.dtype = torch.float32,
+    tensor_parallel: int | None = None,
+) -> Path:
     refuse_non_empty(out)  # before the (slow) loading
     model, config, source = load_model(checkpoint)
     weights = model.state_dict()
@@ -59,15 +68,25 @@ def convert(checkpoint: str, out: Path, to: str = "safetensors", dtype: torch.dt
     tag_dir.mkdir(parents=True)
     save_weights(weights, tag_dir / ckpt.WEIGHTS_FILE, torch.float32, str(source))
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    ckpt.write_marker(tag_dir, {"step": step, "batches_consumed": step, "world_size": None, "weights_only": True,
-                                "config": config.to_dict()})
+    ckpt.write_marker(
+        tag_dir,
+        {"step": step, "batches_consumed": step, "world_size": None, "weights_only": True, "config": config.to_dict()},
+    )
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lm convert", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint), checkpoint or converted directory")
+    p = argparse.ArgumentParser(
+        prog="lm convert",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (newest complete checkpoint), checkpoint or converted directory",
+    )
     p.add_argument("--out", required=True, help="new directory for the converted files")
     p.add_argument("--to", choices=["safetensors", "hf", "checkpoint"], default="safetensors", help="output format")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype (safetensors, hf)")
@@ -75,8 +94,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tensor_parallel is not None and (args.to != "checkpoint" or args.tensor_parallel < 1):
         raise UserError("--tensor-parallel takes a positive size, with --to checkpoint")
-    out = convert(args.checkpoint, Path(args.out), args.to, torch.float32 if args.dtype == "fp32" else torch.bfloat16,
-                  args.tensor_parallel)
+    out = convert(
+        args.checkpoint,
+        Path(args.out),
+        args.to,
+        torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+        args.tensor_parallel,
+    )
     print(f"wrote {out}")
     return 0
 

@@ -13,7 +13,8 @@ batches across epochs. Resuming from a checkpoint therefore needs nothing but k.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ def _windows_per_shard(token_arrays: Sequence[np.ndarray], seq_len: int) -> np.n
 
 def _window(array: np.ndarray, j: int, seq_len: int) -> np.ndarray:
     start = j * seq_len
-    return np.asarray(array[start:start + seq_len + 1], dtype=np.int64)
+    return np.asarray(array[start : start + seq_len + 1], dtype=np.int64)
 
 
 class WindowBatches:
@@ -42,8 +43,7 @@ class WindowBatches:
     and drops the remainder, which the next epoch's permutation then covers at random.
     """
 
-    def __init__(self, token_arrays: Sequence[np.ndarray], seq_len: int,
-                 global_batch_size: int, seed: int):
+    def __init__(self, token_arrays: Sequence[np.ndarray], seq_len: int, global_batch_size: int, seed: int):
         if global_batch_size < 1:
             raise UserError(f"global batch size must be positive, got {global_batch_size}")
         if seed < 0:
@@ -61,7 +61,8 @@ class WindowBatches:
             raise UserError(
                 f"the training data ({total} tokens in {len(self.token_arrays)} shards) gives "
                 f"only {self.num_windows} windows of seq_len {seq_len}, fewer than one global "
-                f"batch of {global_batch_size}; use a smaller batch size or seq_len, or more data")
+                f"batch of {global_batch_size}; use a smaller batch size or seq_len, or more data"
+            )
         self.batches_per_epoch = self.num_windows // global_batch_size
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
@@ -88,15 +89,14 @@ class WindowBatches:
             raise ValueError(f"batch number must be non-negative, got {k}")
         epoch, b = divmod(k, self.batches_per_epoch)
         size = self.global_batch_size
-        picks = self._permutation(epoch)[b * size:(b + 1) * size]
+        picks = self._permutation(epoch)[b * size : (b + 1) * size]
         return torch.from_numpy(np.stack([self.window(int(i)) for i in picks]))
 
     def epoch_of(self, k: int) -> int:
         return k // self.batches_per_epoch
 
 
-def rank_rows(batch: torch.Tensor, rank: int, world_size: int, micro_batch: int,
-              micro_step: int) -> torch.Tensor:
+def rank_rows(batch: torch.Tensor, rank: int, world_size: int, micro_batch: int, micro_step: int) -> torch.Tensor:
     """The rows of a global batch that data-parallel `rank` uses at micro step `micro_step`.
 
     Layout: the global batch has world_size * grad_accum * micro_batch rows, and micro
@@ -107,17 +107,20 @@ def rank_rows(batch: torch.Tensor, rank: int, world_size: int, micro_batch: int,
     """
     grad_accum, leftover = divmod(batch.shape[0], world_size * micro_batch)
     if leftover:  # TrainConfig.grad_accum_steps refuses such sizes before training starts
-        raise ValueError(f"a batch of {batch.shape[0]} rows does not split into {world_size} ranks x micro batches of {micro_batch}")
+        raise ValueError(
+            f"a batch of {batch.shape[0]} rows does not split into {world_size} ranks x micro batches of {micro_batch}"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if not 0 <= micro_step < grad_accum:
         raise ValueError(f"micro step {micro_step} outside 0..{grad_accum - 1}")
     start = (micro_step * world_size + rank) * micro_batch
-    return batch[start:start + micro_batch]
+    return batch[start : start + micro_batch]
 
 
-def eval_windows(token_arrays: Sequence[np.ndarray], seq_len: int,
-                 max_windows: int | None = None) -> list[torch.Tensor]:
+def eval_windows(
+    token_arrays: Sequence[np.ndarray], seq_len: int, max_windows: int | None = None
+) -> list[torch.Tensor]:
     """Windows for evaluation in a fixed order: shard by shard, window by window, stopping
     after max_windows (None = all). Each is a LongTensor [seq_len + 1]."""
     if max_windows is not None and max_windows < 1:
@@ -125,8 +128,10 @@ def eval_windows(token_arrays: Sequence[np.ndarray], seq_len: int,
     counts = _windows_per_shard(token_arrays, seq_len)
     if counts.sum() == 0:
         total = sum(len(a) for a in token_arrays)
-        raise UserError(f"the evaluation data has {total} tokens, too few for one window of "
-                        f"seq_len {seq_len} (needs {seq_len + 1}); use a smaller seq_len")
+        raise UserError(
+            f"the evaluation data has {total} tokens, too few for one window of "
+            f"seq_len {seq_len} (needs {seq_len + 1}); use a smaller seq_len"
+        )
     out: list[torch.Tensor] = []
     for array, count in zip(token_arrays, counts):
         for j in range(int(count)):

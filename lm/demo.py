@@ -34,8 +34,12 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lm demo", description=__doc__.split("\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog="lm demo",
+        description=__doc__.split("\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     p.add_argument("--out", required=True, help="new directory for everything the demo writes")
     p.add_argument("--procs", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.yaml)")
@@ -103,8 +107,10 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - began,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"train loss {summary['train_loss_start']:.3f} -> {summary['train_loss_end']:.3f} | "
-          f"val ppl {summary['val_ppl_start']:.1f} -> {summary['val_ppl']:.1f} | word ppl {report['word_ppl']:.1f}")
+    print(
+        f"train loss {summary['train_loss_start']:.3f} -> {summary['train_loss_end']:.3f} | "
+        f"val ppl {summary['val_ppl_start']:.1f} -> {summary['val_ppl']:.1f} | word ppl {report['word_ppl']:.1f}"
+    )
     print(f"sample: {sample_prompt}{sample}")
     print(f"wrote {out / 'summary.json'} in {summary['seconds']:.0f} s")
     return 0

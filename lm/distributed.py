@@ -46,8 +46,10 @@ def mpi_master_address() -> str:
     try:
         from mpi4py import MPI
     except ImportError:
-        raise UserError("started by mpirun without MASTER_ADDR set: export MASTER_ADDR (mpirun -x MASTER_ADDR=...) "
-                        "or install mpi4py (pip install 'twicing-lm[mpi]')") from None
+        raise UserError(
+            "started by mpirun without MASTER_ADDR set: export MASTER_ADDR (mpirun -x MASTER_ADDR=...) "
+            "or install mpi4py (pip install 'twicing-lm[mpi]')"
+        ) from None
     comm = MPI.COMM_WORLD
     address = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
     return comm.bcast(address, root=0)
@@ -61,16 +63,22 @@ def prepare_environment() -> None:
     # torch's variables are incomplete: a job launcher (mpirun, srun) started this rank itself.
     found = next((v for v in LAUNCHERS if v.launcher != "torch" and v.rank in os.environ), None)
     if found is not None and found.launcher in ("Open MPI", "MPICH"):
-        os.environ.update(RANK=os.environ[found.rank], WORLD_SIZE=os.environ[found.size],
-                          LOCAL_RANK=os.environ.get(found.local_rank, "0"),
-                          LOCAL_WORLD_SIZE=os.environ.get(found.local_size, os.environ[found.size]))
+        os.environ.update(
+            RANK=os.environ[found.rank],
+            WORLD_SIZE=os.environ[found.size],
+            LOCAL_RANK=os.environ.get(found.local_rank, "0"),
+            LOCAL_WORLD_SIZE=os.environ.get(found.local_size, os.environ[found.size]),
+        )
         os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = mpi_master_address()
         return
     if found is not None and found.launcher == "SLURM" and found.size in os.environ:
-        os.environ.update(RANK=os.environ[found.rank], WORLD_SIZE=os.environ[found.size],
-                          LOCAL_RANK=os.environ.get(found.local_rank, "0"))
+        os.environ.update(
+            RANK=os.environ[found.rank],
+            WORLD_SIZE=os.environ[found.size],
+            LOCAL_RANK=os.environ.get(found.local_rank, "0"),
+        )
         if found.local_size in os.environ:
             os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ[found.local_size])
         if "MASTER_ADDR" not in os.environ:
@@ -94,7 +102,10 @@ def check_master_port() -> None:
         try:
             s.bind((address, port))
         except OSError:
-            raise UserError(f"MASTER_PORT {port} on {address} is already in use; choose another port (--master_port / --master-port)") from None
+            raise UserError(
+                f"MASTER_PORT {port} on {address} is already in use; "
+                "choose another port (--master_port / --master-port)"
+            ) from None
 
 
 def init_distributed() -> World:

@@ -2,8 +2,8 @@
 
 import copy
 
-from lm.config import TrainConfig
 from core.errors import UserError
+from lm.config import TrainConfig
 
 # Keys derived from TrainConfig: set them there, not in train.deepspeed.
 DERIVED = {

@@ -17,8 +17,8 @@ Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
 
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -57,13 +57,23 @@ def read_checkpoint_file(path: Path) -> dict:
 class Engine:
     """A DeepSpeed engine over one rank's model, and the calls training makes on it."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: SkippableAdamW,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, train: TrainConfig, groups: ParallelGroups):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: SkippableAdamW,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train: TrainConfig,
+        groups: ParallelGroups,
+    ):
         import deepspeed
 
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=groups,
-            config=deepspeed_config(train, groups.dp_size), dist_init_required=False,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            mpu=groups,
+            config=deepspeed_config(train, groups.dp_size),
+            dist_init_required=False,
         )
         self.optimizer = optimizer
         if train.zero_stage == 0 and groups.dp_size == 1:

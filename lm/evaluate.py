@@ -28,7 +28,6 @@ word_ppl = exp(NLL / words), bits_per_byte = NLL / (bytes * ln 2), NLL in nats.
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,7 @@ class EvalText:
 
 # ---- sliding windows ---------------------------------------------------------------------------
 
+
 def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, keep) per window over n targets: inputs are sequence[start:end], and the
     window scores its last `keep` targets (sequence[end - keep + 1 : end + 1])."""
@@ -72,8 +72,16 @@ def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int, int]]
 
 
 @torch.no_grad()
-def sliding_window_nll(model, ids: list[int], bos_id: int, context: int, stride: int,
-                       batch_size: int = 8, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+def sliding_window_nll(
+    model,
+    ids: list[int],
+    bos_id: int,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int]:
     """(total NLL in nats, number of scored tokens) of `ids` given a leading `bos_id`.
 
     With world_size > 1, only this rank's windows (i % world_size == rank): sum over ranks.
@@ -124,8 +132,15 @@ def perplexity_report(nll: float, tokens: int, text: str) -> dict:
     }
 
 
-def evaluate_documents(model, tokenizer, documents: list[str], context: int | None = None,
-                       stride: int | None = None, batch_size: int = 8, world=None) -> dict:
+def evaluate_documents(
+    model,
+    tokenizer,
+    documents: list[str],
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    world=None,
+) -> dict:
     """Sliding-window perplexity report of documents (see the module docstring); `world` from
     lm.distributed.init_distributed splits the windows across its ranks."""
     context = context if context is not None else model.config.block_size
@@ -146,13 +161,15 @@ def evaluate_documents(model, tokenizer, documents: list[str], context: int | No
     return {**perplexity_report(nll, tokens, "\n".join(documents)), "context": context, "stride": stride}
 
 
-def evaluate_text(model, tokenizer, text: str, context: int | None = None, stride: int | None = None,
-                  batch_size: int = 8, world=None) -> dict:
+def evaluate_text(
+    model, tokenizer, text: str, context: int | None = None, stride: int | None = None, batch_size: int = 8, world=None
+) -> dict:
     """A text as one document: tokenised whole, preceded by the eod id."""
     return evaluate_documents(model, tokenizer, [text], context, stride, batch_size, world)
 
 
 # ---- where the text comes from -----------------------------------------------------------------
+
 
 def read_text(path: str) -> str:
     p = Path(path)
@@ -210,9 +227,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="lm eval", description="Perplexity of a checkpoint on a text (sliding window).",
-               epilog="Run under torchrun / the deepspeed launcher to split the windows across processes.")
-    p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint), checkpoint or converted directory")
+    p = Parser(
+        prog="lm eval",
+        description="Perplexity of a checkpoint on a text (sliding window).",
+        epilog="Run under torchrun / the deepspeed launcher to split the windows across processes.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (newest complete checkpoint), checkpoint or converted directory",
+    )
     add_text_arguments(p)
     p.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: context / 2)")
@@ -237,15 +261,23 @@ def main(argv=None) -> int:
     device = world.device if world else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, tag_dir = load_for_inference(args.checkpoint, device)
     report = evaluate_documents(model, tokenizer, text.documents, args.context, args.stride, args.batch_size, world)
-    report = {"checkpoint": str(tag_dir), "source": text.source, "documents": len(text.documents),
-              "ranks": world.world_size if world else 1, **report}
+    report = {
+        "checkpoint": str(tag_dir),
+        "source": text.source,
+        "documents": len(text.documents),
+        "ranks": world.world_size if world else 1,
+        **report,
+    }
     if world is None or world.is_main:
         if args.json:
             print(json.dumps(report), flush=True)
         else:
-            print(f"token ppl {report['token_ppl']:.3f} | word ppl {report['word_ppl']:.3f} | "
-                  f"bits/byte {report['bits_per_byte']:.4f} | {report['tokens']} tokens, {report['words']} words, "
-                  f"{report['bytes']} bytes", flush=True)
+            print(
+                f"token ppl {report['token_ppl']:.3f} | word ppl {report['word_ppl']:.3f} | "
+                f"bits/byte {report['bits_per_byte']:.4f} | {report['tokens']} tokens, {report['words']} words, "
+                f"{report['bytes']} bytes",
+                flush=True,
+            )
     if world is not None:
         torch.distributed.destroy_process_group()
     return 0

@@ -17,9 +17,16 @@ from lm.inference import load_for_inference
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Extend every prompt by `max_new_tokens` ids (temperature 0: greedy); returns the new ids.
 
     Prompts of equal token length are decoded together as one batch (no padding needed). With
@@ -52,18 +59,27 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
             else:
                 logits, _ = model(ids[:, -block:])
         for row, i in enumerate(rows):
-            outputs[i] = ids[row, len(prompts[i]):].tolist()
+            outputs[i] = ids[row, len(prompts[i]) :].tolist()
     return outputs
 
 
-def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> list[int]:
+def generate(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[int]:
     """`generate_batch` for one prompt."""
     return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, generator, use_cache)[0]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
     """One id per row of (rows, vocab) logits."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -74,7 +90,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     """The text the new ids add to the prompt (decoding them alone would drop a leading space)."""
     prompt = tokenizer.decode(prompt_ids)
-    return tokenizer.decode(prompt_ids + new_ids)[len(prompt):]
+    return tokenizer.decode(prompt_ids + new_ids)[len(prompt) :]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -93,7 +109,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lm generate", description="Generate text from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint) or checkpoint directory")
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory (newest complete checkpoint) or checkpoint directory"
+    )
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -116,10 +134,20 @@ def main(argv=None) -> int:
     model, tokenizer, tag_dir = load_for_inference(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
     prompt_ids = [tokenizer.encode(prompt) for prompt in args.prompt]
-    new = generate_batch(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                         generator, use_cache=not args.no_cache)
-    outputs = [{"prompt": prompt, "completion": continuation_text(tokenizer, ids, new_ids)}
-               for prompt, ids, new_ids in zip(args.prompt, prompt_ids, new)]
+    new = generate_batch(
+        model,
+        prompt_ids,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        generator,
+        use_cache=not args.no_cache,
+    )
+    outputs = [
+        {"prompt": prompt, "completion": continuation_text(tokenizer, ids, new_ids)}
+        for prompt, ids, new_ids in zip(args.prompt, prompt_ids, new)
+    ]
     if args.json:
         print(json.dumps({"checkpoint": str(tag_dir), "outputs": outputs}))
     else:

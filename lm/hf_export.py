@@ -50,8 +50,13 @@ def is_native_gpt2(config: ModelConfig) -> bool:
     return not config.twicing_layer_indices() and config.bias
 
 
-def export_hf(weights: dict[str, torch.Tensor], config: ModelConfig, tokenizer_path: Path | None,
-              out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    tokenizer_path: Path | None,
+    out_dir: Path,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a transformers model directory to `out_dir` (new or empty); return it.
 
     `weights` is the full state dict of `lm.model.GPT(config)`; the tied `transformer.wte.weight`
@@ -81,8 +86,11 @@ def export_hf(weights: dict[str, torch.Tensor], config: ModelConfig, tokenizer_p
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(REMOTE_CODE_DIR / name, out_dir / name)
     hf_config.save_pretrained(out_dir)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in state.items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out_dir
 
 
@@ -106,8 +114,9 @@ def checked_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> di
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise UserError(f"the weights do not fit the model config ({what}; "
-                        f"{len(missing)} missing, {len(unexpected)} unexpected)")
+        raise UserError(
+            f"the weights do not fit the model config ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise UserError(f"weight {name} has shape {tuple(state[name].shape)}, the config needs {shape}")
@@ -118,12 +127,23 @@ def gpt2_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
     from transformers import GPT2Config
 
     hf = GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.ffn_dim,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        summary_first_dropout=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
-        initializer_range=config.init_std, tie_word_embeddings=True,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.ffn_dim,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.init_std,
+        tie_word_embeddings=True,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
     )
     hf.architectures = ["GPT2LMHeadModel"]
     hf.dtype = dtype
@@ -134,11 +154,18 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
     from lm.hf_twicing.configuration_twicing_gpt import TwicingGPTConfig
 
     hf = TwicingGPTConfig(
-        vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-        n_head=config.n_head, n_embd=config.n_embd, d_ff=config.ffn_dim, bias=config.bias,
+        vocab_size=config.vocab_size,
+        block_size=config.block_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        d_ff=config.ffn_dim,
+        bias=config.bias,
         layer_norm_epsilon=config.layer_norm_epsilon,
         layer_attention=config.layer_kinds(),  # the math of each layer, not how it runs here
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
     )
     hf.architectures = ["TwicingGPTForCausalLM"]
     hf.auto_map = dict(AUTO_MAP)
@@ -151,8 +178,9 @@ def tokenizer_special_tokens(path: Path, config: ModelConfig) -> dict[str, tuple
 
     sp = Tokenizer(path).sp
     if sp.get_piece_size() > config.vocab_size:
-        raise UserError(f"tokenizer {path} has {sp.get_piece_size()} pieces, more than the model's "
-                        f"vocab_size {config.vocab_size}")
+        raise UserError(
+            f"tokenizer {path} has {sp.get_piece_size()} pieces, more than the model's vocab_size {config.vocab_size}"
+        )
     found = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
     return {k: (i, sp.id_to_piece(i)) if i >= 0 else (None, None) for k, i in found.items()}
 

@@ -17,8 +17,10 @@ def check_fits(config: RunConfig, allocation: Allocation) -> int:
     """The data-parallel size; refuses a layout the allocation cannot hold, naming the numbers."""
     world, tp = allocation.world_size, config.train.tensor_parallel
     if world % tp:
-        raise UserError(f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into "
-                        f"tensor-parallel groups of train.tensor_parallel={tp}")
+        raise UserError(
+            f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into "
+            f"tensor-parallel groups of train.tensor_parallel={tp}"
+        )
     config.train.grad_accum_steps(world // tp)  # raises with the batch numbers
     return world // tp
 
@@ -28,8 +30,10 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.set)
     allocation = resolve_allocation(args)
     dp = check_fits(config, allocation)
-    summary = (f"{len(allocation.hosts)} node(s), {allocation.world_size} processes: "
-               f"TP {config.train.tensor_parallel} x DP {dp}")
+    summary = (
+        f"{len(allocation.hosts)} node(s), {allocation.world_size} processes: "
+        f"TP {config.train.tensor_parallel} x DP {dp}"
+    )
     return start(args, allocation, Path(config.train.out_dir).resolve() / "launch", summary)
 
 

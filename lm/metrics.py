@@ -22,8 +22,9 @@ def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> fl
 
 
 @torch.no_grad()
-def validation_loss(engine, windows: list[torch.Tensor], config: RunConfig, world: World,
-                    groups: ParallelGroups) -> float:
+def validation_loss(
+    engine, windows: list[torch.Tensor], config: RunConfig, world: World, groups: ParallelGroups
+) -> float:
     """Mean token loss over the validation windows, split across data-parallel ranks.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
@@ -57,8 +58,10 @@ def memory_mib(world: World) -> float:
 
 def progress_line(step: int, steps: int, values: dict) -> str:
     grad = f"grad {values['train/grad_norm']:.3f} | " if "train/grad_norm" in values else ""
-    return (f"step {step}/{steps} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.2e} | {grad}"
-            f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB")
+    return (
+        f"step {step}/{steps} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.2e} | {grad}"
+        f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB"
+    )
 
 
 class RunLog:

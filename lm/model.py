@@ -110,8 +110,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                cache: list[LayerCache] | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        cache: list[LayerCache] | None = None,
+    ):
         """Logits (B, T, vocab) for token ids (B, T); with targets also the cross-entropy.
 
         reduction "mean" gives the mean over all tokens, "none" the (B, T) per-token losses.

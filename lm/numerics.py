@@ -16,7 +16,7 @@ the world at the last micro step makes every replica and tensor-parallel shard a
 """
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -83,8 +83,14 @@ class NonFinitePolicy:
     `hint()` says where the run can be resumed from, for the line that ends a run.
     """
 
-    def __init__(self, train: TrainConfig, model: torch.nn.Module, device: torch.device,
-                 hint: Callable[[], str], skipped: int = 0):
+    def __init__(
+        self,
+        train: TrainConfig,
+        model: torch.nn.Module,
+        device: torch.device,
+        hint: Callable[[], str],
+        skipped: int = 0,
+    ):
         self.mode, self.limit, self.hint = train.nonfinite, train.skip_limit, hint
         self.guard = NonFiniteGuard(model, device) if self.mode == "skip" else None
         self.skipped = skipped  # over the whole run, resumed ones included (saved in checkpoints)
@@ -103,8 +109,10 @@ class NonFinitePolicy:
         if not applied and self.mode == "skip":
             self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
             if self.in_a_row >= self.limit:
-                raise UserError(f"{self.in_a_row} steps in a row had a non-finite loss or gradients "
-                                f"(train.skip_limit): training stopped at step {step} ({self.hint()})")
+                raise UserError(
+                    f"{self.in_a_row} steps in a row had a non-finite loss or gradients "
+                    f"(train.skip_limit): training stopped at step {step} ({self.hint()})"
+                )
             return True
         self.in_a_row = 0
         # Under `stop`, an update DeepSpeed discarded itself means non-finite gradients too.

@@ -9,11 +9,11 @@ import time
 
 import torch
 
+from data_prep.shards import ShardSet
 from lm.config import RunConfig
 from lm.data import WindowBatches
 from lm.model import GPT
 from lm.schedule import build_optimizer, build_scheduler
-from data_prep.shards import ShardSet
 
 
 def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
@@ -31,7 +31,9 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model
     # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision != "fp32")
+    autocast = torch.autocast(
+        device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision != "fp32"
+    )
     accum = t.batch_size // t.micro_batch_size
     losses, step_seconds, start = [], [], time.perf_counter()
     for step in range(steps):
@@ -53,4 +55,10 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
         step_seconds.append(time.perf_counter() - step_start)
     seconds = time.perf_counter() - start
     tokens = steps * t.batch_size * config.model.block_size
-    return {"losses": losses, "step_seconds": step_seconds, "seconds": seconds, "tokens_per_s": tokens / seconds, "model": model}
+    return {
+        "losses": losses,
+        "step_seconds": step_seconds,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "model": model,
+    }

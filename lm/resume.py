@@ -49,8 +49,9 @@ def find_resume_point(config: RunConfig, resume: str) -> ResumePoint:
     run_dir = Path(config.train.out_dir)
     if resume == "none":
         if ckpt.complete_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it, "
-                            "or choose another train.out_dir")
+            raise UserError(
+                f"{run_dir} already holds a run; pass --resume auto to continue it, or choose another train.out_dir"
+            )
         return ResumePoint()
     if resume == "auto":
         found = ckpt.complete_checkpoints(run_dir)
@@ -93,9 +94,11 @@ def check_same_weights_dtype(tag_dir: Path, precision: str) -> None:
     """fp32 and bf16 (autocast) keep the same fp32 state; bf16-weights keeps DeepSpeed's other files."""
     saved = ckpt.read_marker(tag_dir)["config"]["train"].get("precision", "fp32")
     if (saved == "bf16-weights") != (precision == "bf16-weights"):
-        raise UserError(f"{tag_dir} was written with train.precision={saved}, whose DeepSpeed files do not load "
-                        f"under {precision}; resume with {saved}, or start from its weights "
-                        "(lm convert --to checkpoint)")
+        raise UserError(
+            f"{tag_dir} was written with train.precision={saved}, whose DeepSpeed files do not load "
+            f"under {precision}; resume with {saved}, or start from its weights "
+            "(lm convert --to checkpoint)"
+        )
 
 
 def restore_rng_state(tag_dir: Path, rank: int) -> None:

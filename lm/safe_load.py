@@ -7,8 +7,8 @@ naming what it asked for. DeepSpeed's files need a few of its plain classes: lm.
 
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

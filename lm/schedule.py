@@ -16,20 +16,30 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device,
-                    kind: type[torch.optim.AdamW] = torch.optim.AdamW) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device, kind: type[torch.optim.AdamW] = torch.optim.AdamW
+) -> torch.optim.AdamW:
     """AdamW (or a subclass) over the model's decay / no-decay groups; torch's fused kernel on CUDA,
     one launch for every tensor (ZeRO hands the optimizer fp32 partitions on the same device)."""
     fused = {"fused": True} if torch.device(device).type == "cuda" else {}
-    return kind(model.optimizer_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-                eps=config.eps, **fused)
+    return kind(
+        model.optimizer_groups(config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        **fused,
+    )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepping once per optimizer step; its state is saved with the checkpoint.
 
     `start_step` > 0 starts it as if it had already stepped that often (a weights-only resume).
     """
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr, last_epoch=start_step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, config) / config.lr, last_epoch=start_step - 1
+    )

@@ -40,14 +40,23 @@ from lm.schedule import build_optimizer, build_scheduler
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lm train", description="Train a GPT under DeepSpeed ZeRO from a YAML run config.")
     p.add_argument("--config", required=True, help="YAML run config with sections model, data, train")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--resume", default="none", metavar="auto|none|PATH",
-                   help="auto: continue from the newest complete checkpoint in train.out_dir, if any; "
-                        "PATH: a run or checkpoint directory")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after STEP steps and checkpoint, keeping the schedule of train.steps "
-                        "(continue with --resume auto)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
+    )
+    p.add_argument(
+        "--resume",
+        default="none",
+        metavar="auto|none|PATH",
+        help="auto: continue from the newest complete checkpoint in train.out_dir, if any; "
+        "PATH: a run or checkpoint directory",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop after STEP steps and checkpoint, keeping the schedule of train.steps (continue with --resume auto)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -123,8 +132,9 @@ def check_can_compile() -> None:
         raise UserError("train.compile needs a C++ compiler on the CPU (g++, clang++ or $CXX); set train.compile=false")
 
 
-def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device,
-                initial_weights: dict | None = None) -> tuple[torch.nn.Module, int]:
+def build_model(
+    config: RunConfig, groups: ParallelGroups, device: torch.device, initial_weights: dict | None = None
+) -> tuple[torch.nn.Module, int]:
     """This rank's model (its TP slice, compiled if asked) and the whole model's parameter count."""
     torch.manual_seed(config.train.seed)  # same initial weights on every rank and layout
     model = GPT(config.model)
@@ -174,9 +184,11 @@ def start_run(config: RunConfig, resume: str = "none") -> Run:
 def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     """The contract line `training N.NNM parameters, ...`, after the engine is built."""
     m, t, g = run.config.model, run.config.train, run.groups
-    line = (f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, ZeRO-{t.zero_stage}, "
-            f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
-            f"{t.micro_batch_size} x {m.block_size} tokens")
+    line = (
+        f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, ZeRO-{t.zero_stage}, "
+        f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
+        f"{t.micro_batch_size} x {m.block_size} tokens"
+    )
     twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
     if twicing is not None:
         line += f", twicing on {twicing.runs_on(run.world.device, m.n_embd // m.n_head)}"
@@ -202,8 +214,9 @@ def optimizer_step(run: Run, step: int) -> tuple[float, bool]:
     return mean_over_ranks(loss_sum, run.grad_accum, device), applied
 
 
-def save_checkpoint(engine: Engine, run_dir: Path, step: int, config: RunConfig, world: World,
-                    skipped_steps: int = 0) -> Path:
+def save_checkpoint(
+    engine: Engine, run_dir: Path, step: int, config: RunConfig, world: World, skipped_steps: int = 0
+) -> Path:
     """Checkpoint `step` on every rank; marked complete only once every rank's files are on disk."""
     if not weights_are_finite(engine.local_weights(), world.device):  # the last line of defence
         raise UserError(f"non-finite weights at step {step}: checkpoint not saved ({last_checkpoint_hint(run_dir)})")
@@ -241,13 +254,20 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
         done = result.step = step + 1
         grad_norm = run.engine.grad_norm()
         elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-        values = {"train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed, "train/memory_mib": memory_mib(run.world)}
+        values = {
+            "train/lr": lr,
+            "train/tokens_per_s": tokens_per_step / elapsed,
+            "train/memory_mib": memory_mib(run.world),
+        }
         if run.policy.guard is not None:
             values["train/skipped_steps"] = run.policy.skipped
         if run.policy.after_step(done, loss, grad_norm, applied):
             values["train/skipped_steps"] = run.policy.skipped
-            run.log.record(done, f"step {done}/{t.steps}: non-finite loss or gradients, update skipped "
-                                 f"({run.policy.skipped} so far)", **values)
+            run.log.record(
+                done,
+                f"step {done}/{t.steps}: non-finite loss or gradients, update skipped ({run.policy.skipped} so far)",
+                **values,
+            )
         else:
             values["train/loss"] = loss
             if grad_norm is not None:
@@ -257,8 +277,9 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
         if run.val_windows and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
             validate(run, done, result)
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last:
-            result.checkpoint = save_checkpoint(run.engine, run.run_dir, done, run.config, run.world,
-                                                run.policy.skipped)
+            result.checkpoint = save_checkpoint(
+                run.engine, run.run_dir, done, run.config, run.world, run.policy.skipped
+            )
         clock = time.perf_counter()
     return result
 

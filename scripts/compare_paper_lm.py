@@ -33,20 +33,34 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a file from a checkout
 
+from core.errors import UserError, run_command  # noqa: E402
 from lm.analyze import check_out_dir, markdown_table, run_analysis  # noqa: E402
 from lm.config import load_config  # noqa: E402
-from core.errors import UserError, run_command  # noqa: E402
 from lm.evaluate import EvalText, Parser, add_text_arguments, text_from_args  # noqa: E402
 
 VARIANTS = ("twicing", "softmax")
 TOY_VOCAB = 512
 # Toy scale: the paper's shape shrunk to a CPU minute; the same for both variants.
 TOY = {
-    "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 64, "model.d_ff": 256, "model.block_size": 64,
+    "model.n_layer": 4,
+    "model.n_head": 4,
+    "model.n_embd": 64,
+    "model.d_ff": 256,
+    "model.block_size": 64,
     "model.dropout": 0.0,
-    "train.steps": 60, "train.batch_size": 8, "train.micro_batch_size": 8, "train.lr": 3.0e-3, "train.min_lr": 3.0e-4,
-    "train.warmup_steps": 6, "train.weight_decay": 0.0, "train.precision": "fp32", "train.zero_stage": 0,
-    "train.eval_interval": 0, "train.eval_windows": 8, "train.log_interval": 20, "train.checkpoint_interval": 0,
+    "train.steps": 60,
+    "train.batch_size": 8,
+    "train.micro_batch_size": 8,
+    "train.lr": 3.0e-3,
+    "train.min_lr": 3.0e-4,
+    "train.warmup_steps": 6,
+    "train.weight_decay": 0.0,
+    "train.precision": "fp32",
+    "train.zero_stage": 0,
+    "train.eval_interval": 0,
+    "train.eval_windows": 8,
+    "train.log_interval": 20,
+    "train.checkpoint_interval": 0,
     "train.tensorboard": False,
 }
 
@@ -62,8 +76,8 @@ def toy_shards(out: Path) -> tuple[Path, list[str]]:
 
 def decoded_val_documents(shards_dir: Path) -> list[str]:
     """The val split's documents, decoded from the shards (documents are separated by eod)."""
-    from data_prep.tokenizer import Tokenizer
     from data_prep.shards import ShardSet
+    from data_prep.tokenizer import Tokenizer
 
     shards = ShardSet.open(shards_dir, verify=False)
     tokens = np.concatenate([np.asarray(t) for t in shards.tokens("val")])
@@ -92,29 +106,55 @@ def train(variant: str, args, shards: Path, out: Path) -> dict:
     resolved = out / "configs" / f"{variant}.yaml"
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if args.nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "lm.train", "--config", str(resolved)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "lm.train",
+            "--config",
+            str(resolved),
+        ]
     else:
         command = [sys.executable, "-m", "lm.cli", "train", "--config", str(resolved)]
-    print(f"== train {variant}: {config.model.n_layer} layers, d_model {config.model.n_embd}, "
-          f"twicing layers {config.model.twicing_layer_indices() or 'none'}, {config.train.steps} steps", flush=True)
+    print(
+        f"== train {variant}: {config.model.n_layer} layers, d_model {config.model.n_embd}, "
+        f"twicing layers {config.model.twicing_layer_indices() or 'none'}, {config.train.steps} steps",
+        flush=True,
+    )
     began = time.perf_counter()
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise UserError(f"training {variant} failed (see its output above)")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     val = [m["val/loss"] for m in metrics if "val/loss" in m]
-    return {"run_dir": str(run_dir), "config": str(resolved), "seconds": time.perf_counter() - began,
-            "train_loss_start": losses[0], "train_loss_end": losses[-1], "val_loss_end": val[-1] if val else None}
+    return {
+        "run_dir": str(run_dir),
+        "config": str(resolved),
+        "seconds": time.perf_counter() - began,
+        "train_loss_start": losses[0],
+        "train_loss_end": losses[-1],
+        "val_loss_end": val[-1] if val else None,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="compare_paper_lm.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = Parser(
+        prog="compare_paper_lm.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--shards", help="token shards (default: made from the embedded corpus under OUT/shards)")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
-    p.add_argument("--scale", choices=["toy", "paper"], default="toy", help="toy: CPU minutes; paper: the paper's shape")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override for both runs")
+    p.add_argument(
+        "--scale", choices=["toy", "paper"], default="toy", help="toy: CPU minutes; paper: the paper's shape"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override for both runs"
+    )
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (torchrun)")
     add_text_arguments(p)
     p.add_argument("--rates", default="0,0.05,0.1,0.2", help="word-swap rates")
@@ -139,18 +179,33 @@ def main(argv=None) -> int:
     text = text or EvalText(decoded_val_documents(shards), f"{shards} val split (decoded)")
     runs = {variant: train(variant, args, shards, out) for variant in VARIANTS}
     print("== analyze", flush=True)
-    analysis = run_analysis([runs[v]["run_dir"] for v in VARIANTS], text, out / "analysis", list(VARIANTS),
-                            rates=rates, max_windows=args.windows)
+    analysis = run_analysis(
+        [runs[v]["run_dir"] for v in VARIANTS],
+        text,
+        out / "analysis",
+        list(VARIANTS),
+        rates=rates,
+        max_windows=args.windows,
+    )
     table = markdown_table(analysis)
-    train_rows = "\n".join(f"| {v} | {r['train_loss_start']:.3f} | {r['train_loss_end']:.3f} | {r['seconds']:.0f} |"
-                           for v, r in runs.items())
-    report = (f"# Twicing vs softmax, {args.scale} scale\n\nEvaluation text: {text.source} "
-              f"({analysis['text']['words']} words, {analysis['text']['bytes']} bytes).\n\n{table}\n\n"
-              f"| run | train loss start | train loss end | seconds |\n|---|---|---|---|\n{train_rows}\n\n"
-              f"Cosine pairs: {analysis['cosine_pairs']}.\n\n![analysis](analysis/analysis.png)\n")
+    train_rows = "\n".join(
+        f"| {v} | {r['train_loss_start']:.3f} | {r['train_loss_end']:.3f} | {r['seconds']:.0f} |"
+        for v, r in runs.items()
+    )
+    report = (
+        f"# Twicing vs softmax, {args.scale} scale\n\nEvaluation text: {text.source} "
+        f"({analysis['text']['words']} words, {analysis['text']['bytes']} bytes).\n\n{table}\n\n"
+        f"| run | train loss start | train loss end | seconds |\n|---|---|---|---|\n{train_rows}\n\n"
+        f"Cosine pairs: {analysis['cosine_pairs']}.\n\n![analysis](analysis/analysis.png)\n"
+    )
     (out / "comparison.md").write_text(report)
-    summary = {"scale": args.scale, "shards": str(shards), "runs": runs, "analysis": analysis,
-               "seconds": time.perf_counter() - began}
+    summary = {
+        "scale": args.scale,
+        "shards": str(shards),
+        "runs": runs,
+        "analysis": analysis,
+        "seconds": time.perf_counter() - began,
+    }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))
     print(table)
     print(f"wrote {out / 'comparison.md'} in {summary['seconds']:.0f} s", flush=True)
