@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError, run_command
-from core.ranks import launcher_world_size
+from core.ranks import launcher_world_size, started_by
 from data_prep import wikitext
 from lm.distributed import init_distributed
 from lm.inference import load_for_inference
@@ -247,8 +247,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def distributed_world():
-    """The process group when started by a launcher with several ranks, else None."""
-    if launcher_world_size() == 1:
+    """The process group when started by a launcher with several ranks, else None.
+
+    SLURM's variables alone do not count: a batch script's own shell carries SLURM_NTASKS too, and
+    an `lm eval` run there directly would wait for ranks that never come.
+    """
+    if launcher_world_size() == 1 or started_by().launcher == "SLURM":
         return None
     return init_distributed()
 
