@@ -12,6 +12,7 @@ import torch
 from data_prep.shards import ShardSet
 from lm.config import RunConfig
 from lm.data import WindowBatches
+from lm.initialization import initialize
 from lm.model import GPT
 from lm.schedule import build_optimizer, build_scheduler
 
@@ -25,8 +26,10 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     steps = t.steps if steps is None else steps
     shards = ShardSet.open(config.data.path, verify=False)
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
-    torch.manual_seed(t.seed)
-    model = GPT(config.model).to(device)
+    with torch.device("meta"):
+        model = GPT(config.model)
+    initialize(model, config.model, t.seed, device)  # lm.train's initial weights
+    torch.manual_seed(t.seed + 1)  # lm.train's dropout stream of data-parallel rank 0
     optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model

@@ -29,6 +29,7 @@ from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed
 from lm.engine import Engine, quiet_deepspeed
+from lm.initialization import initialize, materialize
 from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
 from lm.model import GPT
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
@@ -135,13 +136,19 @@ def check_can_compile() -> None:
 def build_model(
     config: RunConfig, groups: ParallelGroups, device: torch.device, initial_weights: dict | None = None
 ) -> tuple[torch.nn.Module, int]:
-    """This rank's model (its TP slice, compiled if asked) and the whole model's parameter count."""
-    torch.manual_seed(config.train.seed)  # same initial weights on every rank and layout
-    model = GPT(config.model)
-    if initial_weights is not None:
-        model.load_state_dict(initial_weights)
+    """This rank's model (its TP slice, compiled if asked) and the whole model's parameter count.
+
+    Sharded initialisation: the model is built on the meta device and sliced there; then only this
+    rank's slice of each parameter is materialised, one full parameter at a time (lm.initialization).
+    """
+    with torch.device("meta"):
+        model = GPT(config.model)
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
-    model = shard_model(model, groups).to(device)
+    model = shard_model(model, groups)
+    if initial_weights is None:
+        initialize(model, config.model, config.train.seed, device)  # the same in every layout
+    else:
+        materialize(model, initial_weights.__getitem__, device)
     if config.train.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
     return model, n_params
