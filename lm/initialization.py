@@ -11,7 +11,7 @@ slice of the TP = 1 model of the same seed.
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -46,32 +46,41 @@ def full_shapes(config: ModelConfig) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def materialize(model: torch.nn.Module, full_value: Callable[[str], torch.Tensor], device: torch.device | str) -> None:
-    """Allocate `model` (a GPT or its TP slice, on any device, meta included) on `device` and fill
-    every parameter from `full_value(name)`, the full parameter of that name, one at a time.
+def materialized(
+    model: torch.nn.Module, full_value: Callable[[str], torch.Tensor], device: torch.device | str
+) -> Iterator[torch.nn.Parameter]:
+    """Give each parameter of `model` (a GPT or its TP slice, built on the meta device) its value
+    from `full_value(name)`, the full parameter of that name, on `device`, one at a time; yields
+    each parameter as soon as it holds its value (ZeRO-3 partitions it right then, lm.engine).
 
     A sliced parameter carries `partition_dim` and `full_index` (lm.parallel.layers.mark_sharded):
-    only its slice of the full value is kept. Tied parameters are filled once.
+    only its slice of the full value is kept. Tied parameters are filled once and stay tied.
     """
-    # to_empty leaves buffers uninitialised too; the GPT has none, and a new one must be handled here.
-    assert not any(True for _ in model.buffers()), "materialize() initialises parameters only"
-    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # each parameter's owners (tied: several)
-    for module in model.modules():
-        for attr, param in module.named_parameters(recurse=False):
-            places.setdefault(id(param), []).append((module, attr))
-    model.to_empty(device=device)
-    for (first, attr), *others in places.values():  # to_empty gives tied owners a tensor each: tie again
-        for module, other_attr in others:
-            setattr(module, other_attr, getattr(first, attr))
+    # A buffer would stay on the meta device; the GPT has none, and a new one must be handled here.
+    assert not any(True for _ in model.buffers()), "materialized() initialises parameters only"
     for name, param in model.named_parameters():  # each shared parameter once, by its first name
         value = full_value(name)
         if hasattr(param, "full_index"):
             value = value.index_select(param.partition_dim, param.full_index)
-        param.copy_(value)
-        del value  # before the next one is drawn
+        real = torch.nn.Parameter(value.to(device), requires_grad=param.requires_grad)
+        real.__dict__.update(param.__dict__)  # the TP marks go along
+        torch.utils.swap_tensors(param, real)  # the same Parameter object, so ties and references hold
+        del value, real
+        yield param
+
+
+def materialize(model: torch.nn.Module, full_value: Callable[[str], torch.Tensor], device: torch.device | str) -> None:
+    """`materialized`, all at once."""
+    for _ in materialized(model, full_value, device):
+        pass
+
+
+def initial_values(config: ModelConfig, seed: int) -> Callable[[str], torch.Tensor]:
+    """`full_value` for `materialized`: GPT-2's initial weights of `seed`."""
+    shapes = full_shapes(config)
+    return lambda name: initial_value(name, shapes[name], config, seed)
 
 
 def initialize(model: torch.nn.Module, config: ModelConfig, seed: int, device: torch.device | str = "cpu") -> None:
     """GPT-2's initial weights of `seed` for `model` (whole or a TP slice) on `device`."""
-    shapes = full_shapes(config)
-    materialize(model, lambda name: initial_value(name, shapes[name], config, seed), device)
+    materialize(model, initial_values(config, seed), device)

@@ -29,7 +29,7 @@ from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed
 from lm.engine import Engine, quiet_deepspeed
-from lm.initialization import initialize, materialize
+from lm.initialization import initial_values, materialize
 from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
 from lm.model import GPT
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
@@ -140,15 +140,14 @@ def build_model(
 
     Sharded initialisation: the model is built on the meta device and sliced there; then only this
     rank's slice of each parameter is materialised, one full parameter at a time (lm.initialization).
+    ZeRO-3 partitions that slice when the engine is built.
     """
     with torch.device("meta"):
         model = GPT(config.model)
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups)
-    if initial_weights is None:
-        initialize(model, config.model, config.train.seed, device)  # the same in every layout
-    else:
-        materialize(model, initial_weights.__getitem__, device)
+    values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
+    materialize(model, values, device)  # the same weights in every layout
     if config.train.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
     return model, n_params
