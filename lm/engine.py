@@ -10,6 +10,7 @@ saves and loads its own checkpoint files. Around it, we:
   where DeepSpeed discards a step itself, which it does not do;
 - read its checkpoint files without running code from them (lm.safe_load, allowing the few plain
   DeepSpeed classes they contain), for resuming and for lm.consolidate;
+- partition ZeRO-3 parameters one at a time as they are first drawn (sharded initialisation);
 - reach each rank's share of a ZeRO-3 parameter (`ds_tensor`);
 - keep its logger to warnings.
 Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
@@ -17,7 +18,7 @@ Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +53,21 @@ def checkpoint_classes() -> list[type]:
 def read_checkpoint_file(path: Path) -> dict:
     """One file of a DeepSpeed checkpoint, read without running code from it."""
     return load_tensors(path, checkpoint_classes())
+
+
+def partition_zero3(params: Iterable[torch.nn.Parameter], train: TrainConfig, groups: ParallelGroups) -> None:
+    """Partition each parameter over the data-parallel group as soon as `params` yields it.
+
+    ZeRO-3's sharded initialisation: fed by lm.initialization.materialized, a rank never holds
+    more than its partitions plus one parameter. DeepSpeed's `zero.Init(module=...)` does the same
+    for a module whose parameters all exist already; its per-parameter step takes them one by one.
+    """
+    import deepspeed
+
+    init = deepspeed.zero.Init(
+        data_parallel_group=groups.dp_group, mpu=groups, config_dict_or_path=deepspeed_config(train, groups.dp_size)
+    )
+    init._convert_to_zero_parameters(params)
 
 
 class Engine:

@@ -141,9 +141,13 @@ class GPT(nn.Module):
         return [LayerCache() for _ in self.transformer.h]
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on matrices (and the embedding), none on biases and LayerNorm gains."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        """Weight decay on matrices (and the embedding), none on biases and LayerNorm gains.
+
+        Told apart by name, not by shape: a ZeRO-3 partition of a matrix is a flat tensor.
+        """
+        vectors = {name for name, _ in self.named_parameters() if name.endswith(".bias") or ".ln_" in name}
+        decay = [p for name, p in self.named_parameters() if name not in vectors]
+        no_decay = [p for name, p in self.named_parameters() if name in vectors]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self) -> int:

@@ -28,8 +28,8 @@ from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed
-from lm.engine import Engine, quiet_deepspeed
-from lm.initialization import initial_values, materialize
+from lm.engine import Engine, partition_zero3, quiet_deepspeed
+from lm.initialization import initial_values, materialized
 from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
 from lm.model import GPT
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
@@ -140,14 +140,19 @@ def build_model(
 
     Sharded initialisation: the model is built on the meta device and sliced there; then only this
     rank's slice of each parameter is materialised, one full parameter at a time (lm.initialization).
-    ZeRO-3 partitions that slice when the engine is built.
+    Under ZeRO-3 each parameter is partitioned as soon as it is drawn.
     """
     with torch.device("meta"):
         model = GPT(config.model)
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups)
     values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
-    materialize(model, values, device)  # the same weights in every layout
+    params = materialized(model, values, device)  # the same weights in every layout
+    if config.train.zero_stage == 3:
+        partition_zero3(params, config.train, groups)  # each parameter partitioned as soon as it exists
+    else:
+        for _ in params:
+            pass
     if config.train.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
     return model, n_params
