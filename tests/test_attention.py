@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import LargestTensorSeen, relative_error
 from lm import attention
 from lm.attention import (
     causal_attention_matrix,
@@ -17,10 +17,6 @@ from lm.attention import (
 def random_qkv(b=2, h=3, t=17, d=8, dtype=torch.float64, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, t, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_variants_are_registered_by_name():
@@ -79,21 +75,6 @@ def test_twicing_gradients_equal_the_explicit_formula():
     grads_ref = torch.autograd.grad(twicing_attention_reference(q, k, v).square().sum(), (q, k, v))
     for g, r in zip(grads_fused, grads_ref):
         assert relative_error(g, r) <= 1e-10
-
-
-class LargestTensorSeen(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
 
 
 def largest_tensor_in_forward_and_backward(fn, t):

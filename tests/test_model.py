@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import relative_error
 from lm.config import ModelConfig
 from lm.model import GPT
 
@@ -43,10 +44,6 @@ def tokens(batch=2, t=16, seed=0) -> torch.Tensor:
 def logits_of(model, idx) -> torch.Tensor:
     with torch.no_grad():
         return model(idx)[0]
-
-
-def relative_error(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # --------------------------------------------------------------------------- GPT-2 compatibility

@@ -10,8 +10,8 @@ import importlib
 import pytest
 import torch
 
+from conftest import LargestTensorSeen, relative_error
 from lm.attention import twicing_attention, twicing_attention_reference, twicing_attention_sdpa
-from test_attention import LargestTensorSeen, relative_error
 
 pytest.importorskip("triton")  # scripts/bootstrap.sh installs it; only a bare environment lacks it
 GPU = torch.cuda.is_available()
