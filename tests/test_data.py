@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import (WindowBatches, eval_windows, rank_rows,
-                     split_among_ranks)
+from lm.data import WindowBatches, eval_windows, rank_rows, split_among_ranks
 from lm.errors import UserError
 
 SEQ = 4
