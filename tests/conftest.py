@@ -1,6 +1,17 @@
-"""Shared fixtures: tiny token shards, tiny run configs, and running `lm` in a subprocess."""
+"""Shared helpers and fixtures of the test suite.
 
+- tiny worlds: token shards, run configs, a 2-step run and a 120-step trained run (session-wide);
+- running `lm`: in a fresh process (`run_lm`), under torchrun (`torchrun_command`, `run_torchrun`),
+  or in this process for the mistakes that fail before anything global is touched (`lm_in_process`);
+- checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes;
+- references: the plain PyTorch loop's losses, computed once per configuration (`plain_losses`);
+- tiny float64 models and converted checkpoints for evaluation and analysis.
+"""
+
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
+from lm.config import ModelConfig, RunConfig
+from lm.model import GPT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,10 +36,27 @@ if not torch.cuda.is_available():
 
 TINY_MODEL = dict(vocab_size=384, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64, twicing_layers="last:1")
 TINY_TRAIN = dict(
-    steps=6, batch_size=8, micro_batch_size=2, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1,
-    grad_clip=1.0, zero_stage=0, precision="fp32", seed=7, eval_interval=0, eval_windows=4, log_interval=1,
-    checkpoint_interval=0, tensorboard=False,
+    steps=6,
+    batch_size=8,
+    micro_batch_size=2,
+    lr=1e-2,
+    min_lr=1e-3,
+    warmup_steps=2,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    zero_stage=0,
+    precision="fp32",
+    seed=7,
+    eval_interval=0,
+    eval_windows=4,
+    log_interval=1,
+    checkpoint_interval=0,
+    tensorboard=False,
 )
+TRAINED_STEPS = 120  # of the session's trained tiny run (trained_tiny_run)
+
+
+# --------------------------------------------------------------------------- tiny worlds
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +80,54 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def two_step_world(tiny_shards, tmp_path_factory) -> Path:
+    """A directory holding shards/, good.yaml and run/ (2 steps of `lm train` from good.yaml), made once.
+
+    Read-only: a test that changes anything works on a copy (`copy_two_step_world`).
+    """
+    root = tmp_path_factory.mktemp("two-step-world")
+    shutil.copytree(tiny_shards, root / "shards")
+    write_config(root / "good.yaml", tiny_run_config(root / "shards", root / "run", train={"steps": 2}))
+    result = run_lm("train", "--config", str(root / "good.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def copy_two_step_world(two_step_world: Path, to: Path) -> Path:
+    """A private copy of the 2-step world, its good.yaml pointing into the copy."""
+    shutil.copytree(two_step_world, to)
+    write_config(to / "good.yaml", tiny_run_config(to / "shards", to / "run", train={"steps": 2}))
+    return to
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tiny_shards, tmp_path_factory) -> Path:
+    """A tiny model after TRAINED_STEPS steps of `lm train`, trained once per test session. Read-only."""
+    root = tmp_path_factory.mktemp("trained-tiny")
+    train = {
+        "steps": TRAINED_STEPS,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "lr": 1e-2,
+        "warmup_steps": 10,
+        "log_interval": 40,
+        "eval_windows": 0,
+    }
+    config = write_config(root / "trained-tiny.yaml", tiny_run_config(tiny_shards, root / "run", train=train))
+    result = run_lm("train", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def val_text(chars: int = 20000) -> str:
+    """The start of the tiny shards' val documents (about 5k tokens: enough, and quick to score)."""
+    return "\n\n".join(split_train_val(embedded_corpus()[:24], val_fraction=0.2, seed=0)[1])[:chars]
+
+
+# --------------------------------------------------------------------------- running `lm`
+
+
 def cpu_env(threads: int = 1) -> dict:
     """Environment for child processes: CPU DeepSpeed, one thread per rank, loopback only."""
     dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
@@ -56,11 +136,149 @@ def cpu_env(threads: int = 1) -> dict:
     return env
 
 
-def run_lm(*args: str, nproc: int = 0, timeout: int = 600, cwd: Path | None = None,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """`lm ARGS` in a fresh process; with nproc > 0, `lm train` under torchrun with nproc ranks."""
-    if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args]
-    else:
-        command = [sys.executable, "-m", "lm.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**cpu_env(), **(env or {})}, cwd=cwd or REPO)
+def torchrun_command(nproc: int, *target: str) -> list[str]:
+    """The torchrun command line for `nproc` ranks on this machine; target: `-m MODULE ARGS` or `SCRIPT ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+
+
+def run_torchrun(nproc: int, script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """tests/SCRIPT ARGS under torchrun with nproc CPU ranks (not checked: the caller asserts)."""
+    command = torchrun_command(nproc, str(REPO / "tests" / script), *args)
+    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=timeout, cwd=REPO)
+
+
+def run_lm(
+    *args: str, nproc: int = 0, timeout: int = 600, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`lm ARGS` in a fresh process; with nproc > 0, `python -m ARGS` (a module) under torchrun with nproc ranks."""
+    command = torchrun_command(nproc, "-m", *args) if nproc else [sys.executable, "-m", "lm.cli", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**cpu_env(), **(env or {})}, cwd=cwd or REPO
+    )
+
+
+@pytest.fixture
+def lm_in_process(capsys):
+    """`lm ARGS` as lm.cli.main in this process, with run_lm's result shape (returncode, stdout, stderr).
+
+    Only for commands that end before they create a process group, import DeepSpeed's engine or change
+    global torch state (threads, seeds, deterministic flags): a user's mistake in a config, a path, a
+    shard, a checkpoint or an argument. Everything else goes through run_lm.
+    """
+    from lm.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # output of earlier calls is not this command's
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's --help and usage errors, as a process would end
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["lm", *args], code, out, err)
+
+    return run
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str):
+    """Exit status 2 and exactly one stderr line, `error: ...`, holding every fragment."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def losses_from(run_dir: Path) -> dict[int, float]:
+    """{step: train loss} from a run directory's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+
+
+def tree_digest(path: Path) -> str:
+    """One hash over every file's relative name and bytes: equal digests, unchanged directory."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in the Frobenius norm."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+class LargestTensorSeen(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward); meta tensors, which
+    hold no memory, do not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.device.type != "meta":
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+# --------------------------------------------------------------------------- plain-loop references
+
+# The plain loop is one process without ZeRO or tensor parallelism, eager: these settings of a
+# config do not change its losses, so one reference serves every layout of the same run.
+LAYOUT_KEYS = ("out_dir", "tensor_parallel", "zero_stage", "compile")
+
+
+@pytest.fixture(scope="session")
+def plain_losses():
+    """plain_losses(config) -> the plain PyTorch loop's per-step losses, computed once per session and run."""
+    from lm.plain_loop import train_plain
+
+    cache = {}
+
+    def reference(config: dict) -> list[float]:
+        key = json.dumps(
+            {**config, "train": {k: v for k, v in config["train"].items() if k not in LAYOUT_KEYS}}, sort_keys=True
+        )
+        if key not in cache:
+            cache[key] = train_plain(RunConfig.from_dict(config))["losses"]
+        return list(cache[key])
+
+    return reference
+
+
+# --------------------------------------------------------------------------- tiny float64 models
+
+BOS = 0
+
+
+def tiny_model(**overrides) -> GPT:
+    """A seeded 50-token float64 GPT in eval mode (context 8, the last layer twicing)."""
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, twicing_layers="last:1")
+    config = ModelConfig(**{**sizes, **overrides})
+    return GPT(config).double().eval()
+
+
+def token_ids(n: int) -> list[int]:
+    """n seeded token ids in 1..49 (0 is BOS)."""
+    return torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
+    """A directory like `lm convert` writes (weights + config + tokenizer) for a seeded tiny model."""
+    config = RunConfig.from_dict(tiny_run_config(shards, path / "unused", model))
+    torch.manual_seed(3)
+    weights = GPT(config.model).state_dict()
+    path.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items() if k != "transformer.wte.weight"},
+        str(path / "model.safetensors"),
+    )
+    (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
+    return path

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import lm.train
-from lm import checkpoint
 from core.errors import run_command
+from lm import checkpoint
 
 
 def die_if(condition: bool) -> None:

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from lm.analyze import (analysis_windows, cosine_similarity_per_layer, layer_outputs, main as analyze_main,
-                        mean_pairwise_cosine, spectral_curves, word_swap)
+from conftest import BOS, converted_dir, tiny_model, token_ids, val_text
 from core.errors import run_command
-from test_evaluate import BOS, converted_dir, tiny_model, token_ids, trained_tiny_run, val_text
+from lm.analyze import (
+    analysis_windows,
+    cosine_similarity_per_layer,
+    layer_outputs,
+    mean_pairwise_cosine,
+    spectral_curves,
+    word_swap,
+)
+from lm.analyze import main as analyze_main
 
 
 def test_mean_pairwise_cosine_equals_the_average_over_pairs_i_ne_j():
@@ -41,6 +48,9 @@ def test_cosine_windows_are_non_overlapping_context_windows_evenly_spread():
     assert analysis_windows(100, 10, 64) == [(i * 10, i * 10 + 10) for i in range(10)]
     assert analysis_windows(100, 10, 3) == [(0, 10), (40, 50), (90, 100)]
     assert analysis_windows(7, 10, 3) == [(0, 7)]  # shorter than one context: one window
+
+
+def test_cosine_similarity_per_layer_averages_each_windows_mean_pairwise_cosine():
     model = tiny_model()
     per_layer = cosine_similarity_per_layer(model, token_ids(40), BOS, context=8, max_windows=2)
     by_hand = [0.0] * 3
@@ -82,10 +92,31 @@ def test_spectral_curves_twicing_keeps_eigenvalues_near_one():
 def test_analyze_writes_json_and_png_with_the_expected_keys(tiny_shards, tmp_path, capsys):
     a = converted_dir(tmp_path / "a", tiny_shards)
     b = converted_dir(tmp_path / "b", tiny_shards, model={"twicing_layers": "none"})
-    (tmp_path / "t.txt").write_text(val_text(tiny_shards, chars=3000), encoding="utf-8")
+    (tmp_path / "t.txt").write_text(val_text(chars=3000), encoding="utf-8")
     out = tmp_path / "out"
-    assert analyze_main(["--checkpoint", str(a), "--checkpoint", str(b), "--label", "twicing", "--label", "softmax",
-                         "--text", str(tmp_path / "t.txt"), "--out", str(out), "--rates", "0,0.1,0.3", "--windows", "4"]) == 0
+    assert (
+        analyze_main(
+            [
+                "--checkpoint",
+                str(a),
+                "--checkpoint",
+                str(b),
+                "--label",
+                "twicing",
+                "--label",
+                "softmax",
+                "--text",
+                str(tmp_path / "t.txt"),
+                "--out",
+                str(out),
+                "--rates",
+                "0,0.1,0.3",
+                "--windows",
+                "4",
+            ]
+        )
+        == 0
+    )
     analysis = json.loads((out / "analysis.json").read_text())
     assert (out / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"text", "settings", "cosine_pairs", "models", "spectral"} <= set(analysis)
@@ -101,25 +132,43 @@ def test_analyze_writes_json_and_png_with_the_expected_keys(tiny_shards, tmp_pat
 
 
 @pytest.mark.slow
-def test_word_swap_perplexity_rises_with_the_rate_on_a_trained_model(tiny_shards, tmp_path_factory, tmp_path):
-    run = trained_tiny_run(tmp_path_factory, tiny_shards)
-    (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
+def test_word_swap_perplexity_rises_with_the_rate_on_a_trained_model(trained_tiny_run, tmp_path):
+    (tmp_path / "val.txt").write_text(val_text(), encoding="utf-8")
     out = tmp_path / "out"
-    assert analyze_main(["--checkpoint", str(run), "--text", str(tmp_path / "val.txt"), "--out", str(out),
-                         "--rates", "0,0.1,0.2,0.4", "--windows", "16"]) == 0
+    assert (
+        analyze_main(
+            [
+                "--checkpoint",
+                str(trained_tiny_run),
+                "--text",
+                str(tmp_path / "val.txt"),
+                "--out",
+                str(out),
+                "--rates",
+                "0,0.1,0.2,0.4",
+                "--windows",
+                "16",
+            ]
+        )
+        == 0
+    )
     model = json.loads((out / "analysis.json").read_text())["models"][0]
     ppl = [s["word_ppl"] for s in model["word_swap"]]
     assert ppl == sorted(ppl) and ppl[-1] > 1.5 * ppl[0], ppl
-    assert all(-1 <= c <= 1 for c in model["cosine_similarity"]) and not any(math.isnan(c) for c in model["cosine_similarity"])
+    cosines = model["cosine_similarity"]
+    assert all(-1 <= c <= 1 for c in cosines) and not any(math.isnan(c) for c in cosines)
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--out", "NONEMPTY"], "is not empty"),
-    (["--out", "OUT", "--rates", "0,1.5"], "rates must be in [0, 1]"),
-    (["--out", "OUT", "--text", "NO_SUCH_FILE"], "text file not found"),
-    (["--out", "OUT", "--split", "dev"], "invalid choice: 'dev'"),
-    (["--out", "OUT", "--stride", "0"], "stride must be in 1..context"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--out", "NONEMPTY"], "is not empty"),
+        (["--out", "OUT", "--rates", "0,1.5"], "rates must be in [0, 1]"),
+        (["--out", "OUT", "--text", "NO_SUCH_FILE"], "text file not found"),
+        (["--out", "OUT", "--split", "dev"], "invalid choice: 'dev'"),
+        (["--out", "OUT", "--stride", "0"], "stride must be in 1..context"),
+    ],
+)
 def test_every_bad_analyze_input_is_one_error_line(tiny_shards, tmp_path, capsys, extra, fragment):
     ckpt = converted_dir(tmp_path / "a", tiny_shards)
     (tmp_path / "NONEMPTY").mkdir()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import LargestTensorSeen, relative_error
 from lm import attention
 from lm.attention import (
     causal_attention_matrix,
@@ -26,10 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def random_qkv(b=2, h=3, t=17, d=8, dtype=torch.float64, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, t, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_variants_are_registered_by_name():
@@ -90,21 +86,6 @@ def test_twicing_gradients_equal_the_explicit_formula():
         assert relative_error(g, r) <= 1e-10
 
 
-class LargestTensorSeen(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 def largest_tensor_in_forward_and_backward(fn, t):
     q, k, v = random_qkv(b=1, h=1, t=t, d=16, dtype=torch.float32, requires_grad=True)
     with LargestTensorSeen() as seen:
@@ -145,7 +126,7 @@ def test_cached_attention_equals_the_uncached_token_by_token(name):
     cache, prompt = attention.LayerCache(), 5
     rows = [variant.attend_cached(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache)]
     for i in range(prompt, 12):
-        rows.append(variant.attend_cached(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache))
+        rows.append(variant.attend_cached(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache))
     assert cache.length == 12
     assert relative_error(torch.cat(rows, dim=-2), whole) <= 1e-10
     if variant.twices:  # U = A V of every token so far, the first pass that the cache keeps
@@ -176,11 +157,14 @@ def test_only_twicing_asks_for_the_kernel_and_the_log_says_how_each_runs_on_a_cp
 # --------------------------------------------------------------------------- the config's choice
 
 
-@pytest.mark.parametrize("impl, softmax, twicing", [
-    ("fused", "softmax", "twicing"),
-    ("sdpa", "softmax", "twicing_sdpa"),
-    ("reference", "softmax_reference", "twicing_reference"),
-])
+@pytest.mark.parametrize(
+    "impl, softmax, twicing",
+    [
+        ("fused", "softmax", "twicing"),
+        ("sdpa", "softmax", "twicing_sdpa"),
+        ("reference", "softmax_reference", "twicing_reference"),
+    ],
+)
 def test_each_layer_kind_and_attention_impl_picks_a_registered_variant_of_that_kind(impl, softmax, twicing):
     config = ModelConfig(n_layer=2, twicing_layers=[1], attention_impl=impl)
     assert config.layer_kinds() == ["softmax", "twicing"]

@@ -1,7 +1,9 @@
 """Every mistake a user can make ends in one clear line, exit status 2, and no file changed.
 
 One table: each row sets up its mistake in a fresh copy of a small world (shards, a trained run,
-texts), runs one `lm` command, and expects a fragment of the error line.
+texts), runs one `lm` command, and expects a fragment of the error line. The commands run in this
+process (lm.cli.main), as they end before any process group or global torch state; the cases in
+THROUGH_A_PROCESS run as a real `lm` process, which proves the command line's path too.
 """
 
 import shutil
@@ -10,20 +12,15 @@ import socket
 import pytest
 import yaml
 
-from conftest import run_lm, tiny_run_config, write_config
-from test_training import assert_one_error_line, tree_digest
+from conftest import assert_one_error_line, copy_two_step_world, run_lm, tree_digest, write_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world_template(tiny_shards, tmp_path_factory):
+def world_template(two_step_world, tmp_path_factory):
     """Shards, a config, a 2-step run and a text file, made once and copied per case."""
-    root = tmp_path_factory.mktemp("world")
-    shutil.copytree(tiny_shards, root / "shards")
-    config = tiny_run_config(root / "shards", root / "run", train={"steps": 2})
-    write_config(root / "good.yaml", config)
-    assert run_lm("train", "--config", str(root / "good.yaml")).returncode == 0
+    root = copy_two_step_world(two_step_world, tmp_path_factory.mktemp("world") / "world")
     (root / "text.txt").write_text("Some text to score. " * 20)
     return root
 
@@ -50,48 +47,168 @@ def busy_port():
     return str(s.getsockname()[1])
 
 
+def train_with(world, section, key, value, *extra, out_dir="new-run"):
+    """`lm train` of the good config with one value changed (edit_config), then extra arguments."""
+    return ["train", "--config", edit_config(world, "c.yaml", section, key, value, out_dir), *extra]
+
+
+def truncate(path, by=2):
+    shutil.copyfile(path, path.parent.parent / "t")
+    path.write_bytes((path.parent.parent / "t").read_bytes()[:-by])
+
+
+# case: (setup(world) -> argv, a fragment of the error line); a setup may first spoil a file.
 CASES = {
-    "misspelt config key": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "model", "n_layers", 2)], "unknown key 'n_layers' (did you mean 'n_layer'?)"),
-    "wrong type": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "model", "n_layer", "four")], "model.n_layer: expected int, got 'four'"),
-    "bad choice": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "train", "precision", "fp8")], "train.precision: expected one of 'fp32', 'bf16'"),
-    "batch not a multiple of micro batch": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "train", "batch_size", 7)], "must be a multiple of train.micro_batch_size"),
-    "TP not dividing heads": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "train", "tensor_parallel", 3)], "model.n_head (2) is not divisible by train.tensor_parallel (3)"),
+    "misspelt config key": (
+        lambda w: train_with(w, "model", "n_layers", 2),
+        "unknown key 'n_layers' (did you mean 'n_layer'?)",
+    ),
+    "wrong type": (lambda w: train_with(w, "model", "n_layer", "four"), "model.n_layer: expected int, got 'four'"),
+    "bad choice": (
+        lambda w: train_with(w, "train", "precision", "fp8"),
+        "train.precision: expected one of 'fp32', 'bf16'",
+    ),
+    "batch not a multiple of micro batch": (
+        lambda w: train_with(w, "train", "batch_size", 7),
+        "must be a multiple of train.micro_batch_size",
+    ),
+    "TP not dividing heads": (
+        lambda w: train_with(w, "train", "tensor_parallel", 3),
+        "model.n_head (2) is not divisible by train.tensor_parallel (3)",
+    ),
     "missing config file": (lambda w: ["train", "--config", str(w / "nope.yaml")], "config file not found"),
-    "invalid YAML": (lambda w: ((w / "bad.yaml").write_text("model: [1\n"), ["train", "--config", str(w / "bad.yaml")])[-1], "not valid YAML"),
-    "bad override": (lambda w: ["train", "--config", str(w / "good.yaml"), "--set", "n_layer=2"], "is not of the form section.key=value"),
-    "missing data path": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "data", "path", str(w / "no-shards"))], "no-shards"),
-    "truncated shard": (lambda w: (shutil.copyfile(w / "shards" / "train-00000.bin", w / "t"), (w / "shards" / "train-00000.bin").write_bytes((w / "t").read_bytes()[:-2]),
-                                   ["train", "--config", edit_config(w, "c.yaml", "train", "steps", 3)])[-1], "train-00000.bin"),
-    "altered shard (checksum)": (lambda w: (flip_byte(w / "shards" / "train-00000.bin"), ["train", "--config", edit_config(w, "c.yaml", "train", "steps", 3)])[-1], "train-00000.bin"),
-    "vocabulary mismatch": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "model", "vocab_size", 100)], "vocabulary mismatch"),
-    "existing run without --resume": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "train", "steps", 2, out_dir="run")], "already holds a run"),
-    "checkpoint of another model": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "model", "n_embd", 64), "--resume", str(w / "run")], "different model"),
-    "port already in use": (lambda w: ["train", "--config", edit_config(w, "c.yaml", "train", "steps", 3)], "already in use"),
-    "empty corpus": (lambda w: ((w / "empty.txt").write_text(""), ["prep", "--input", str(w / "empty.txt"), "--out", str(w / "p")])[-1], "empty"),
-    "non-UTF-8 corpus": (lambda w: ((w / "bad.txt").write_bytes(b"caf\xe9 au lait\n"), ["prep", "--input", str(w / "bad.txt"), "--out", str(w / "p")])[-1], "UTF-8"),
-    "prep into existing shards": (lambda w: ["prep", "--input", str(w / "text.txt"), "--out", str(w / "shards")], "shards"),
-    "non-UTF-8 text to evaluate": (lambda w: ((w / "bad.txt").write_bytes(b"\xff\xfe"), ["eval", "--checkpoint", str(w / "run"), "--text", str(w / "bad.txt")])[-1], "not valid UTF-8"),
-    "stride longer than the context": (lambda w: ["eval", "--checkpoint", str(w / "run"), "--text", str(w / "text.txt"), "--context", "8", "--stride", "9"], "stride must be in 1..context (8), got 9"),
-    "missing checkpoint": (lambda w: ["generate", "--checkpoint", str(w / "no-run"), "--prompt", "x"], "checkpoint path not found"),
-    "prompt longer than the context": (lambda w: ["generate", "--checkpoint", str(w / "run"), "--prompt", "Some text to score. " * 20], "longer than the model's context of 32"),
-    "top-p out of range": (lambda w: ["generate", "--checkpoint", str(w / "run"), "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    "convert into a non-empty directory": (lambda w: ["convert", "--checkpoint", str(w / "run"), "--out", str(w / "shards")], "is not empty"),
-    "re-split to an impossible TP size": (lambda w: ["convert", "--checkpoint", str(w / "run"), "--out", str(w / "r"), "--to", "checkpoint", "--tensor-parallel", "3"], "not divisible by train.tensor_parallel (3)"),
-    "malformed node list": (lambda w: ["launch", "--config", str(w / "good.yaml"), "--nodes", "gpu[01-", "--dry-run"], "bad node list"),
-    "batch the allocation cannot split": (lambda w: ["launch", "--config", str(w / "good.yaml"), "--nodes", "a,b,c", "--dry-run"], "data-parallel size (3)"),
+    "invalid YAML": (
+        lambda w: ((w / "bad.yaml").write_text("model: [1\n"), ["train", "--config", str(w / "bad.yaml")])[-1],
+        "not valid YAML",
+    ),
+    "bad override": (
+        lambda w: ["train", "--config", str(w / "good.yaml"), "--set", "n_layer=2"],
+        "is not of the form section.key=value",
+    ),
+    "missing data path": (lambda w: train_with(w, "data", "path", str(w / "no-shards")), "no-shards"),
+    "truncated shard": (
+        lambda w: (truncate(w / "shards" / "train-00000.bin"), train_with(w, "train", "steps", 3))[-1],
+        "train-00000.bin",
+    ),
+    "altered shard (checksum)": (
+        lambda w: (flip_byte(w / "shards" / "train-00000.bin"), train_with(w, "train", "steps", 3))[-1],
+        "train-00000.bin",
+    ),
+    "vocabulary mismatch": (lambda w: train_with(w, "model", "vocab_size", 100), "vocabulary mismatch"),
+    "existing run without --resume": (
+        lambda w: train_with(w, "train", "steps", 2, out_dir="run"),
+        "already holds a run",
+    ),
+    "checkpoint of another model": (
+        lambda w: train_with(w, "model", "n_embd", 64, "--resume", str(w / "run")),
+        "different model",
+    ),
+    "port already in use": (lambda w: train_with(w, "train", "steps", 3), "already in use"),
+    "empty corpus": (
+        lambda w: ((w / "empty.txt").write_text(""), ["prep", "--input", str(w / "empty.txt"), "--out", str(w / "p")])[
+            -1
+        ],
+        "empty",
+    ),
+    "non-UTF-8 corpus": (
+        lambda w: (
+            (w / "bad.txt").write_bytes(b"caf\xe9 au lait\n"),
+            ["prep", "--input", str(w / "bad.txt"), "--out", str(w / "p")],
+        )[-1],
+        "UTF-8",
+    ),
+    "prep into existing shards": (
+        lambda w: ["prep", "--input", str(w / "text.txt"), "--out", str(w / "shards")],
+        "shards",
+    ),
+    "non-UTF-8 text to evaluate": (
+        lambda w: (
+            (w / "bad.txt").write_bytes(b"\xff\xfe"),
+            ["eval", "--checkpoint", str(w / "run"), "--text", str(w / "bad.txt")],
+        )[-1],
+        "not valid UTF-8",
+    ),
+    "stride longer than the context": (
+        lambda w: [
+            "eval",
+            "--checkpoint",
+            str(w / "run"),
+            "--text",
+            str(w / "text.txt"),
+            "--context",
+            "8",
+            "--stride",
+            "9",
+        ],
+        "stride must be in 1..context (8), got 9",
+    ),
+    "missing checkpoint": (
+        lambda w: ["generate", "--checkpoint", str(w / "no-run"), "--prompt", "x"],
+        "checkpoint path not found",
+    ),
+    "prompt longer than the context": (
+        lambda w: ["generate", "--checkpoint", str(w / "run"), "--prompt", "Some text to score. " * 20],
+        "longer than the model's context of 32",
+    ),
+    "top-p out of range": (
+        lambda w: ["generate", "--checkpoint", str(w / "run"), "--prompt", "x", "--top-p", "1.5"],
+        "--top-p must be in (0, 1]",
+    ),
+    "convert into a non-empty directory": (
+        lambda w: ["convert", "--checkpoint", str(w / "run"), "--out", str(w / "shards")],
+        "is not empty",
+    ),
+    "re-split to an impossible TP size": (
+        lambda w: [
+            "convert",
+            "--checkpoint",
+            str(w / "run"),
+            "--out",
+            str(w / "r"),
+            "--to",
+            "checkpoint",
+            "--tensor-parallel",
+            "3",
+        ],
+        "not divisible by train.tensor_parallel (3)",
+    ),
+    "malformed node list": (
+        lambda w: ["launch", "--config", str(w / "good.yaml"), "--nodes", "gpu[01-", "--dry-run"],
+        "bad node list",
+    ),
+    "batch the allocation cannot split": (
+        lambda w: ["launch", "--config", str(w / "good.yaml"), "--nodes", "a,b,c", "--dry-run"],
+        "data-parallel size (3)",
+    ),
     "demo into a non-empty directory": (lambda w: ["demo", "--out", str(w / "shards")], "not empty"),
     "unknown command": (lambda w: ["trian"], "unknown command 'trian'"),
 }
 
 
+# The port check runs as the process group is set up, which writes RANK, MASTER_PORT, ... into the
+# environment: it needs a process of its own. The other cases here run as processes too, to prove
+# that a real `lm` reports what lm.cli.main does.
+THROUGH_A_PROCESS = {
+    "port already in use",
+    "misspelt config key",
+    "truncated shard",
+    "checkpoint of another model",
+    "non-UTF-8 text to evaluate",
+    "unknown command",
+}
+assert THROUGH_A_PROCESS <= set(CASES)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_each_mistake_is_one_clear_line_and_changes_nothing(case, world_template, tmp_path):
+def test_each_mistake_is_one_clear_line_and_changes_nothing(case, world_template, tmp_path, lm_in_process):
     world = tmp_path / "world"
     shutil.copytree(world_template, world)
     setup, expected = CASES[case]
-    env = {"MASTER_PORT": busy_port()} if case == "port already in use" else {}
     args = setup(world)
     before = tree_digest(world)
-    result = run_lm(*args, env=env)
+    if case in THROUGH_A_PROCESS:
+        result = run_lm(*args, env={"MASTER_PORT": busy_port()} if case == "port already in use" else {})
+    else:
+        result = lm_in_process(*args)
     assert_one_error_line(result, expected)
     assert tree_digest(world) == before

@@ -20,8 +20,14 @@ RUNS = {
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_benchmark_runs_and_prints_its_table(name):
     args, expected = RUNS[name]
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / args[0]), *args[1:]], capture_output=True,
-                            text=True, env=cpu_env(threads=2), cwd=REPO, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        env=cpu_env(threads=2),
+        cwd=REPO,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout
 
@@ -29,10 +35,19 @@ def test_benchmark_runs_and_prints_its_table(name):
 def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(tiny_shards, tmp_path):
     """`gpu_check.sh --smoke`: the kernel test, the attention benchmark and the training-throughput
     rows (plain loop, DeepSpeed with one and two processes), as on the GPU but tiny."""
-    env = {**cpu_env(threads=2), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = ours
-           "GPU_CHECK_SHARDS": str(tiny_shards)}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", str(tmp_path)],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    env = {
+        **cpu_env(threads=2),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = ours
+        "GPU_CHECK_SHARDS": str(tiny_shards),
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tables = result.stdout.split("================ tables ================")[-1]
     assert "1 passed" in tables  # the kernel test

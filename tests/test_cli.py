@@ -1,4 +1,8 @@
-"""Specification of the `lm` command line: subcommands, help, and one-line errors."""
+"""Specification of the `lm` command line: subcommands, help, and one-line errors.
+
+`lm --help` and an unknown command run as real processes (the console entry); the subcommands'
+help and errors are called in this process through the same lm.cli.main.
+"""
 
 import pytest
 
@@ -14,8 +18,8 @@ def test_lm_lists_its_subcommands():
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_subcommand_has_help(command):
-    result = run_lm(command, "--help")
+def test_every_subcommand_has_help(command, lm_in_process):
+    result = lm_in_process(command, "--help")
     assert result.returncode == 0, result.stderr
     assert f"lm {command}" in result.stdout
 
@@ -27,8 +31,10 @@ def test_an_unknown_subcommand_is_one_error_line():
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "convert"])
-def test_a_missing_checkpoint_is_one_error_line(command, tmp_path):
-    extra = {"eval": ["--text", __file__], "generate": ["--prompt", "x"], "convert": ["--out", str(tmp_path / "o")]}[command]
-    result = run_lm(command, "--checkpoint", str(tmp_path / "nothing-here"), *extra)
+def test_a_missing_checkpoint_is_one_error_line(command, tmp_path, lm_in_process):
+    extra = {"eval": ["--text", __file__], "generate": ["--prompt", "x"], "convert": ["--out", str(tmp_path / "o")]}[
+        command
+    ]
+    result = lm_in_process(command, "--checkpoint", str(tmp_path / "nothing-here"), *extra)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: checkpoint path not found: {tmp_path / 'nothing-here'}"

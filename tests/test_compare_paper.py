@@ -27,18 +27,26 @@ def test_the_paper_configs_have_the_paper_shape_and_differ_only_in_attention():
 @pytest.mark.slow
 def test_toy_comparison_trains_both_and_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "cmp"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--set", "train.steps=30",
-                             "--windows", "8"], capture_output=True, text=True, env=cpu_env(), timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--set", "train.steps=30", "--windows", "8"],
+        capture_output=True,
+        text=True,
+        env=cpu_env(),
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = (out / "comparison.md").read_text()
-    assert "| metric | twicing | softmax |" in table and "word-swap 10% word PPL" in table and "cos sim layer 4" in table
+    assert "| metric | twicing | softmax |" in table
+    assert "word-swap 10% word PPL" in table and "cos sim layer 4" in table
     assert (out / "analysis" / "analysis.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "comparison.json").read_text())
     assert set(summary["runs"]) == {"twicing", "softmax"}
     for run in summary["runs"].values():
         assert run["train_loss_end"] < run["train_loss_start"]
     configs = {v: yaml.safe_load((out / "configs" / f"{v}.yaml").read_text()) for v in ("twicing", "softmax")}
-    assert configs["twicing"]["model"]["twicing_layers"] == "last:2" and configs["softmax"]["model"]["twicing_layers"] == "none"
+    assert configs["twicing"]["model"]["twicing_layers"] == "last:2"
+    assert configs["softmax"]["model"]["twicing_layers"] == "none"
     assert configs["twicing"]["train"]["seed"] == configs["softmax"]["train"]["seed"]
     models = summary["analysis"]["models"]
     assert [m["twicing_layers"] for m in models] == [[2, 3], []]
@@ -47,6 +55,13 @@ def test_toy_comparison_trains_both_and_writes_table_json_and_plot(tmp_path):
 
 def test_comparison_refuses_a_non_empty_out_dir(tmp_path):
     (tmp_path / "x").write_text("x")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
-                            env=cpu_env(), timeout=120, cwd=REPO)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: output directory {tmp_path} is not empty; choose another --out"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=cpu_env(),
+        timeout=120,
+        cwd=REPO,
+    )
+    expected = f"error: output directory {tmp_path} is not empty; choose another --out"
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected]

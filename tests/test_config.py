@@ -10,20 +10,30 @@ import copy
 import pytest
 import yaml
 
+from core.errors import UserError
 from lm.attention import ATTENTION
 from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from lm.ds_config import DERIVED, deepspeed_config
-from core.errors import UserError
 
 VALID = {
     "model": {
-        "vocab_size": 97, "block_size": 16, "n_layer": 4, "n_head": 4, "n_embd": 32, "d_ff": 48,
+        "vocab_size": 97,
+        "block_size": 16,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 32,
+        "d_ff": 48,
         "twicing_layers": "last:2",
     },
     "data": {"path": "shards/demo"},
     "train": {
-        "steps": 10, "batch_size": 8, "micro_batch_size": 2, "lr": 1.0e-3, "min_lr": 1.0e-4,
-        "zero_stage": 2, "precision": "bf16",
+        "steps": 10,
+        "batch_size": 8,
+        "micro_batch_size": 2,
+        "lr": 1.0e-3,
+        "min_lr": 1.0e-4,
+        "zero_stage": 2,
+        "precision": "bf16",
     },
 }
 
@@ -106,8 +116,12 @@ def test_unknown_section_is_named_with_the_close_match(tmp_path):
 
 @pytest.mark.parametrize(
     "section, wrong, right",
-    [("model", "n_layers", "n_layer"), ("model", "twicing_layer", "twicing_layers"),
-     ("train", "micro_batch", "micro_batch_size"), ("data", "pth", "path")],
+    [
+        ("model", "n_layers", "n_layer"),
+        ("model", "twicing_layer", "twicing_layers"),
+        ("train", "micro_batch", "micro_batch_size"),
+        ("data", "pth", "path"),
+    ],
 )
 def test_unknown_key_is_named_with_the_close_match(tmp_path, section, wrong, right):
     message = load_error(tmp_path, with_value(section, wrong, 1))
@@ -161,14 +175,17 @@ def test_null_is_accepted_for_optional_d_ff_and_means_four_times_n_embd(tmp_path
 
 
 @pytest.mark.parametrize(
-    "key, value", [("zero_stage", 4), ("zero_stage", "2"), ("zero_stage", True), ("precision", "fp16"), ("precision", "BF16")]
+    "key, value",
+    [("zero_stage", 4), ("zero_stage", "2"), ("zero_stage", True), ("precision", "fp16"), ("precision", "BF16")],
 )
 def test_literal_fields_reject_values_outside_their_choices(tmp_path, key, value):
     message = load_error(tmp_path, with_value("train", key, value))
     assert f"train.{key}: expected one of" in message
 
 
-@pytest.mark.parametrize("key, value", [("zero_stage", 0), ("zero_stage", 3), ("precision", "fp32"), ("precision", "bf16-weights")])
+@pytest.mark.parametrize(
+    "key, value", [("zero_stage", 0), ("zero_stage", 3), ("precision", "fp32"), ("precision", "bf16-weights")]
+)
 def test_literal_fields_accept_their_choices(tmp_path, key, value):
     assert getattr(load_config(write_yaml(tmp_path, with_value("train", key, value))).train, key) == value
 
@@ -190,7 +207,9 @@ def test_n_embd_must_be_divisible_by_n_head(tmp_path):
     assert message.startswith(str(tmp_path / "run.yaml") + ": ")
 
 
-@pytest.mark.parametrize("section, key", [("model", "n_layer"), ("model", "vocab_size"), ("train", "steps"), ("train", "batch_size")])
+@pytest.mark.parametrize(
+    "section, key", [("model", "n_layer"), ("model", "vocab_size"), ("train", "steps"), ("train", "batch_size")]
+)
 def test_sizes_must_be_positive(tmp_path, section, key):
     assert f"{section}.{key} must be positive, got 0" in load_error(tmp_path, with_value(section, key, 0))
 
@@ -398,7 +417,12 @@ def test_each_precision_picks_one_deepspeed_mode():
 
 def test_bf16_autocast_reduces_gradients_in_fp32():
     # DeepSpeed's default would all-reduce nn.Linear gradients in bf16, unlike the plain loop.
-    assert deepspeed_config(TrainConfig(precision="bf16", batch_size=16), 2)["torch_autocast"]["lower_precision_safe_modules"] == []
+    assert (
+        deepspeed_config(TrainConfig(precision="bf16", batch_size=16), 2)["torch_autocast"][
+            "lower_precision_safe_modules"
+        ]
+        == []
+    )
 
 
 def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
@@ -407,9 +431,17 @@ def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_paralle
     assert one == {"stage": 2, "reduce_scatter": False}  # one rank: an in-place all-reduce, no copies
     assert two["overlap_comm"] and two["reduce_bucket_size"] < 124_000_000  # buckets smaller than GPT-2 small
     assert deepspeed_config(TrainConfig(zero_stage=3, batch_size=16), 2)["zero_optimization"] == {"stage": 3}
-    override = TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4,
-                           deepspeed={"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}})
-    assert deepspeed_config(override, 2)["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 5e8}
+    override = TrainConfig(
+        zero_stage=2,
+        batch_size=8,
+        micro_batch_size=4,
+        deepspeed={"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}},
+    )
+    assert deepspeed_config(override, 2)["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": False,
+        "reduce_bucket_size": 5e8,
+    }
 
 
 def test_deepspeed_config_rejects_a_data_parallel_size_that_does_not_divide_the_batch():
@@ -426,7 +458,12 @@ def test_extra_deepspeed_keys_are_merged_deeply():
     train = TrainConfig(zero_stage=2, deepspeed=copy.deepcopy(extra))
     ds = deepspeed_config(train, 1)
     # merged over our one-rank default (reduce_scatter off)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "overlap_comm": True, "reduce_bucket_size": 5e7}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "reduce_scatter": False,
+        "overlap_comm": True,
+        "reduce_bucket_size": 5e7,
+    }
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["steps_per_print"] == 10  # a non-derived default of ours may be overridden
     assert ds["train_batch_size"] == train.batch_size
@@ -442,8 +479,15 @@ def test_setting_a_derived_key_in_train_deepspeed_is_rejected(key):
 
 
 def test_the_derived_keys_cover_batch_accumulation_clipping_and_precision():
-    assert {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-            "gradient_clipping", "bf16", "fp16", "torch_autocast"} <= set(DERIVED)
+    assert {
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "bf16",
+        "fp16",
+        "torch_autocast",
+    } <= set(DERIVED)
 
 
 def test_conflicting_zero_stage_is_rejected():

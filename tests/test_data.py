@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import (WindowBatches, eval_windows, rank_rows,
-                     split_among_ranks)
 from core.errors import UserError
+from lm.data import WindowBatches, eval_windows, rank_rows, split_among_ranks
 
 SEQ = 4
 

@@ -1,14 +1,19 @@
-"""Specification of `lm demo` and of the commands that use what it leaves behind."""
+"""Specification of `lm demo` and of the commands that use what it leaves behind.
+
+`lm demo` and `lm eval` run as real processes; the other commands on the demo's run are called in
+this process through the same lm.cli.main (they set up no process group and no global state).
+"""
 
 import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import run_lm
-from lm.inference import load_model
 from lm.config import RunConfig
+from lm.inference import load_model
 from lm.model import GPT
 
 pytestmark = pytest.mark.slow
@@ -42,9 +47,9 @@ def test_demo_trained_under_two_processes_with_zero_2(demo_dir):
     assert marker["config"]["model"]["twicing_layers"] == "last:2"
 
 
-def test_demo_refuses_a_directory_that_is_not_empty(demo_dir):
+def test_demo_refuses_a_directory_that_is_not_empty(demo_dir, lm_in_process):
     before = (demo_dir / "summary.json").read_bytes()
-    result = run_lm("demo", "--out", str(demo_dir))
+    result = lm_in_process("demo", "--out", str(demo_dir))
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "not empty" in result.stderr
     assert (demo_dir / "summary.json").read_bytes() == before
 
@@ -60,24 +65,34 @@ def test_eval_reports_perplexities_as_json(demo_dir):
     assert 1 < report["token_ppl"] < 2048
 
 
-def test_generate_continues_a_prompt(demo_dir):
-    result = run_lm("generate", "--checkpoint", str(demo_dir), "--prompt", "The import", "--prompt", "A list",
-                    "--max-new-tokens", "12", "--json")
+def test_generate_continues_a_prompt(demo_dir, lm_in_process):
+    result = lm_in_process(
+        "generate",
+        "--checkpoint",
+        str(demo_dir),
+        "--prompt",
+        "The import",
+        "--prompt",
+        "A list",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     outputs = json.loads(result.stdout)["outputs"]
     assert [o["prompt"] for o in outputs] == ["The import", "A list"]
     assert all(o["completion"] for o in outputs)
 
 
-def test_generate_refuses_a_prompt_longer_than_the_context(demo_dir):
-    result = run_lm("generate", "--checkpoint", str(demo_dir), "--prompt", "word " * 400)
+def test_generate_refuses_a_prompt_longer_than_the_context(demo_dir, lm_in_process):
+    result = lm_in_process("generate", "--checkpoint", str(demo_dir), "--prompt", "word " * 400)
     assert result.returncode == 2 and "longer than the model's context of 128" in result.stderr
 
 
-def test_convert_writes_weights_that_give_the_training_models_logits(demo_dir, tmp_path):
-    result = run_lm("convert", "--checkpoint", str(demo_dir), "--out", str(tmp_path / "converted"))
+def test_convert_writes_weights_that_give_the_training_models_logits(demo_dir, tmp_path, lm_in_process):
+    result = lm_in_process("convert", "--checkpoint", str(demo_dir), "--out", str(tmp_path / "converted"))
     assert result.returncode == 0, result.stderr
-    config = RunConfig.from_dict(__import__("yaml").safe_load((tmp_path / "converted" / "config.yaml").read_text()))
+    config = RunConfig.from_dict(yaml.safe_load((tmp_path / "converted" / "config.yaml").read_text()))
     model = GPT(config.model).eval()
     missing, unexpected = model.load_state_dict(load_file(tmp_path / "converted" / "model.safetensors"), strict=False)
     assert missing == ["transformer.wte.weight"] and not unexpected  # stored once, tied to lm_head
@@ -87,13 +102,15 @@ def test_convert_writes_weights_that_give_the_training_models_logits(demo_dir, t
         torch.testing.assert_close(model(ids)[0], trained(ids)[0], rtol=0, atol=0)
 
 
-def test_hf_export_of_the_demo_loads_in_transformers_with_the_same_logits(demo_dir, tmp_path, monkeypatch):
+def test_hf_export_of_the_demo_loads_in_transformers_with_the_same_logits(
+    demo_dir, tmp_path, monkeypatch, lm_in_process
+):
     import transformers.dynamic_module_utils as dynamic_modules
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    result = run_lm("convert", "--checkpoint", str(demo_dir), "--out", str(tmp_path / "hf"), "--to", "hf")
+    result = lm_in_process("convert", "--checkpoint", str(demo_dir), "--out", str(tmp_path / "hf"), "--to", "hf")
     assert result.returncode == 0, result.stderr
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     ours, _, _ = load_model(demo_dir)

@@ -1,26 +1,29 @@
 """Specification of sliding-window perplexity (lm.evaluate)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.config import ModelConfig
-from lm.evaluate import perplexity_report, sliding_window_nll
-from lm.model import GPT
-
-BOS = 0
-
-
-def tiny_model(**overrides) -> GPT:
-    torch.manual_seed(0)
-    config = ModelConfig(**{**dict(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, twicing_layers="last:1"), **overrides})
-    return GPT(config).double().eval()
-
-
-def token_ids(n: int) -> list[int]:
-    return torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+from conftest import (
+    BOS,
+    TINY_MODEL,
+    TRAINED_STEPS,
+    assert_one_error_line,
+    converted_dir,
+    run_lm,
+    tiny_model,
+    token_ids,
+    val_text,
+)
+from core.errors import run_command
+from lm.convert import convert
+from lm.evaluate import document_ids, evaluate_text, perplexity_report, sliding_window_nll, window_plan
+from lm.evaluate import main as eval_main
+from lm.inference import load_for_inference, load_model
 
 
 def test_a_model_with_uniform_output_has_token_perplexity_equal_to_the_vocabulary_size():
@@ -71,53 +74,7 @@ def test_report_normalises_by_tokens_words_and_bytes():
 
 # ---- lm eval end to end: checkpoints, texts, normalisation, parallel layouts --------------------
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from conftest import TINY_MODEL, run_lm, tiny_run_config, write_config  # noqa: E402
-from lm.inference import load_for_inference, load_model  # noqa: E402
-from lm.config import RunConfig  # noqa: E402
-from lm.convert import convert  # noqa: E402
-from core.errors import run_command  # noqa: E402
-from lm.evaluate import document_ids, evaluate_text, main as eval_main, window_plan  # noqa: E402
-from test_training import assert_one_error_line  # noqa: E402
-
 KNOWN_TEXT = "Die Straße  is\tnaïve.\n\nA second paragraph, with 7 words.\n"  # 10 words, multi-byte letters
-TRAINED_STEPS = 120
-
-
-def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
-    """A directory like `lm convert` writes (weights + config + tokenizer) for a seeded tiny model."""
-    config = RunConfig.from_dict(tiny_run_config(shards, path / "unused", model))
-    torch.manual_seed(3)
-    weights = GPT(config.model).state_dict()
-    path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items() if k != "transformer.wte.weight"}, str(path / "model.safetensors"))
-    (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
-    return path
-
-
-def trained_tiny_run(tmp_path_factory, shards: Path) -> Path:
-    """A tiny model after TRAINED_STEPS steps of `lm train`, trained once per test session."""
-    run_dir = tmp_path_factory.getbasetemp() / "trained-tiny-run"
-    if not (run_dir / "checkpoints").is_dir():
-        train = {"steps": TRAINED_STEPS, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 10,
-                 "log_interval": 40, "eval_windows": 0}
-        config = write_config(tmp_path_factory.getbasetemp() / "trained-tiny.yaml", tiny_run_config(shards, run_dir, train=train))
-        result = run_lm("train", "--config", str(config))
-        assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-def val_text(shards: Path, chars: int = 20000) -> str:
-    """The start of the tiny shards' val documents (about 5k tokens: enough, and quick to score)."""
-    from data_prep.corpus import embedded_corpus, split_train_val
-
-    return "\n\n".join(split_train_val(embedded_corpus()[:24], val_fraction=0.2, seed=0)[1])[:chars]
 
 
 def eval_json(capsys, *argv: str) -> dict:
@@ -143,12 +100,18 @@ def test_window_plan_scores_each_target_once_and_batches_equal_lengths():
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_batched_windows_and_rank_shares_sum_to_the_one_window_at_a_time_result(batch_size):
+def test_batched_windows_sum_to_the_one_window_at_a_time_result(batch_size):
+    model, ids = tiny_model(), token_ids(41)
+    one_by_one, _ = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=1)
+    batched, _ = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=batch_size)
+    assert batched == pytest.approx(one_by_one, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_the_shares_of_three_ranks_sum_to_the_one_window_at_a_time_result(batch_size):
     model, ids = tiny_model(), token_ids(41)
     one_by_one, tokens = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=1)
-    batched, _ = sliding_window_nll(model, ids, BOS, context=8, stride=3, batch_size=batch_size)
     shares = [sliding_window_nll(model, ids, BOS, 8, 3, batch_size, rank=r, world_size=3) for r in range(3)]
-    assert batched == pytest.approx(one_by_one, rel=1e-12)
     assert sum(s[0] for s in shares) == pytest.approx(one_by_one, rel=1e-12) and sum(s[1] for s in shares) == tokens
 
 
@@ -159,7 +122,9 @@ def test_lm_eval_equals_a_hand_computed_nll_with_word_and_byte_normalisation(tin
     sequence = [tokenizer.eod_id] + tokenizer.encode(KNOWN_TEXT * 3)
     assert len(sequence) > 40  # longer than the context below: several windows
     # stride 1: every target sees exactly the `context` tokens before it
-    report = eval_json(capsys, "--checkpoint", str(ckpt), "--text", str(tmp_path / "known.txt"), "--context", "16", "--stride", "1")
+    report = eval_json(
+        capsys, "--checkpoint", str(ckpt), "--text", str(tmp_path / "known.txt"), "--context", "16", "--stride", "1"
+    )
     nll = hand_nll(model, sequence, context=16)
     assert report["nll"] == pytest.approx(nll, rel=1e-5)
     words, nbytes = 30, len((KNOWN_TEXT * 3).encode("utf-8"))
@@ -177,7 +142,8 @@ def test_stride_does_not_matter_for_a_text_shorter_than_the_context(tiny_shards,
     assert n < 32
     reports = [evaluate_text(model, tokenizer, text, context=32, stride=s) for s in (1, 7, 32)]
     assert all(r["nll"] == pytest.approx(reports[0]["nll"], rel=1e-6) for r in reports)
-    assert reports[0]["nll"] == pytest.approx(hand_nll(model, [tokenizer.eod_id] + tokenizer.encode(text), 32), rel=1e-5)
+    by_hand = hand_nll(model, [tokenizer.eod_id] + tokenizer.encode(text), 32)
+    assert reports[0]["nll"] == pytest.approx(by_hand, rel=1e-5)
 
 
 def write_wikitext(root: Path) -> dict[str, list[str]]:
@@ -185,7 +151,10 @@ def write_wikitext(root: Path) -> dict[str, list[str]]:
     articles = {
         "train": [" = Alpha = \n\n Alpha is a letter .\n", " = Beta = \n\n Beta follows alpha .\n"],
         "valid": [" = Gamma = \n\n Gamma rays are energetic .\n"],
-        "test": [" = Delta = \n\n = = History = = \n\n Delta is a river mouth .\n", " = Epsilon = \n\n Small , positive .\n"],
+        "test": [
+            " = Delta = \n\n = = History = = \n\n Delta is a river mouth .\n",
+            " = Epsilon = \n\n Small , positive .\n",
+        ],
     }
     root.mkdir()
     for split, docs in articles.items():
@@ -196,8 +165,19 @@ def write_wikitext(root: Path) -> dict[str, list[str]]:
 def test_wikitext_split_is_its_articles_joined_by_eod_and_counted_as_text(tiny_shards, tmp_path, capsys):
     ckpt = converted_dir(tmp_path / "model", tiny_shards)
     articles = write_wikitext(tmp_path / "wt")["test"]
-    report = eval_json(capsys, "--checkpoint", str(ckpt), "--dataset", "wikitext-103-raw", "--wikitext-dir",
-                       str(tmp_path / "wt"), "--split", "test", "--stride", "1")
+    report = eval_json(
+        capsys,
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "wikitext-103-raw",
+        "--wikitext-dir",
+        str(tmp_path / "wt"),
+        "--split",
+        "test",
+        "--stride",
+        "1",
+    )
     model, tokenizer, _ = load_for_inference(ckpt)
     sequence = [tokenizer.eod_id] + tokenizer.encode(articles[0]) + [tokenizer.eod_id] + tokenizer.encode(articles[1])
     assert document_ids(tokenizer, articles) == sequence[1:]
@@ -207,17 +187,20 @@ def test_wikitext_split_is_its_articles_joined_by_eod_and_counted_as_text(tiny_s
     assert report["nll"] == pytest.approx(hand_nll(model, sequence, 32), rel=1e-5)
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--text", "NO_SUCH_FILE.txt"], "text file not found"),
-    (["--dataset", "wikitext-103-raw", "--wikitext-dir", "WT", "--split", "dev"], "invalid choice: 'dev'"),
-    (["--dataset", "wikitext-9"], "invalid choice: 'wikitext-9'"),
-    (["--wikitext-dir", "NO_SUCH_DIR"], "does not exist"),
-    (["--text", "KNOWN", "--stride", "0"], "stride must be in 1..context"),
-    (["--text", "KNOWN", "--stride", "40", "--context", "32"], "stride must be in 1..context (32)"),
-    (["--text", "KNOWN", "--context", "64"], "exceeds the model's context of 32"),
-    (["--text", "KNOWN", "--dataset", "wikitext-103"], "not both"),
-    ([], "nothing to evaluate"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--text", "NO_SUCH_FILE.txt"], "text file not found"),
+        (["--dataset", "wikitext-103-raw", "--wikitext-dir", "WT", "--split", "dev"], "invalid choice: 'dev'"),
+        (["--dataset", "wikitext-9"], "invalid choice: 'wikitext-9'"),
+        (["--wikitext-dir", "NO_SUCH_DIR"], "does not exist"),
+        (["--text", "KNOWN", "--stride", "0"], "stride must be in 1..context"),
+        (["--text", "KNOWN", "--stride", "40", "--context", "32"], "stride must be in 1..context (32)"),
+        (["--text", "KNOWN", "--context", "64"], "exceeds the model's context of 32"),
+        (["--text", "KNOWN", "--dataset", "wikitext-103"], "not both"),
+        ([], "nothing to evaluate"),
+    ],
+)
 def test_every_bad_input_is_one_error_line(tiny_shards, tmp_path, capsys, argv, fragment):
     ckpt = converted_dir(tmp_path / "model", tiny_shards)
     write_wikitext(tmp_path / "WT")
@@ -235,9 +218,9 @@ def test_a_missing_checkpoint_is_one_error_line_through_the_command_line(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_smaller_stride_is_never_worse_on_a_trained_model(tiny_shards, tmp_path_factory):
-    model, tokenizer, _ = load_for_inference(trained_tiny_run(tmp_path_factory, tiny_shards))
-    text = val_text(tiny_shards)
+def test_a_smaller_stride_is_never_worse_on_a_trained_model(trained_tiny_run):
+    model, tokenizer, _ = load_for_inference(trained_tiny_run)
+    text = val_text()
     reports = {s: evaluate_text(model, tokenizer, text, context=32, stride=s) for s in (32, 16, 8)}
     nll = {s: r["nll"] for s, r in reports.items()}
     # Measured: 57608 > 57560 > 57549 nats; deterministic (seeded single-process fp32 training).
@@ -248,10 +231,19 @@ def test_a_smaller_stride_is_never_worse_on_a_trained_model(tiny_shards, tmp_pat
 
 
 @pytest.mark.slow
-def test_data_parallel_eval_under_torchrun_equals_one_process(tiny_shards, tmp_path_factory, tmp_path, capsys):
-    run = trained_tiny_run(tmp_path_factory, tiny_shards)
-    (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
-    args = ["--checkpoint", str(run), "--text", str(tmp_path / "val.txt"), "--context", "32", "--stride", "8", "--json"]
+def test_data_parallel_eval_under_torchrun_equals_one_process(trained_tiny_run, tmp_path, capsys):
+    (tmp_path / "val.txt").write_text(val_text(), encoding="utf-8")
+    args = [
+        "--checkpoint",
+        str(trained_tiny_run),
+        "--text",
+        str(tmp_path / "val.txt"),
+        "--context",
+        "32",
+        "--stride",
+        "8",
+        "--json",
+    ]
     single = eval_json(capsys, *args[:-1])
     result = run_lm("lm.evaluate", *args, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -265,15 +257,28 @@ def test_data_parallel_eval_under_torchrun_equals_one_process(tiny_shards, tmp_p
 
 
 @pytest.mark.slow
-def test_eval_of_a_deepspeed_tp2_checkpoint_equals_the_tp1_model_it_was_sliced_from(tiny_shards, tmp_path_factory, tmp_path, capsys):
-    source = trained_tiny_run(tmp_path_factory, tiny_shards)
+def test_eval_of_a_deepspeed_tp2_checkpoint_equals_the_tp1_model_it_was_sliced_from(trained_tiny_run, tmp_path, capsys):
+    source = trained_tiny_run  # read-only: the TP=2 run is written next to it, in tmp_path
     sliced = tmp_path / "tp2"
     convert(str(source), sliced, to="checkpoint", tensor_parallel=2)  # a weights-only TP=2 run directory
     # One TP=2 DeepSpeed step from the sliced weights at lr 1e-30: AdamW moves no fp32 weight by
     # even one ulp, so the TP=2 DeepSpeed checkpoint holds exactly the TP=1 weights, split in two.
-    result = run_lm("lm.train", "--config", str(sliced / "config.yaml"), "--resume", str(sliced),
-                    "--set", f"train.steps={TRAINED_STEPS + 1}", "--set", "train.lr=1e-30", "--set", "train.min_lr=1e-30",
-                    "--set", "train.eval_windows=0", nproc=2)
+    result = run_lm(
+        "lm.train",
+        "--config",
+        str(sliced / "config.yaml"),
+        "--resume",
+        str(sliced),
+        "--set",
+        f"train.steps={TRAINED_STEPS + 1}",
+        "--set",
+        "train.lr=1e-30",
+        "--set",
+        "train.min_lr=1e-30",
+        "--set",
+        "train.eval_windows=0",
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = sliced / "checkpoints" / f"step{TRAINED_STEPS + 1:08d}"
     marker = json.loads((tag / "complete.json").read_text())
@@ -281,7 +286,8 @@ def test_eval_of_a_deepspeed_tp2_checkpoint_equals_the_tp1_model_it_was_sliced_f
     assert not (tag / "model.safetensors").exists()  # DeepSpeed's own per-rank files
     merged, original = load_model(tag)[0].state_dict(), load_model(source)[0].state_dict()
     assert all(torch.allclose(merged[k], original[k], rtol=0, atol=1e-20) for k in original)
-    (tmp_path / "val.txt").write_text(val_text(tiny_shards), encoding="utf-8")
+    (tmp_path / "val.txt").write_text(val_text(), encoding="utf-8")
     text_args = ["--text", str(tmp_path / "val.txt"), "--context", "32", "--stride", "8"]
-    tp2, tp1 = eval_json(capsys, "--checkpoint", str(tag), *text_args), eval_json(capsys, "--checkpoint", str(source), *text_args)
+    tp2 = eval_json(capsys, "--checkpoint", str(tag), *text_args)
+    tp1 = eval_json(capsys, "--checkpoint", str(source), *text_args)
     assert tp2["nll"] == pytest.approx(tp1["nll"], rel=1e-6) and tp2["tokens"] == tp1["tokens"]

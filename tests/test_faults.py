@@ -4,19 +4,25 @@ import json
 import math
 import pickle
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
+from conftest import (
+    assert_one_error_line,
+    copy_two_step_world,
+    losses_from,
+    run_lm,
+    run_torchrun,
+    tiny_run_config,
+    write_config,
+)
 from lm.checkpoint import tag_for_step
-from lm.inference import load_model
 from lm.config import RunConfig
+from lm.inference import load_model
 from lm.schedule import lr_at
-from test_training import assert_one_error_line, losses_from
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +30,10 @@ TRAIN = {"steps": 12, "zero_stage": 2, "checkpoint_interval": 5, "eval_interval"
 
 
 def run_with_fault(fault: str, step: int | str, rank: int, config_path) -> tuple[subprocess.CompletedProcess, float]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "fault_run.py"), fault, str(step), str(rank), "--", "--config", str(config_path)]
     began = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    result = run_torchrun(
+        2, "fault_run.py", fault, str(step), str(rank), "--", "--config", str(config_path), timeout=300
+    )
     return result, time.monotonic() - began
 
 
@@ -42,7 +48,8 @@ def straight_losses(tiny_shards, tmp_path_factory):
 
 
 def faulty_config(tiny_shards, tmp_path):
-    return write_config(tmp_path / "faulty.yaml", tiny_run_config(tiny_shards, tmp_path / "faulty", {"dropout": 0.1}, TRAIN))
+    config = tiny_run_config(tiny_shards, tmp_path / "faulty", {"dropout": 0.1}, TRAIN)
+    return write_config(tmp_path / "faulty.yaml", config)
 
 
 def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tmp_path, straight_losses):
@@ -72,13 +79,16 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_shards, 
     config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=TRAIN))
     result, _ = run_with_fault("nan-in-step", 14, 1, config)  # micro step 14 of rank 1 is in step 7
     assert result.returncode != 0
-    assert "error: non-finite loss at step 7: training stopped without saving (the last complete checkpoint is step00000005" in result.stderr
+    assert (
+        "error: non-finite loss at step 7: training stopped without saving "
+        "(the last complete checkpoint is step00000005"
+    ) in result.stderr
     checkpoints = sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir())
     assert checkpoints == ["step00000005"]
     model = load_model(tmp_path / "run")[0]
     assert all(torch.isfinite(w).all() for w in model.state_dict().values())
-    assert all(math.isfinite(m["train/loss"]) for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-               if "train/loss" in m)
+    metrics = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert all(math.isfinite(m["train/loss"]) for m in metrics if "train/loss" in m)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
@@ -95,10 +105,13 @@ def test_the_skip_policy_drops_a_non_finite_update_and_trains_on(tiny_shards, tm
     assert "train/loss" not in metrics[7] and metrics[8]["train/skipped_steps"] == 1
     run_config = RunConfig.from_dict(yaml.safe_load(config.read_text()))
     assert metrics[8]["train/lr"] == pytest.approx(lr_at(7, run_config.train), rel=1e-12)  # the schedule went on
-    weights = {step: load_model(tmp_path / "run" / "checkpoints" / tag_for_step(step))[0].state_dict() for step in range(1, 9)}
+    weights = {
+        step: load_model(tmp_path / "run" / "checkpoints" / tag_for_step(step))[0].state_dict() for step in range(1, 9)
+    }
     assert all(torch.equal(weights[6][name], weights[7][name]) for name in weights[6])  # the update was dropped
     assert not all(torch.equal(weights[7][name], weights[8][name]) for name in weights[7])  # the next one was not
-    assert all(torch.isfinite(w).all() for state in weights.values() for w in state.values())  # no checkpoint holds a NaN
+    # No checkpoint holds a NaN.
+    assert all(torch.isfinite(w).all() for state in weights.values() for w in state.values())
 
 
 def test_too_many_skips_in_a_row_stop_the_run(tiny_shards, tmp_path):
@@ -106,8 +119,10 @@ def test_too_many_skips_in_a_row_stop_the_run(tiny_shards, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=train))
     result, _ = run_with_fault("nan-in-step", "14+", 1, config)  # every step from 7 on
     assert result.returncode != 0
-    assert ("error: 2 steps in a row had a non-finite loss or gradients (train.skip_limit): training stopped at step 8 "
-            "(the last complete checkpoint is step00000005") in result.stderr
+    assert (
+        "error: 2 steps in a row had a non-finite loss or gradients (train.skip_limit): training stopped at step 8 "
+        "(the last complete checkpoint is step00000005"
+    ) in result.stderr
     assert sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()) == ["step00000005"]
 
 
@@ -115,12 +130,15 @@ def test_weights_that_turned_non_finite_are_never_checkpointed(tiny_shards, tmp_
     config = write_config(tmp_path / "c.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train=TRAIN))
     result, _ = run_with_fault("nan-in-weights", 10, 1, config)
     assert result.returncode != 0
-    assert "error: non-finite weights at step 10: checkpoint not saved (the last complete checkpoint is step00000005" in result.stderr
+    assert (
+        "error: non-finite weights at step 10: checkpoint not saved (the last complete checkpoint is step00000005"
+    ) in result.stderr
     assert sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()) == ["step00000005"]
 
 
 def test_retention_keeps_the_newest_complete_checkpoints(tiny_shards, tmp_path):
-    config = tiny_run_config(tiny_shards, tmp_path / "run", train={"steps": 8, "checkpoint_interval": 2, "keep_last": 2})
+    train = {"steps": 8, "checkpoint_interval": 2, "keep_last": 2}
+    config = tiny_run_config(tiny_shards, tmp_path / "run", train=train)
     assert run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode == 0
     kept = sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir())
     assert kept == ["step00000006", "step00000008"]
@@ -136,16 +154,16 @@ class RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-def test_hostile_checkpoint_files_are_refused_without_running_their_code(tiny_shards, tmp_path):
-    config = tiny_run_config(tiny_shards, tmp_path / "run", train={"steps": 2})
-    path = write_config(tmp_path / "c.yaml", config)
-    assert run_lm("train", "--config", str(path)).returncode == 0
-    tag = tmp_path / "run" / "checkpoints" / "step00000002"
+def test_hostile_checkpoint_files_are_refused_without_running_their_code(two_step_world, tmp_path):
+    world = copy_two_step_world(two_step_world, tmp_path / "world")
+    path = world / "good.yaml"  # the config of the 2-step run in world / "run"
+    tag = world / "run" / "checkpoints" / "step00000002"
     marker = tmp_path / "pwned"
     (tag / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(RunsCode(marker)))
-    result = run_lm("eval", "--checkpoint", str(tmp_path / "run"), "--text", str(path))
+    result = run_lm("eval", "--checkpoint", str(world / "run"), "--text", str(path))
     assert_one_error_line(result, "mp_rank_00_model_states.pt: cannot be read as a DeepSpeed checkpoint file")
-    longer = write_config(tmp_path / "longer.yaml", tiny_run_config(tiny_shards, tmp_path / "run", train={"steps": 4}))
+    longer = tiny_run_config(world / "shards", world / "run", train={"steps": 4})
+    longer = write_config(tmp_path / "longer.yaml", longer)
     result = run_lm("train", "--config", str(longer), "--resume", "auto")
     assert result.returncode != 0 and "cannot be read as a DeepSpeed checkpoint file" in result.stderr
     (tag / "rng_rank0.pt").write_bytes(pickle.dumps(RunsCode(marker)))

@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from lm.config import ModelConfig
 from core.errors import UserError
+from lm.config import ModelConfig
 from lm.generate import filter_logits, generate, generate_batch
 from lm.model import GPT
 
 
 def tiny_model(twicing_layers: str, block_size: int = 24) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=50, block_size=block_size, n_layer=3, n_head=2, n_embd=16, twicing_layers=twicing_layers)
+    config = ModelConfig(
+        vocab_size=50, block_size=block_size, n_layer=3, n_head=2, n_embd=16, twicing_layers=twicing_layers
+    )
     return GPT(config).double().eval()
 
 
@@ -33,8 +35,10 @@ def test_cached_generation_equals_generation_without_cache(twicing_layers):
     model = tiny_model(twicing_layers)
     prompt = [3, 14, 15, 9, 2]
     assert generate(model, prompt, 15, temperature=0) == generate(model, prompt, 15, temperature=0, use_cache=False)
-    sampled = [generate(model, prompt, 15, 0.9, top_k=10, generator=torch.Generator().manual_seed(4), use_cache=c)
-               for c in (True, False)]
+    sampled = [
+        generate(model, prompt, 15, 0.9, top_k=10, generator=torch.Generator().manual_seed(4), use_cache=c)
+        for c in (True, False)
+    ]
     assert sampled[0] == sampled[1]
 
 

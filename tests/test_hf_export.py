@@ -16,9 +16,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
+from core.errors import UserError  # noqa: E402
 from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
-from core.errors import UserError  # noqa: E402
 from lm.generate import generate  # noqa: E402
 from lm.hf_export import export_hf  # noqa: E402
 from lm.model import GPT  # noqa: E402
@@ -141,12 +141,15 @@ def test_export_refuses_weights_of_another_config(tmp_path):
 # --------------------------------------------------------------------------- remote code
 
 
-@pytest.mark.parametrize("overrides, attention", [
-    (dict(twicing_layers="all"), ["twicing"] * 3),
-    (dict(twicing_layers="last:1"), ["softmax", "softmax", "twicing"]),
-    (dict(twicing_layers="last:1", attention_impl="reference"), ["softmax", "softmax", "twicing"]),
-    (dict(bias=False), ["softmax"] * 3),
-])
+@pytest.mark.parametrize(
+    "overrides, attention",
+    [
+        (dict(twicing_layers="all"), ["twicing"] * 3),
+        (dict(twicing_layers="last:1"), ["softmax", "softmax", "twicing"]),
+        (dict(twicing_layers="last:1", attention_impl="reference"), ["softmax", "softmax", "twicing"]),
+        (dict(bias=False), ["softmax"] * 3),
+    ],
+)
 @pytest.mark.parametrize("without_wte", [False, True])
 def test_custom_model_loads_with_remote_code_and_gives_our_logits(tmp_path, overrides, attention, without_wte):
     model = make_model(**overrides)
@@ -202,8 +205,12 @@ def test_greedy_generate_matches_our_generate(tmp_path, twicing_layers):
     ours = generate(model, prompt, max_new_tokens=new, temperature=0)
     with torch.no_grad():
         # (the prompt holds the pad id 3: without a mask, transformers would mask it out)
-        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=new, do_sample=False)
+        theirs = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new,
+            do_sample=False,
+        )
     assert theirs[0].tolist() == prompt + ours
 
 
@@ -227,7 +234,8 @@ def test_tokenizer_encodes_and_decodes_like_ours(tmp_path, tokenizer_model, twic
     model = make_model(vocab_size=320, twicing_layers=twicing_layers)
     out = export_hf(model.state_dict(), model.config, tokenizer_model, tmp_path / "hf")
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=twicing_layers != "none")
     assert type(tok).__name__ == "TokenizersBackend"
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)

@@ -75,9 +75,15 @@ def test_no_import_cycle_between_modules():
 
 
 def test_deepspeed_is_imported_by_the_engine_and_process_group_set_up_only():
-    users = {name for name in MODULES if name.startswith("lm")
-             and any(m == "deepspeed" or m.startswith("deepspeed.") for m in imported_names(MODULES[name]))}
-    assert users <= DEEPSPEED_MODULES, f"DeepSpeed imported outside {sorted(DEEPSPEED_MODULES)}: {sorted(users - DEEPSPEED_MODULES)}"
+    users = {
+        name
+        for name in MODULES
+        if name.startswith("lm")
+        and any(m == "deepspeed" or m.startswith("deepspeed.") for m in imported_names(MODULES[name]))
+    }
+    assert users <= DEEPSPEED_MODULES, (
+        f"DeepSpeed imported outside {sorted(DEEPSPEED_MODULES)}: {sorted(users - DEEPSPEED_MODULES)}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

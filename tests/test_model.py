@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import relative_error
 from lm.attention import ATTENTION
 from lm.config import ModelConfig
 from lm.model import GPT, CrossEntropy
@@ -48,19 +49,25 @@ def logits_of(model, idx) -> torch.Tensor:
         return model(idx)[0]
 
 
-def relative_error(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 # --------------------------------------------------------------------------- GPT-2 compatibility
 
 
 def hf_gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
-        vocab_size=SMALL["vocab_size"], n_positions=SMALL["block_size"], n_embd=SMALL["n_embd"],
-        n_layer=SMALL["n_layer"], n_head=SMALL["n_head"], n_inner=SMALL["d_ff"], activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0,
+        vocab_size=SMALL["vocab_size"],
+        n_positions=SMALL["block_size"],
+        n_embd=SMALL["n_embd"],
+        n_layer=SMALL["n_layer"],
+        n_head=SMALL["n_head"],
+        n_inner=SMALL["d_ff"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config).double().eval()
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from core.errors import UserError
 from data_prep.corpus import embedded_corpus, read_text_files, split_train_val
 from data_prep.prep import main, prepare_shards
-from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from core.errors import UserError
 from data_prep.shards import ShardSet
+from data_prep.tokenizer import Tokenizer, train_sentencepiece
 
 VOCAB = 400  # byte fallback alone needs 256 pieces; small keeps training fast
 
@@ -74,11 +74,12 @@ def test_plain_text_file_is_one_document(tmp_path):
 
 def test_wikitext_article_headings_split_a_file_into_articles(tmp_path):
     (tmp_path / "wiki.txt").write_text(
-        " \n = Alpha = \n\n Alpha text .\n = = History = = \n more alpha\n"
-        " = Beta = \n beta text\n")
+        " \n = Alpha = \n\n Alpha text .\n = = History = = \n more alpha\n = Beta = \n beta text\n"
+    )
     assert read_text_files([tmp_path / "wiki.txt"]) == [
         "= Alpha = \n\n Alpha text .\n = = History = = \n more alpha",
-        "= Beta = \n beta text"]
+        "= Beta = \n beta text",
+    ]
 
 
 def test_non_utf8_file_is_a_user_error_naming_file_and_offset(tmp_path):
@@ -110,9 +111,12 @@ def test_shard_bytes_do_not_depend_on_the_number_of_workers(docs, tmp_path):
     # Paragraphs as documents: enough of them that the pool hands out many chunks.
     paragraphs = [p for d in docs for p in d.split("\n\n") if p.strip()]
     assert len(paragraphs) > 100
-    outs = [prepare_shards(paragraphs[:-20], paragraphs[-20:], tmp_path / f"w{n}",
-                           vocab_size=VOCAB, workers=n, tokens_per_shard=5000)
-            for n in (1, 3)]
+    outs = [
+        prepare_shards(
+            paragraphs[:-20], paragraphs[-20:], tmp_path / f"w{n}", vocab_size=VOCAB, workers=n, tokens_per_shard=5000
+        )
+        for n in (1, 3)
+    ]
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir())
     assert "train-00001.bin" in names, "the corpus should span several shards"
@@ -127,13 +131,12 @@ def test_prepared_shards_decode_back_to_the_documents(docs, tmp_path):
     for split, expected in (("train", docs[:3]), ("val", docs[3:4])):
         tokens = np.concatenate(shards.tokens(split))
         offsets = shards.document_offsets(split)[0]
-        decoded = [tok.decode(tokens[s:e - 1]) for s, e in zip(offsets[:-1], offsets[1:])]
+        decoded = [tok.decode(tokens[s : e - 1]) for s, e in zip(offsets[:-1], offsets[1:])]
         assert decoded == expected
 
 
 def test_prep_refuses_to_overwrite_existing_shards_unless_asked(docs, tmp_path):
-    out = prepare_shards(docs[:4], docs[4:5], tmp_path / "out", vocab_size=VOCAB,
-                         tokens_per_shard=1000)
+    out = prepare_shards(docs[:4], docs[4:5], tmp_path / "out", vocab_size=VOCAB, tokens_per_shard=1000)
     assert (out / "train-00001.bin").exists()
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(UserError, match="already holds token shards.*overwrite"):
@@ -148,8 +151,20 @@ def test_prep_refuses_to_overwrite_existing_shards_unless_asked(docs, tmp_path):
 def test_lm_prep_command_writes_shards_and_prints_a_summary(docs, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text("\n = Article = \n".join(docs[:6]))
     out = tmp_path / "shards"
-    code = main(["--input", str(tmp_path / "corpus.txt"), "--out", str(out),
-                 "--vocab-size", str(VOCAB), "--workers", "2", "--val-fraction", "0.2"])
+    code = main(
+        [
+            "--input",
+            str(tmp_path / "corpus.txt"),
+            "--out",
+            str(out),
+            "--vocab-size",
+            str(VOCAB),
+            "--workers",
+            "2",
+            "--val-fraction",
+            "0.2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "train: 5 documents" in printed and "val: 1 documents" in printed

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import UserError
 from data_prep import units
 from data_prep.corpus import embedded_corpus
 from data_prep.prep import main
-from data_prep.tokenizer import Tokenizer, train_sentencepiece
-from core.errors import UserError
 from data_prep.shards import ShardSet
+from data_prep.tokenizer import Tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = "400"
@@ -37,8 +37,7 @@ def wiki(tmp_path_factory) -> Path:
         return f" = Article {i} = \n \n" + "\n = = Part = = \n".join(sections) + "\n"
 
     for name, part in (("train", docs[:48]), ("valid", docs[48:54]), ("test", docs[54:60])):
-        (root / f"wiki.{name}.tokens").write_text("".join(article(i, d) for i, d in
-                                                          enumerate(part)))
+        (root / f"wiki.{name}.tokens").write_text("".join(article(i, d) for i, d in enumerate(part)))
     return root
 
 
@@ -59,8 +58,14 @@ def reference(wiki, tmp_path_factory) -> dict[str, bytes]:
 
 
 def test_reference_run_writes_all_three_wikitext_splits(reference):
-    assert {"manifest.json", "tokenizer.model", "train-00000.bin", "train-00001.bin",
-            "val-00000.bin", "test-00000.idx"} <= set(reference)
+    assert {
+        "manifest.json",
+        "tokenizer.model",
+        "train-00000.bin",
+        "train-00001.bin",
+        "val-00000.bin",
+        "test-00000.idx",
+    } <= set(reference)
     assert not [n for n in reference if n.startswith(".")], "no work files may remain"
 
 
@@ -75,10 +80,27 @@ def test_shard_bytes_are_identical_for_1_2_and_3_workers(wiki, reference, tmp_pa
 def test_shard_bytes_are_identical_under_mpirun_with_two_ranks(wiki, reference, tmp_path):
     pytest.importorskip("mpi4py")
     out = tmp_path / "mpi"
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-               "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo",
-               sys.executable, "-m", "data_prep.prep", "--wikitext-dir", str(wiki),
-               "--out", str(out), *SMALL]
+    command = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "--mca",
+        "btl",
+        "self,vader",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+        sys.executable,
+        "-m",
+        "data_prep.prep",
+        "--wikitext-dir",
+        str(wiki),
+        "--out",
+        str(out),
+        *SMALL,
+    ]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("wrote ") == 1, "only rank 0 reports"
@@ -113,14 +135,14 @@ def test_interrupted_run_resumes_to_the_same_bytes(wiki, reference, tmp_path, mo
 @pytest.mark.slow
 def test_sigkilled_run_with_two_workers_resumes_to_the_same_bytes(wiki, reference, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data_prep.prep", "--wikitext-dir", str(wiki),
-               "--out", str(out), *SMALL]
+    command = [sys.executable, "-m", "data_prep.prep", "--wikitext-dir", str(wiki), "--out", str(out), *SMALL]
     env = {**os.environ, units.FAIL_AFTER_ENV: "3", units.FAIL_MODE_ENV: "kill"}
     killed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert (out / ".prep" / "parts" / "train-000002.json").exists()
-    done = subprocess.run(command + ["--resume", "--workers", "2"], cwd=REPO, timeout=300,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        command + ["--resume", "--workers", "2"], cwd=REPO, timeout=300, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "3 finished unit(s) skipped" in done.stdout
     assert files(out) == reference
@@ -152,20 +174,40 @@ def test_non_empty_out_dir_is_refused_and_left_alone(wiki, tmp_path):
 
 
 def test_text_with_accents_cjk_emoji_and_controls_round_trips_through_shards(tmp_path):
-    texts = ["Café naïve façade — Ørsted, Ångström", "東京タワーと富士山 日本語の文章",
-             "emoji 😀🚀👩‍👩‍👧 flags 🇫🇷", "controls\ttab\x07bell\x00nul\x1b[0m\r\nend",
-             "  leading and trailing spaces  ", "mixed: добрый день, مرحبا, שלום"]
+    texts = [
+        "Café naïve façade — Ørsted, Ångström",
+        "東京タワーと富士山 日本語の文章",
+        "emoji 😀🚀👩‍👩‍👧 flags 🇫🇷",
+        "controls\ttab\x07bell\x00nul\x1b[0m\r\nend",
+        "  leading and trailing spaces  ",
+        "mixed: добрый день, مرحبا, שלום",
+    ]
     lines = "".join(f'{{"text": {__import__("json").dumps(t)}}}\n' for t in texts * 3)
     (tmp_path / "docs.jsonl").write_text(lines)
     out = tmp_path / "out"
-    assert main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(out),
-                 "--vocab-size", "500", "--val-fraction", "0.2", "--docs-per-unit", "2"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "docs.jsonl"),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "500",
+                "--val-fraction",
+                "0.2",
+                "--docs-per-unit",
+                "2",
+            ]
+        )
+        == 0
+    )
     shards = ShardSet.open(out)
     tok = Tokenizer(shards.tokenizer_path)
     got = []
     for split in ("train", "val"):
         for tokens, offsets in zip(shards.tokens(split), shards.document_offsets(split)):
-            got += [tok.decode(tokens[a:b - 1]) for a, b in zip(offsets[:-1], offsets[1:])]
+            got += [tok.decode(tokens[a : b - 1]) for a, b in zip(offsets[:-1], offsets[1:])]
     assert sorted(got) == sorted(texts * 3)
     assert tok.sp.unk_id() not in np.concatenate(shards.tokens("train")).tolist()
 

@@ -8,15 +8,26 @@ import json
 
 import pytest
 
+from core.errors import UserError
 from data_prep import sources, wikitext
 from data_prep.corpus import split_train_val
-from core.errors import UserError
 
 # A WikiText-style sample: two articles, sections inside the first, a blank-line preamble.
-WIKI_LINES = [" ", " = Alpha = ", " ", " Alpha text , with @-@ marks .", " = = History = = ",
-              " More alpha .", " ", " = Beta = ", " Beta text ."]
-ARTICLES = ["= Alpha = \n \n Alpha text , with @-@ marks .\n = = History = = \n More alpha .",
-            "= Beta = \n Beta text ."]
+WIKI_LINES = [
+    " ",
+    " = Alpha = ",
+    " ",
+    " Alpha text , with @-@ marks .",
+    " = = History = = ",
+    " More alpha .",
+    " ",
+    " = Beta = ",
+    " Beta text .",
+]
+ARTICLES = [
+    "= Alpha = \n \n Alpha text , with @-@ marks .\n = = History = = \n More alpha .",
+    "= Beta = \n Beta text .",
+]
 
 
 def docs(corpus, split):
@@ -59,7 +70,8 @@ def test_wikitext_parquet_dump_in_the_hub_layout_reads_like_the_original(tmp_pat
         for split in ("train", "validation", "test"):
             (root / config).mkdir(parents=True, exist_ok=True)
             datasets.Dataset.from_dict({"text": hub_rows()}).to_parquet(
-                root / config / f"{split}-00000-of-00001.parquet")
+                root / config / f"{split}-00000-of-00001.parquet"
+            )
     with pytest.raises(UserError, match="several WikiText variants.*--dataset"):
         wikitext.dir_corpus(root)
     corpus = wikitext.dir_corpus(root, "wikitext-103-raw")
@@ -70,8 +82,9 @@ def test_wikitext_parquet_dump_in_the_hub_layout_reads_like_the_original(tmp_pat
 
 def test_wikitext_arrow_dump_from_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": hub_rows()})
-                               for s in ("train", "validation", "test")})
+    dd = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict({"text": hub_rows()}) for s in ("train", "validation", "test")}
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     corpus = wikitext.dir_corpus(tmp_path / "saved", "wikitext-103-raw")
     assert len(docs(corpus, "train")) == 2 and docs(corpus, "train")[1] == ARTICLES[1]
@@ -82,8 +95,7 @@ def test_wikitext_jsonl_dump(tmp_path):
     root = tmp_path / "jl"
     root.mkdir()
     for split in ("train", "validation"):
-        (root / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"text": r}) + "\n" for r in hub_rows()))
+        (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in hub_rows()))
     corpus = wikitext.dir_corpus(root)
     assert list(corpus.splits) == ["train", "val"]
     assert docs(corpus, "train")[1] == ARTICLES[1]
@@ -144,14 +156,12 @@ def test_any_hf_dataset_by_name_with_its_own_val_split(tmp_path):
     # A local dataset directory loads by "name" through exactly the hub's load_dataset call.
     datasets = pytest.importorskip("datasets")
     for split, rows in (("train", ["t1", "t2", "t3"]), ("validation", ["v1"])):
-        datasets.Dataset.from_dict({"content": rows}).to_parquet(
-            tmp_path / "ds" / f"{split}-00000-of-00001.parquet")
+        datasets.Dataset.from_dict({"content": rows}).to_parquet(tmp_path / "ds" / f"{split}-00000-of-00001.parquet")
     name = str(tmp_path / "ds")
     corpus = sources.hf_corpus(name, "content", val_split="validation", streaming=True)
     assert docs(corpus, "train") == ["t1", "t2", "t3"] and docs(corpus, "val") == ["v1"]
     carved = sources.hf_corpus(name, "content", val_fraction=0.34, streaming=True)
-    assert (docs(carved, "train"), docs(carved, "val")) == split_train_val(
-        ["t1", "t2", "t3"], 0.34)
+    assert (docs(carved, "train"), docs(carved, "val")) == split_train_val(["t1", "t2", "t3"], 0.34)
     with pytest.raises(UserError, match="has no field 'text' .*content"):
         docs(sources.hf_corpus(name, "text", val_split="validation", streaming=True), "train")
     with pytest.raises(UserError, match="could not load dataset .*split 'nope'"):

@@ -57,8 +57,9 @@ def test_an_srun_started_job_reports_a_data_error_once(tmp_path):
         env = {k: v for k, v in cpu_env().items() if k not in ALL_RANK_VARIABLES}
         env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="4242")
         command = [sys.executable, "-m", "lm.cli", "prep", "--input", str(missing), "--out", str(tmp_path / "out")]
-        tasks.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        tasks.append(
+            subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     results = [(task.wait(timeout=120), task.stderr.read()) for task in tasks]
     assert [code for code, _ in results] == [2, 2]
     lines = [line for _, err in results for line in err.splitlines()]

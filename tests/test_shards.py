@@ -23,8 +23,7 @@ def make_shards(root, docs=DOCS, tokens_per_shard=6, vocab_size=100, val_docs=([
             for d in ds:
                 w.add_document(d)
         splits[split] = w.close()
-    write_manifest(root, vocab_size=vocab_size, eod_id=EOD, pad_id=3, tokenizer_path=tok,
-                   splits=splits)
+    write_manifest(root, vocab_size=vocab_size, eod_id=EOD, pad_id=3, tokenizer_path=tok, splits=splits)
     return root
 
 
@@ -59,8 +58,13 @@ def test_documents_are_never_split_and_shards_close_once_full(tmp_path):
 def test_files_are_little_endian_and_named_by_split_and_number(tmp_path):
     make_shards(tmp_path, vocab_size=70000)
     assert sorted(p.name for p in tmp_path.glob("train-*")) == [
-        "train-00000.bin", "train-00000.idx", "train-00001.bin", "train-00001.idx",
-        "train-00002.bin", "train-00002.idx"]
+        "train-00000.bin",
+        "train-00000.idx",
+        "train-00001.bin",
+        "train-00001.idx",
+        "train-00002.bin",
+        "train-00002.idx",
+    ]
     assert np.fromfile(tmp_path / "train-00000.bin", dtype="<u4").tolist() == [5, 6, 7, 2, 8, 2]
     assert np.fromfile(tmp_path / "train-00000.idx", dtype="<u8").tolist() == [0, 4, 6]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -163,8 +167,7 @@ def test_failed_writer_leaves_no_temp_files(tmp_path):
 
 
 @pytest.mark.parametrize("tokens_per_shard", [1, 4, 6, 11, 1000])
-def test_bulk_add_encoded_writes_the_same_bytes_as_one_document_at_a_time(tmp_path,
-                                                                          tokens_per_shard):
+def test_bulk_add_encoded_writes_the_same_bytes_as_one_document_at_a_time(tmp_path, tokens_per_shard):
     docs = DOCS * 3
     one, bulk = tmp_path / "one", tmp_path / "bulk"
     with ShardWriter(one, "train", np.uint16, tokens_per_shard, EOD) as w:
@@ -182,5 +185,4 @@ def test_bulk_add_encoded_writes_the_same_bytes_as_one_document_at_a_time(tmp_pa
     for p in one.iterdir():
         assert p.read_bytes() == (bulk / p.name).read_bytes(), p.name
     with pytest.raises(ValueError, match="eod"):
-        ShardWriter(tmp_path / "x", "train", np.uint16, 10, EOD).add_encoded(
-            np.array([5, 6]), np.array([2]))
+        ShardWriter(tmp_path / "x", "train", np.uint16, 10, EOD).add_encoded(np.array([5, 6]), np.array([2]))

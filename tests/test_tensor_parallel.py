@@ -6,17 +6,22 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO, cpu_env, run_lm, tiny_run_config, write_config
 import torch
 
-from lm.inference import load_model
-from lm.config import RunConfig
+from conftest import (
+    REPO,
+    assert_one_error_line,
+    cpu_env,
+    losses_from,
+    relative_error,
+    run_lm,
+    run_torchrun,
+    tiny_run_config,
+    tree_digest,
+    write_config,
+)
 from core.ranks import free_port
-from lm.plain_loop import train_plain
-from test_training import assert_one_error_line, losses_from
-
-pytestmark = pytest.mark.slow
+from lm.inference import load_model
 
 # Measured on this machine: TP2xDP1, TP1xDP2 and TP2xDP2 stay within 1.2e-7 (relative) of the plain
 # single-process loop over 10 steps for ZeRO 0-3; without the mpu the same run is off by 1.1e-1.
@@ -24,13 +29,12 @@ TRAINING_TOLERANCE = 1e-5
 
 
 def torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "tests" / script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=900)
+    result = run_torchrun(nproc, script, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+@pytest.mark.slow
 def test_tp2_logits_loss_and_gradients_equal_the_full_model(tmp_path):
     torchrun(2, "tp_equivalence_run.py", str(tmp_path / "tp.json"))
     results = json.loads((tmp_path / "tp.json").read_text())
@@ -49,10 +53,13 @@ def run_stages(config: dict, tmp_path, nproc: int, *extra: str) -> dict:
     return json.loads((tmp_path / "losses.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,nproc", [(2, 2), (1, 2), (2, 4)], ids=["TP2xDP1", "TP1xDP2", "TP2xDP2"])
-def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_zero_stage(tiny_shards, tmp_path, tp, nproc):
+def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_zero_stage(
+    tiny_shards, tmp_path, plain_losses, tp, nproc
+):
     config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"steps": 10, "tensor_parallel": tp})
-    reference = train_plain(RunConfig.from_dict(config))["losses"]
+    reference = plain_losses(config)
     by_stage = run_stages(config, tmp_path, nproc, "0", "1", "2", "3")
     assert sorted(by_stage) == ["0", "1", "2", "3"]
     for stage, run in by_stage.items():
@@ -62,79 +69,163 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
         ids = torch.arange(config["model"]["block_size"])[None]
         with torch.no_grad():
             logits = model(ids)[0].flatten()
-        expected = torch.tensor(run["logits"])
-        assert ((logits - expected).norm() / expected.norm()).item() <= 1e-5, f"consolidated ZeRO-{stage}"
+        assert relative_error(logits, torch.tensor(run["logits"])) <= 1e-5, f"consolidated ZeRO-{stage}"
 
 
-def test_the_comparison_catches_a_run_that_forgets_the_mpu(tiny_shards, tmp_path):
+@pytest.mark.slow
+def test_the_comparison_catches_a_run_that_forgets_the_mpu(tiny_shards, tmp_path, plain_losses):
     config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"steps": 10, "tensor_parallel": 2})
-    reference = train_plain(RunConfig.from_dict(config))["losses"]
+    reference = plain_losses(config)
     losses = run_stages(config, tmp_path, 2, "1", "--without-mpu")["1"]["losses"]
     assert losses != pytest.approx(reference, rel=TRAINING_TOLERANCE)
 
 
-def test_tp2_resume_continues_like_an_uninterrupted_run_across_launchers(tiny_shards, tmp_path):
-    train = {"steps": 10, "tensor_parallel": 2, "zero_stage": 1, "eval_interval": 5}
-    straight = write_config(tmp_path / "straight.yaml", tiny_run_config(tiny_shards, tmp_path / "straight", {"dropout": 0.1}, train))
-    split = write_config(tmp_path / "split.yaml", tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, train))
-    # The straight run goes through the deepspeed launcher, the interrupted one through torchrun.
+TP2_TRAIN = {"steps": 10, "tensor_parallel": 2, "zero_stage": 1, "eval_interval": 5}
+
+
+def tp2_config(shards, out_dir, **train) -> dict:
+    return tiny_run_config(shards, out_dir, {"dropout": 0.1}, {**TP2_TRAIN, **train})
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(tiny_shards, tmp_path_factory):
+    """straight/: 10 TP=2 steps under the deepspeed launcher; split/: the same, stopped at step 5 and
+    resumed, under torchrun. Read-only."""
     from launch.local import deepspeed_local_command
 
-    result = subprocess.run(deepspeed_local_command(2, "lm.train", ["--config", str(straight)]),
-                            capture_output=True, text=True, env=cpu_env(), timeout=900)
+    root = tmp_path_factory.mktemp("tp2-runs")
+    straight = write_config(root / "straight.yaml", tp2_config(tiny_shards, root / "straight"))
+    split = write_config(root / "split.yaml", tp2_config(tiny_shards, root / "split"))
+    result = subprocess.run(
+        deepspeed_local_command(2, "lm.train", ["--config", str(straight)]),
+        capture_output=True,
+        text=True,
+        env=cpu_env(),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for args in (["--config", str(split), "--stop-at", "5"], ["--config", str(split), "--resume", "auto"]):
         result = run_lm("lm.train", *args, nproc=2)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert losses_from(tmp_path / "split") == losses_from(tmp_path / "straight")
+    return root
 
-    # Its DeepSpeed files resume only under the same layout ...
-    other = tiny_run_config(tiny_shards, tmp_path / "split", {"dropout": 0.1}, {**train, "tensor_parallel": 1, "steps": 12})
-    result = run_lm("train", "--config", str(write_config(tmp_path / "other.yaml", other)), "--resume", "auto")
+
+@pytest.mark.slow
+def test_tp2_resume_continues_like_an_uninterrupted_run_across_launchers(tp2_runs):
+    assert losses_from(tp2_runs / "split") == losses_from(tp2_runs / "straight")
+
+
+@pytest.mark.slow
+def test_tp2_deepspeed_files_resume_only_under_the_same_layout(tiny_shards, tp2_runs, tmp_path, lm_in_process):
+    before = tree_digest(tp2_runs / "split")
+    other = tp2_config(tiny_shards, tp2_runs / "split", tensor_parallel=1, steps=12)
+    result = lm_in_process("train", "--config", str(write_config(tmp_path / "other.yaml", other)), "--resume", "auto")
     assert_one_error_line(result, "tensor_parallel=2, not 1")
+    assert tree_digest(tp2_runs / "split") == before
 
-    # ... but re-split TP 2 -> 1 -> 2 its weights come back exactly, and training resumes from them.
-    assert run_lm("convert", "--checkpoint", str(tmp_path / "split"), "--out", str(tmp_path / "tp1"),
-                  "--to", "checkpoint", "--tensor-parallel", "1").returncode == 0
-    assert run_lm("convert", "--checkpoint", str(tmp_path / "tp1"), "--out", str(tmp_path / "tp2"),
-                  "--to", "checkpoint", "--tensor-parallel", "2").returncode == 0
-    original, round_trip = load_model(tmp_path / "split")[0].state_dict(), load_model(tmp_path / "tp2")[0].state_dict()
+
+@pytest.mark.slow
+def test_tp2_weights_re_split_to_tp1_and_back_are_exact_and_training_resumes_from_them(
+    tp2_runs, tmp_path, lm_in_process
+):
+    assert (
+        lm_in_process(
+            "convert",
+            "--checkpoint",
+            str(tp2_runs / "split"),
+            "--out",
+            str(tmp_path / "tp1"),
+            "--to",
+            "checkpoint",
+            "--tensor-parallel",
+            "1",
+        ).returncode
+        == 0
+    )
+    assert (
+        lm_in_process(
+            "convert",
+            "--checkpoint",
+            str(tmp_path / "tp1"),
+            "--out",
+            str(tmp_path / "tp2"),
+            "--to",
+            "checkpoint",
+            "--tensor-parallel",
+            "2",
+        ).returncode
+        == 0
+    )
+    original, round_trip = load_model(tp2_runs / "split")[0].state_dict(), load_model(tmp_path / "tp2")[0].state_dict()
     assert all(torch.equal(original[name], round_trip[name]) for name in original)
-    result = run_lm("lm.train", "--config", str(tmp_path / "tp2" / "config.yaml"), "--resume", "auto",
-                    "--set", "train.steps=12", nproc=2)
+    result = run_lm(
+        "lm.train",
+        "--config",
+        str(tmp_path / "tp2" / "config.yaml"),
+        "--resume",
+        "auto",
+        "--set",
+        "train.steps=12",
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses_from(tmp_path / "tp2")) == [11, 12]
 
 
-@pytest.mark.parametrize("model,message", [
-    ({"n_head": 3, "n_embd": 48}, "model.n_head (3) is not divisible by train.tensor_parallel (2)"),
-    ({"vocab_size": 385}, "model.vocab_size (385) is not divisible by train.tensor_parallel (2)"),
-    ({"d_ff": 63}, "model.d_ff (63) is not divisible by train.tensor_parallel (2)"),
-])
-def test_sizes_that_tensor_parallelism_cannot_split_are_refused_before_training(tiny_shards, tmp_path, model, message):
+@pytest.mark.parametrize(
+    "model,message",
+    [
+        ({"n_head": 3, "n_embd": 48}, "model.n_head (3) is not divisible by train.tensor_parallel (2)"),
+        ({"vocab_size": 385}, "model.vocab_size (385) is not divisible by train.tensor_parallel (2)"),
+        ({"d_ff": 63}, "model.d_ff (63) is not divisible by train.tensor_parallel (2)"),
+    ],
+)
+def test_sizes_that_tensor_parallelism_cannot_split_are_refused_before_training(
+    tiny_shards, tmp_path, lm_in_process, model, message
+):
     config = tiny_run_config(tiny_shards, tmp_path / "run", model, {"tensor_parallel": 2})
-    assert_one_error_line(run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config))), message)
+    assert_one_error_line(lm_in_process("train", "--config", str(write_config(tmp_path / "c.yaml", config))), message)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_world_size_that_tp_does_not_divide_is_refused(tiny_shards, tmp_path):
     config = tiny_run_config(tiny_shards, tmp_path / "run", train={"tensor_parallel": 2})
     result = run_lm("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
     assert_one_error_line(result, "train.tensor_parallel (2) must divide the number of processes (1)")
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (scripts/bootstrap.sh --mpi installs Open MPI)")
-def test_mpirun_alone_trains_tp2_like_the_unsplit_model(tiny_shards, tmp_path):
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None, reason="needs mpirun (scripts/bootstrap.sh --mpi installs Open MPI)"
+)
+def test_mpirun_alone_trains_tp2_like_the_unsplit_model(tiny_shards, tmp_path, plain_losses):
     """No deepspeed launcher, no torchrun: the ranks find each other from Open MPI's variables."""
     config = tiny_run_config(tiny_shards, tmp_path / "run", train={"tensor_parallel": 2, "zero_stage": 2})
-    reference = train_plain(RunConfig.from_dict(config))["losses"]
+    reference = plain_losses(config)
     path = write_config(tmp_path / "c.yaml", config)
     env = cpu_env()
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "btl", "self,vader",
-               "--mca", "oob_tcp_if_include", "lo", *[a for v in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-                                                                  "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR") for a in ("-x", v)],
-               sys.executable, "-m", "lm.train", "--config", str(path)]
+    exported = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR")
+    command = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "--mca",
+        "btl",
+        "self,vader",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+        *[a for v in exported for a in ("-x", v)],
+        sys.executable,
+        "-m",
+        "lm.train",
+        "--config",
+        str(path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = losses_from(tmp_path / "run")

@@ -1,8 +1,9 @@
 """Specification of the fused Triton twicing kernel (lm.kernels.twicing_triton).
 
 On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets
-before anything imports Triton: Triton reads it as its own library is defined); on a GPU (benchmarks/gpu_check.sh runs this file) the same tests run compiled, plus the
-bf16 and long-sequence cases that only a GPU makes affordable.
+before anything imports Triton: Triton reads it as its own library is defined); on a GPU
+(benchmarks/gpu_check.sh runs this file) the same tests run compiled, plus the bf16 and
+long-sequence cases that only a GPU makes affordable.
 """
 
 import dataclasses
@@ -11,8 +12,8 @@ import importlib
 import pytest
 import torch
 
+from conftest import LargestTensorSeen, relative_error
 from lm.attention import twicing_attention, twicing_attention_reference, twicing_attention_sdpa
-from test_attention import LargestTensorSeen, relative_error
 
 pytest.importorskip("triton")  # scripts/bootstrap.sh installs it; only a bare environment lacks it
 GPU = torch.cuda.is_available()
@@ -74,7 +75,10 @@ def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode
     if GPU and dq_mode == "deterministic":
         pytest.skip("on a GPU, compile time goes to the atomic path; the CPU run covers every shape in both modes")
     """The autotuner chooses among these on a GPU; here each one runs (in the interpreter on a CPU)."""
-    for kernels, shapes in ((kernel.QUERY_MAJOR_KERNELS, kernel.QUERY_MAJOR_SHAPES), (kernel.KEY_MAJOR_KERNELS, kernel.KEY_MAJOR_SHAPES)):
+    for kernels, shapes in (
+        (kernel.QUERY_MAJOR_KERNELS, kernel.QUERY_MAJOR_SHAPES),
+        (kernel.KEY_MAJOR_KERNELS, kernel.KEY_MAJOR_SHAPES),
+    ):
         for fn in kernels:
             monkeypatch.setattr(fn, "configs", kernel.tile_configs([shapes[shape]]))
     q, k, v = random_qkv(1, 2, 200, 64, seed=shape)  # several blocks of every size, the last one ragged
@@ -235,7 +239,9 @@ def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
     from lm.attention import ATTENTION, LayerCache
 
     calls = []
-    monkeypatch.setattr(kernel, "twicing_attention_and_u", lambda *a: calls.append(1) or (twicing_attention_sdpa(*a), a[2]))
+    monkeypatch.setattr(
+        kernel, "twicing_attention_and_u", lambda *a: calls.append(1) or (twicing_attention_sdpa(*a), a[2])
+    )
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 2, 16, 16))
     ATTENTION["twicing_sdpa"].attend_cached(q, k, v, LayerCache())
     assert calls == []  # the escape hatch from the kernel holds in generation too

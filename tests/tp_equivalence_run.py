@@ -67,7 +67,12 @@ def compare(twicing_layers: str, groups) -> dict:
         worst = max(worst, relative(p.grad, ref_grad))
         checked += 1
     errors["grads"] = worst
-    return {"errors": errors, "parameters_checked": checked, "init_is_exact_slice": slices_equal, "all_reduces": calls["n"]}
+    return {
+        "errors": errors,
+        "parameters_checked": checked,
+        "init_is_exact_slice": slices_equal,
+        "all_reduces": calls["n"],
+    }
 
 
 def main(out_path: str) -> None:

@@ -1,13 +1,14 @@
 """Train one tiny config under several ZeRO stages in one process group (run by torchrun).
 
-    python -m torch.distributed.run --nproc_per_node N tests/zero_stages_run.py CONFIG.json OUT.json 0 1 2 3 [--without-mpu]
+    python -m torch.distributed.run --nproc_per_node N tests/zero_stages_run.py CONFIG.json OUT.json 0 1 2 3 \
+        [--without-mpu]
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
 "compiled": bool}} to OUT.json, the logits being the trained engine's (gathered over tensor-parallel
 ranks) for the ids 0..block_size-1, with the dtype the engine computed them in, the dtype of its
 weights and whether its module runs compiled. Used by test_training.py and test_tensor_parallel.py.
-`--without-mpu` is the negative control: DeepSpeed is not told about the tensor-parallel groups (and derives its batch size from the whole world), as a training
-script that forgot the mpu would do.
+`--without-mpu` is the negative control: DeepSpeed is not told about the tensor-parallel groups
+(and derives its batch size from the whole world), as a training script that forgot the mpu would do.
 """
 
 import json
@@ -57,8 +58,13 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         logits, logits_dtype = final_logits(run.engine, run.groups, raw["model"])
         weights_dtype = str(next(run.engine.module.parameters()).dtype)
         compiled = getattr(run.engine.module, "_compiled_call_impl", None) is not None  # set by nn.Module.compile()
-        results[stage] = {"losses": losses, "logits": logits, "logits_dtype": logits_dtype,
-                          "weights_dtype": weights_dtype, "compiled": compiled}
+        results[stage] = {
+            "losses": losses,
+            "logits": logits,
+            "logits_dtype": logits_dtype,
+            "weights_dtype": weights_dtype,
+            "compiled": compiled,
+        }
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
 
