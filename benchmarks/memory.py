@@ -1,0 +1,208 @@
+"""Peak memory per rank of `lm train` under the deepspeed launcher, against ZeRO's arithmetic.
+
+    .venv/bin/python benchmarks/memory.py [--layouts 0x1 3x2 3x4] [--layers 24 --d-model 1024 --heads 16]
+        [--block 128] [--set train.activation_checkpointing=full ...] [--shards DIR] [--out table.md]
+
+A layout is ZxN[tK]: ZeRO stage Z on N processes, tensor-parallel size K (default 1). Each row is one
+launch of one optimizer step (micro-batch 1, fp32 unless --set says otherwise, the final checkpoint
+included) of a twicing-in-every-layer GPT. Every rank's peak RSS (VmHWM) is read from /proc twice:
+when the rank prints its `training ... parameters` line (engine built, before the first step: what
+sharded initialisation leaves) and at the end of the run. From both, the same launch of a one-layer
+d-64 model is subtracted (the interpreter, torch, DeepSpeed and the process group), and the
+remainder is divided by the parameter count. Beside it: the bytes per parameter that ZeRO's model
+states alone take at that stage and data-parallel size (fp32 weights 4, gradients 4, Adam 8).
+
+Measured with MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that RSS follows live
+memory rather than what glibc keeps of freed heap. On a GPU the same figures come from
+torch.cuda.max_memory_allocated in metrics.jsonl (not read here).
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
+from data_prep.prep import prepare_shards  # noqa: E402
+from launch.local import deepspeed_local_command, local_environment  # noqa: E402
+from lm.config import ModelConfig, load_config  # noqa: E402
+from lm.model import GPT  # noqa: E402
+
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+VOCAB = 2048
+
+
+def ideal_bytes_per_parameter(stage: int, dp: int) -> float:
+    """fp32 model states per parameter on one rank: weights 4, gradients 4, Adam's two moments 8."""
+    weights, grads, adam = 4.0, 4.0, 8.0
+    if stage >= 1:
+        adam /= dp
+    if stage >= 2:
+        grads /= dp
+    if stage >= 3:
+        weights /= dp
+    return weights + grads + adam
+
+
+def rank_pids(config_path: Path) -> list[int]:
+    """The training processes of one launch: their command line names its config."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"lm.train" in cmdline
+            and str(config_path).encode() in cmdline
+            and b"deepspeed.launcher" not in b" ".join(cmdline)
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def launch(config: dict, work: Path, name: str, nproc: int) -> dict:
+    """One launch: each rank's peak RSS at its `training` line and at the end (max over ranks)."""
+    path = work / f"{name}.yaml"
+    config["train"]["out_dir"] = str(work / name)
+    path.write_text(yaml.safe_dump(config))
+    env = {**local_environment(nproc), **MALLOC, "OMP_NUM_THREADS": "1"}
+    command = deepspeed_local_command(nproc, "lm.train", ["--config", str(path)])
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[int, int] = {}
+    at_start: dict[int, int] = {}
+    done = threading.Event()
+
+    def watch():  # VmHWM only grows: the last reading of each rank is its peak, to within one interval
+        while not done.is_set():
+            for pid in rank_pids(path):
+                if (rss := peak_rss_bytes(pid)) is not None:
+                    peaks[pid] = rss
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "training " in line and " parameters," in line and not at_start:
+            # Every rank has built its engine: rank 0 prints after the collectives of the build.
+            at_start = {pid: rss for pid in rank_pids(path) if (rss := peak_rss_bytes(pid)) is not None}
+    proc.wait()
+    done.set()
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{''.join(output[-30:])}")
+    return {"start": max(at_start.values(), default=0), "peak": max(peaks.values(), default=0)}
+
+
+def model_config(layers: int, d_model: int, heads: int, block: int) -> dict:
+    return {
+        "vocab_size": VOCAB,
+        "block_size": block,
+        "n_layer": layers,
+        "n_head": heads,
+        "n_embd": d_model,
+        "twicing_layers": "all",
+    }
+
+
+def run_config(model: dict, shards: Path, work: Path, layout: tuple[int, int, int], overrides: list[str]) -> dict:
+    """The run config of one launch, with --set applied and validated as `lm train` would."""
+    stage, nproc, tp = layout
+    train = {
+        "steps": 1,
+        "batch_size": nproc // tp,
+        "micro_batch_size": 1,
+        "warmup_steps": 0,
+        "zero_stage": stage,
+        "tensor_parallel": tp,
+        "eval_windows": 0,
+        "tensorboard": False,
+        "log_interval": 1,
+    }
+    path = work / "draft.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "data": {"path": str(shards)}, "train": train}))
+    return load_config(path, overrides).to_dict()
+
+
+def parameter_count(model: dict) -> int:
+    with torch.device("meta"):
+        return GPT(ModelConfig(**model)).num_parameters()
+
+
+def parse_layout(text: str) -> tuple[int, int, int]:
+    stage, _, rest = text.partition("x")
+    nproc, _, tp = rest.partition("t")
+    return int(stage), int(nproc), int(tp or 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layouts", nargs="+", default=["0x1", "1x2", "2x2", "3x2", "3x4"])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--shards", default=None, help="token shards (2048-piece tokenizer); made from the demo corpus")
+    p.add_argument("--out", default=None, help="also write the table here")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = Path(args.shards) if args.shards else work / "data"
+        if not (shards / "manifest.json").is_file():
+            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
+            prepare_shards(train_docs, val_docs, shards, vocab_size=VOCAB, workers=2)
+        big = model_config(args.layers, args.d_model, args.heads, args.block)
+        small = model_config(1, 64, 1, args.block)
+        n_params = parameter_count(big)
+        rows = [
+            f"model: {args.layers} layers, d {args.d_model}, {args.heads} heads, twicing all, vocab {VOCAB}, "
+            f"block {args.block}, micro-batch 1, {n_params / 1e6:.1f}M parameters; overrides {args.set or 'none'}",
+            "",
+            "| layout | peak RSS (GB) | bytes/param | at `training` line | ZeRO ideal | baseline (GB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for layout in args.layouts:
+            stage, nproc, tp = parse_layout(layout)
+            base = launch(run_config(small, shards, work, (stage, nproc, tp), args.set), work, f"base-{layout}", nproc)
+            meas = launch(run_config(big, shards, work, (stage, nproc, tp), args.set), work, f"run-{layout}", nproc)
+            per_param = (meas["peak"] - base["peak"]) / n_params
+            at_start = (meas["start"] - base["start"]) / n_params
+            ideal = ideal_bytes_per_parameter(stage, nproc // tp) / tp
+            rows.append(
+                f"| ZeRO-{stage} x {nproc} (TP {tp}) | {meas['peak'] / 1e9:.2f} | {per_param:.1f} | "
+                f"{at_start:.1f} | {ideal:.1f} | {base['peak'] / 1e9:.2f} |"
+            )
+            print(rows[-1], flush=True)
+        table = "\n".join(rows)
+        print("\n" + table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
