@@ -54,3 +54,17 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
     assert "twicing_sdpa" in tables and "(ok, tolerance" in tables  # the attention benchmark
     assert "all      ds-1p-z0" in tables and "all      ds-2p-z2" in tables  # the training rows
     assert (tmp_path / "train-all.txt").is_file() and (tmp_path / "attention.txt").is_file()
+
+
+def test_memory_benchmark_prints_bytes_per_parameter_for_each_layout(tiny_shards):
+    args = ["--layers", "1", "--d-model", "64", "--heads", "1", "--block", "32", "--layouts", "3x2"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "memory.py"), *args, "--shards", str(tiny_shards)],
+        capture_output=True,
+        text=True,
+        env=cpu_env(threads=1),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| ZeRO-3 x 2 (TP 1) |" in result.stdout
