@@ -141,6 +141,22 @@ def torchrun_command(nproc: int, *target: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
 
 
+def mpirun_command(nproc: int, *target: str, exported: tuple[str, ...] = ()) -> list[str]:
+    """Open MPI's mpirun for `nproc` ranks on this machine (as root, loopback only), passing on the
+    `exported` environment variables; target: the program and its arguments."""
+    local = [
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--mca",
+        "btl",
+        "self,vader",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+    ]
+    return ["mpirun", *local, "-np", str(nproc), *[a for v in exported for a in ("-x", v)], *target]
+
+
 def run_torchrun(nproc: int, script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """tests/SCRIPT ARGS under torchrun with nproc CPU ranks (not checked: the caller asserts)."""
     command = torchrun_command(nproc, str(REPO / "tests" / script), *args)

@@ -17,18 +17,17 @@ RUNS = {
 }
 
 
+def run_benchmark(script: str, *args: str, threads: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "benchmarks" / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(threads), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_benchmark_runs_and_prints_its_table(name):
     args, expected = RUNS[name]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        env=cpu_env(threads=2),
-        cwd=REPO,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark(*args)
     assert expected in result.stdout
 
 
@@ -57,14 +56,6 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
 
 
 def test_memory_benchmark_prints_bytes_per_parameter_for_each_layout(tiny_shards):
-    args = ["--layers", "1", "--d-model", "64", "--heads", "1", "--block", "32", "--layouts", "3x2"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "memory.py"), *args, "--shards", str(tiny_shards)],
-        capture_output=True,
-        text=True,
-        env=cpu_env(threads=1),
-        cwd=REPO,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    size = ["--layers", "1", "--d-model", "64", "--heads", "1", "--block", "32"]
+    result = run_benchmark("memory.py", *size, "--layouts", "3x2", "--shards", str(tiny_shards), threads=1)
     assert "| ZeRO-3 x 2 (TP 1) |" in result.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO, mpirun_command
 from core.errors import UserError
 from data_prep import units
 from data_prep.corpus import embedded_corpus
@@ -21,7 +22,6 @@ from data_prep.prep import main
 from data_prep.shards import ShardSet
 from data_prep.tokenizer import Tokenizer, train_sentencepiece
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB = "400"
 SMALL = ["--vocab-size", VOCAB, "--docs-per-unit", "3", "--tokens-per-shard", "20000"]
 
@@ -80,27 +80,9 @@ def test_shard_bytes_are_identical_for_1_2_and_3_workers(wiki, reference, tmp_pa
 def test_shard_bytes_are_identical_under_mpirun_with_two_ranks(wiki, reference, tmp_path):
     pytest.importorskip("mpi4py")
     out = tmp_path / "mpi"
-    command = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
-        "--mca",
-        "btl",
-        "self,vader",
-        "--mca",
-        "oob_tcp_if_include",
-        "lo",
-        sys.executable,
-        "-m",
-        "data_prep.prep",
-        "--wikitext-dir",
-        str(wiki),
-        "--out",
-        str(out),
-        *SMALL,
-    ]
+    command = mpirun_command(
+        2, sys.executable, "-m", "data_prep.prep", "--wikitext-dir", str(wiki), "--out", str(out), *SMALL
+    )
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("wrote ") == 1, "only rank 0 reports"

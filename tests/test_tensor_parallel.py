@@ -13,6 +13,7 @@ from conftest import (
     assert_one_error_line,
     cpu_env,
     losses_from,
+    mpirun_command,
     relative_error,
     run_lm,
     run_torchrun,
@@ -207,25 +208,7 @@ def test_mpirun_alone_trains_tp2_like_the_unsplit_model(tiny_shards, tmp_path, p
     env = cpu_env()
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     exported = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR")
-    command = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
-        "--mca",
-        "btl",
-        "self,vader",
-        "--mca",
-        "oob_tcp_if_include",
-        "lo",
-        *[a for v in exported for a in ("-x", v)],
-        sys.executable,
-        "-m",
-        "lm.train",
-        "--config",
-        str(path),
-    ]
+    command = mpirun_command(2, sys.executable, "-m", "lm.train", "--config", str(path), exported=exported)
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = losses_from(tmp_path / "run")
