@@ -27,6 +27,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
     torch.manual_seed(t.seed)
     model = GPT(config.model).to(device)
+    model.recompute_blocks = frozenset(t.checkpointed_blocks(config.model.n_layer))  # as lm.train's build_model
     optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model

@@ -142,6 +142,7 @@ def build_model(
         model.load_state_dict(initial_weights)
     n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
     model = shard_model(model, groups).to(device)
+    model.recompute_blocks = frozenset(config.train.checkpointed_blocks(config.model.n_layer))
     if config.train.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
     return model, n_params
