@@ -19,6 +19,17 @@ from lm.config import RunConfig
 from lm.train import run_loop, start_run
 
 
+def count_block_calls(model) -> list[int]:
+    """A one-element counter of the forward calls of the model's blocks, recomputes included.
+
+    Pre-hooks: a recompute stops once it has what backward needs, before any forward hook runs.
+    """
+    calls = [0]
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     base, results = spec["config"], {}
@@ -26,10 +37,7 @@ def main(spec_path: str, result_path: str) -> None:
         raw = json.loads(json.dumps(base))
         raw["train"].update(overrides, out_dir=f"{base['train']['out_dir']}/{name}")
         run = start_run(RunConfig.from_dict(raw))
-        calls = [0]
-        # Pre-hooks: a recompute stops once it has what backward needs, before any forward hook.
-        for block in run.engine.module.transformer.h:
-            block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        calls = count_block_calls(run.engine.module)
         losses = run_loop(run).losses
         run.log.close()
         results[name] = {"losses": losses, "block_calls": calls[0], "micro_steps": len(losses) * run.grad_accum}

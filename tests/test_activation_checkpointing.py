@@ -70,7 +70,9 @@ def loss_and_grads(model_config: ModelConfig, recompute: list[int], autocast: bo
     model.recompute_blocks = frozenset(recompute)
     if compile:
         model.compile()
-    ids = torch.randint(0, model_config.vocab_size, (2, model_config.block_size + 1), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model_config.vocab_size, (2, model_config.block_size + 1), generator=torch.Generator().manual_seed(1)
+    )
     torch.manual_seed(5)  # dropout's stream
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         _, loss = model(ids[:, :-1], ids[:, 1:])
@@ -139,7 +141,9 @@ def test_the_twicing_triton_kernel_is_recomputed_and_gives_the_same_gradients(mo
         calls.append(1)
         return kernel.twicing_attention_triton(q, k, v)
 
-    monkeypatch.setitem(attention.ATTENTION, "twicing", dataclasses.replace(attention.ATTENTION["twicing"], attend=counted))
+    monkeypatch.setitem(
+        attention.ATTENTION, "twicing", dataclasses.replace(attention.ATTENTION["twicing"], attend=counted)
+    )
     config = ModelConfig(**{**CONFIG, "n_layer": 2}, twicing_layers="all")
     reference_loss, reference_grads = loss_and_grads(config, [])
     assert len(calls) == 2
@@ -194,8 +198,16 @@ def test_tp2_and_zero3_with_two_ranks_train_the_same_with_checkpointing(tiny_sha
         for value in ("none", "full", "every:2"):
             runs[f"{layout}-{value}"] = {**overrides, "activation_checkpointing": value}
     (tmp_path / "spec.json").write_text(json.dumps({"config": config, "runs": runs}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "activation_checkpointing_run.py"), str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "activation_checkpointing_run.py"),
+        str(tmp_path / "spec.json"),
+        str(tmp_path / "out.json"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
