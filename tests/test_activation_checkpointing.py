@@ -21,7 +21,9 @@ from core.errors import UserError
 from lm import attention
 from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.model import GPT
+from lm.parallel import ParallelGroups
 from lm.plain_loop import train_plain
+from lm.train import build_model
 
 CONFIG = dict(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=64, dropout=0.1)
 TWICING = {"softmax": "none", "twicing": "all"}
@@ -180,6 +182,17 @@ def test_the_plain_loop_trains_bitwise_the_same_with_checkpointing(tiny_shards, 
 
     reference = losses("none")
     assert losses("full") == reference and losses("every:2") == reference
+
+
+def test_lm_train_builds_the_model_with_the_configured_blocks_and_unchanged_names(tiny_shards, tmp_path):
+    config = RunConfig.from_dict(
+        tiny_run_config(tiny_shards, tmp_path, {"n_layer": 3}, {"activation_checkpointing": "every:2"})
+    )
+    one_rank = ParallelGroups(tp_size=1, tp_rank=0, tp_group=None, dp_size=1, dp_rank=0, dp_group=None)
+    model, _ = build_model(config, one_rank, torch.device("cpu"))
+    assert model.recompute_blocks == {0, 2}
+    # An attribute, not a wrapper module: checkpoints and the HF export see the same names.
+    assert list(model.state_dict()) == list(GPT(config.model).state_dict())
 
 
 # --------------------------------------------------------------------------- under DeepSpeed, two processes
