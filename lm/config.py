@@ -131,6 +131,9 @@ class TrainConfig:
     # weights with an fp32 master copy in the optimizer (less memory for weights, slower on GPU).
     precision: Literal["fp32", "bf16", "bf16-weights"] = "fp32"
     compile: bool = False  # torch.compile the model (in place, names unchanged) before DeepSpeed wraps it
+    # Recompute blocks in backward instead of keeping their activations: "none", "full" (every
+    # block) or "every:K" (blocks 0, K, 2K, ...; every:1 is full). See GPT.recompute_blocks.
+    activation_checkpointing: str = "none"
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
     eval_windows: int = 16  # validation windows (of block_size tokens) per validation
@@ -166,6 +169,21 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
+        self.checkpointed_blocks(1)  # validates the value
+
+    def checkpointed_blocks(self, n_layer: int) -> list[int]:
+        """The blocks `activation_checkpointing` recomputes in backward, of a model of n_layer blocks."""
+        value = self.activation_checkpointing
+        if value == "none":
+            return []
+        if value == "full":
+            return list(range(n_layer))
+        k = value[6:] if value.startswith("every:") else ""
+        if k.isascii() and k.isdigit() and int(k) > 0:
+            return list(range(0, n_layer, int(k)))
+        raise UserError(
+            f"train.activation_checkpointing must be 'none', 'full' or 'every:K' (K a positive integer), got {value!r}"
+        )
 
     def grad_accum_steps(self, data_parallel_size: int) -> int:
         """Micro steps per optimizer step, so that micro_batch * accum * dp == batch_size."""

@@ -11,6 +11,10 @@ the config: plain softmax attention, or twicing attention (Abdullaev & Nguyen, "
 Twicing", ICLR 2025), out = (2A - A^2) V, which the paper's language model uses in its last two
 layers. The loss is a parameter-free submodule, so that tensor parallelism can swap in its own
 vocabulary-parallel cross-entropy as it swaps the other layers (lm.parallel).
+
+Activation checkpointing (`recompute_blocks`, set from train.activation_checkpointing) keeps only
+the input of the chosen blocks and runs their forward again in backward, trading compute for
+memory; parameters and state-dict names are the same either way.
 """
 
 import math
@@ -18,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lm.attention import AttentionVariant, LayerCache, get_attention
 from lm.config import ModelConfig
@@ -93,6 +98,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.loss = CrossEntropy()  # no parameters, so no state-dict keys; replaced under TP
+        self.recompute_blocks: frozenset[int] = frozenset()  # blocks whose activations backward recomputes
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
@@ -131,7 +137,12 @@ class GPT(nn.Module):
         pos = torch.arange(start, t, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None)
+            if i in self.recompute_blocks and cache is None and torch.is_grad_enabled():
+                # Non-reentrant: the recompute calls the block (and its hooks, ZeRO-3's gathers, TP's
+                # collectives) again under the same RNG and autocast state, so it computes the same.
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, cache[i] if cache else None)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None

@@ -29,6 +29,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     with torch.device("meta"):
         model = GPT(config.model)
     initialize(model, config.model, t.seed, device)  # lm.train's initial weights
+    model.recompute_blocks = frozenset(t.checkpointed_blocks(config.model.n_layer))  # as lm.train's build_model
     torch.manual_seed(t.seed + 1)  # lm.train's dropout stream of data-parallel rank 0
     optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t)

@@ -153,6 +153,7 @@ def build_model(
     else:
         for _ in params:
             pass
+    model.recompute_blocks = frozenset(config.train.checkpointed_blocks(config.model.n_layer))
     if config.train.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
     return model, n_params
