@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lm.config import ModelConfig
+from lm.config import ModelConfig, RunConfig
 from lm.model import GPT
+from lm.parallel import ParallelGroups, shard_model
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -84,3 +85,34 @@ def initial_values(config: ModelConfig, seed: int) -> Callable[[str], torch.Tens
 def initialize(model: torch.nn.Module, config: ModelConfig, seed: int, device: torch.device | str = "cpu") -> None:
     """GPT-2's initial weights of `seed` for `model` (whole or a TP slice) on `device`."""
     materialize(model, initial_values(config, seed), device)
+
+
+def build_gpt(
+    config: RunConfig,
+    device: torch.device | str,
+    groups: ParallelGroups | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
+    place: Callable[[Iterator[torch.nn.Parameter]], None] | None = None,
+) -> GPT:
+    """This rank's GPT as every training loop starts it, never holding more than its slice plus one
+    full parameter: built on the meta device, sliced for `groups`' tensor parallelism, each parameter
+    drawn (train.seed) or taken from `initial_weights` and handed to `place` as soon as it holds its
+    value (lm.engine.partition_zero3 partitions it there), and the blocks that
+    train.activation_checkpointing names set to recompute."""
+    with torch.device("meta"):
+        model = GPT(config.model)
+    if groups is not None:
+        model = shard_model(model, groups)
+    values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
+    params = materialized(model, values, device)  # the same weights in every layout
+    if place is not None:
+        place(params)
+    for _ in params:  # whatever `place` left undrawn
+        pass
+    model.recompute_blocks = frozenset(config.train.checkpointed_blocks(config.model.n_layer))
+    return model
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of the whole GPT (tied ones once), before any slicing or partitioning."""
+    return sum(math.prod(shape) for shape in full_shapes(config).values())

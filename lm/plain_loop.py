@@ -12,8 +12,7 @@ import torch
 from data_prep.shards import ShardSet
 from lm.config import RunConfig
 from lm.data import WindowBatches
-from lm.initialization import initialize
-from lm.model import GPT
+from lm.initialization import build_gpt
 from lm.schedule import build_optimizer, build_scheduler
 
 
@@ -26,10 +25,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     steps = t.steps if steps is None else steps
     shards = ShardSet.open(config.data.path, verify=False)
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
-    with torch.device("meta"):
-        model = GPT(config.model)
-    initialize(model, config.model, t.seed, device)  # lm.train's initial weights
-    model.recompute_blocks = frozenset(t.checkpointed_blocks(config.model.n_layer))  # as lm.train's build_model
+    model = build_gpt(config, device)  # lm.train's model, whole: one process, no ZeRO
     torch.manual_seed(t.seed + 1)  # lm.train's dropout stream of data-parallel rank 0
     optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t)

@@ -29,11 +29,10 @@ from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, init_distributed
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
-from lm.initialization import initial_values, materialized
+from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
-from lm.model import GPT
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
-from lm.parallel import ParallelGroups, build_groups, shard_model
+from lm.parallel import ParallelGroups, build_groups
 from lm.resume import ResumePoint, find_resume_point, last_checkpoint_hint, prepare_run_dir, restore_rng_state
 from lm.schedule import build_optimizer, build_scheduler
 
@@ -136,27 +135,14 @@ def check_can_compile() -> None:
 def build_model(
     config: RunConfig, groups: ParallelGroups, device: torch.device, initial_weights: dict | None = None
 ) -> tuple[torch.nn.Module, int]:
-    """This rank's model (its TP slice, compiled if asked) and the whole model's parameter count.
-
-    Sharded initialisation: the model is built on the meta device and sliced there; then only this
-    rank's slice of each parameter is materialised, one full parameter at a time (lm.initialization).
-    Under ZeRO-3 each parameter is partitioned as soon as it is drawn.
-    """
-    with torch.device("meta"):
-        model = GPT(config.model)
-    n_params = model.num_parameters()  # of the whole model, before TP slices and ZeRO partitions it
-    model = shard_model(model, groups)
-    values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
-    params = materialized(model, values, device)  # the same weights in every layout
-    if config.train.zero_stage == 3:
-        partition_zero3(params, config.train, groups)  # each parameter partitioned as soon as it exists
-    else:
-        for _ in params:
-            pass
-    model.recompute_blocks = frozenset(config.train.checkpointed_blocks(config.model.n_layer))
-    if config.train.compile:
+    """This rank's model and the whole model's parameter count: lm.initialization.build_gpt (sharded
+    initialisation), under ZeRO-3 each parameter partitioned as soon as it is drawn, compiled if asked."""
+    t = config.train
+    place = (lambda params: partition_zero3(params, t, groups)) if t.zero_stage == 3 else None
+    model = build_gpt(config, device, groups, initial_weights, place)
+    if t.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
-    return model, n_params
+    return model, parameter_count(config.model)
 
 
 def start_run(config: RunConfig, resume: str = "none") -> Run:
