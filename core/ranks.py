@@ -56,6 +56,14 @@ def launcher_world_size() -> int:
     return int(os.environ.get(found.size, "1")) if found else 1
 
 
+def launcher_local_size() -> int:
+    """How many processes of the job share this node (the deepspeed launcher says LOCAL_SIZE)."""
+    found = started_by()
+    if found is None:
+        return 1
+    return int(os.environ.get(found.local_size) or os.environ.get("LOCAL_SIZE") or launcher_world_size())
+
+
 def is_rank_zero() -> bool:
     return launcher_rank() == 0
 

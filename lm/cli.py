@@ -8,6 +8,7 @@ lm analyze   the paper's analyses: over-smoothing, word-swap robustness, spectra
 lm convert   checkpoint -> consolidated safetensors
 lm generate  sample text from a checkpoint
 lm launch    start training on one or many nodes
+lm plan      per-rank memory of a run, before it starts
 """
 
 import importlib
@@ -24,6 +25,7 @@ COMMANDS = {
     "convert": ("lm.convert", "convert a checkpoint for inference"),
     "generate": ("lm.generate", "generate text from a checkpoint"),
     "launch": ("lm.launcher", "start training on one or many nodes (deepspeed launcher)"),
+    "plan": ("lm.plan", "per-rank memory of a run: model states, buffers, activations"),
 }
 
 

@@ -134,6 +134,10 @@ class TrainConfig:
     # Recompute blocks in backward instead of keeping their activations: "none", "full" (every
     # block) or "every:K" (blocks 0, K, 2K, ...; every:1 is full). See GPT.recompute_blocks.
     activation_checkpointing: str = "none"
+    # ZeRO-Offload: Adam's state and update on the CPU ("optimizer", stages 1-3), and at stage 3
+    # the weights' partitions as well ("optimizer+params"); see lm.ds_config.offload_config.
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    memory_check: bool = True  # refuse to start a run that `lm plan` says does not fit a rank's memory
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
     eval_windows: int = 16  # validation windows (of block_size tokens) per validation
@@ -170,6 +174,13 @@ class TrainConfig:
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
         self.checkpointed_blocks(1)  # validates the value
+        if self.offload != "none" and self.zero_stage == 0:
+            raise UserError(f"train.offload={self.offload} needs ZeRO stage 1, 2 or 3 (train.zero_stage is 0)")
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise UserError(
+                f"train.offload=optimizer+params offloads ZeRO-3's weight partitions and needs train.zero_stage=3, "
+                f"got {self.zero_stage}"
+            )
 
     def checkpointed_blocks(self, n_layer: int) -> list[int]:
         """The blocks `activation_checkpointing` recomputes in backward, of a model of n_layer blocks."""

@@ -3,7 +3,7 @@
 import copy
 
 from core.errors import UserError
-from lm.config import TrainConfig
+from lm.config import ModelConfig, TrainConfig
 
 # Keys derived from TrainConfig: set them there, not in train.deepspeed.
 DERIVED = {
@@ -16,12 +16,22 @@ DERIVED = {
     "torch_autocast": "train.precision",
 }
 
-# Gradient buckets when several data-parallel ranks reduce: smaller than GPT-2 small's 124M
-# gradients, so overlap_comm can reduce the first buckets while backward still runs.
-OVERLAP_BUCKET = 50_000_000
+# The smallest bucket: below it collectives are too short to pay their latency (4M fp32 = 16 MB).
+MIN_BUCKET = 4 * 2**20
 
 
-def deepspeed_config(train: TrainConfig, data_parallel_size: int) -> dict:
+def buffer_unit(model: ModelConfig, tensor_parallel: int) -> int:
+    """One transformer block's weights on one rank (12 d² / TP elements): the unit of ZeRO's buffers.
+
+    DeepSpeed's defaults (5e8-element buckets, 1e9 live ZeRO-3 parameters) are sized for
+    billion-parameter fp16 models on GPUs; for anything smaller they hold the whole model's
+    gradients, or every gathered ZeRO-3 weight, at once. Buckets of a block or two keep
+    collectives long while buffers stay a fixed, small part of memory (lm.plan counts them).
+    """
+    return 12 * model.n_embd**2 // tensor_parallel
+
+
+def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelConfig) -> dict:
     """DeepSpeed's JSON config for a run; `train.deepspeed` entries are merged over it."""
     for key in train.deepspeed:
         if key in DERIVED:
@@ -36,13 +46,15 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int) -> dict:
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps(data_parallel_size),
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero_defaults(train.zero_stage, data_parallel_size),
+        "zero_optimization": zero_defaults(train, data_parallel_size, buffer_unit(model, train.tensor_parallel)),
         **precision_config(train.precision),
         # We bring torch's AdamW (DeepSpeed's fused Adams need a compiled extension).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if train.offload != "none":
+        config["zero_force_ds_cpu_optimizer"] = False  # see offload_config
     return _merge(config, train.deepspeed)
 
 
@@ -61,27 +73,60 @@ def precision_config(precision: str) -> dict:
     }
 
 
-def zero_defaults(stage: int, data_parallel_size: int) -> dict:
-    """ZeRO settings for speed; train.deepspeed.zero_optimization overrides any of them."""
+def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int) -> dict:
+    """ZeRO settings for memory and speed; train.deepspeed.zero_optimization overrides any of them.
+
+    Buffers (elements, `unit` = one block's weights on this rank, see buffer_unit):
+    - stages 1-3: gradient buckets of 2 units (reduce_bucket_size; stage 1/2's contiguous buffer
+      is allocated at this size, twice with overlap_comm); stage 1/2 all-gather updated weights in
+      buckets of the same size;
+    - stage 3: prefetch 1 unit ahead, release a gathered weight unless it is used again within 2
+      units (max_reuse_distance), and hold at most 2 units of gathered weights (max_live_parameters).
+      Weights under DeepSpeed's persistence threshold (1e5 elements: biases, norms) stay whole.
+    """
+    stage = train.zero_stage
     zero = {"stage": stage}
-    if stage in (1, 2) and data_parallel_size > 1:
-        zero.update(
+    if stage == 0:
+        return zero
+    bucket = max(2 * unit, MIN_BUCKET)
+    zero.update(reduce_bucket_size=bucket)
+    if stage in (1, 2):
+        zero.update(allgather_bucket_size=bucket)
+        if data_parallel_size > 1:
             # Reduce full buckets on a side stream during backward (off by default below stage 3).
-            overlap_comm=True,
-            # DeepSpeed's 5e8 holds a whole GPT-2 small: one reduction after backward, nothing to
-            # overlap; its contiguous buffer (x2 with overlap) is allocated at this size, too.
-            reduce_bucket_size=OVERLAP_BUCKET,
+            zero.update(overlap_comm=True)
+        else:
+            # One rank: reduce-scatter flattens the whole bucket into a new tensor and copies it back
+            # (allreduce_and_scatter); a plain all-reduce works in place, and there is nothing to scatter.
+            zero.update(reduce_scatter=False)
+    else:
+        zero.update(
+            stage3_prefetch_bucket_size=max(unit, MIN_BUCKET // 2),
+            stage3_max_reuse_distance=bucket,
+            stage3_max_live_parameters=bucket,
         )
-    elif stage in (1, 2):
-        # One rank: reduce-scatter flattens the whole bucket into a new tensor and copies it back
-        # (allreduce_and_scatter); a plain all-reduce works in place, and there is nothing to scatter.
-        zero.update(reduce_scatter=False)
-    # ZeRO-3 keeps memory_efficient_linear: it swaps F.linear for a matmul and a separate bias add
-    # (under autocast one more bf16 rounding than the plain loop) but holds no bf16 weight copies
-    # for backward, which plain F.linear under autocast would, for every gathered layer.
-    # Otherwise DeepSpeed's 5e8 buckets: at DP=1 a single reduction and a single weight all-gather
-    # per step for models up to 500M parameters, and no second buffer; see lm.train for ZeRO-0.
+        # ZeRO-3 keeps memory_efficient_linear: it swaps F.linear for a matmul and a separate bias
+        # add (under autocast one more bf16 rounding than the plain loop) but holds no bf16 weight
+        # copies for backward, which plain F.linear under autocast would, for every gathered layer.
+    zero.update(offload_config(train))
     return zero
+
+
+def offload_config(train: TrainConfig) -> dict:
+    """train.offload as ZeRO-Offload: Adam's state, its fp32 gradients and its step on the CPU
+    (stages 1-3), and at stage 3 the weights' partitions too.
+
+    The step on the CPU stays torch's fused AdamW (lm.schedule): one vectorised, threaded pass with
+    no temporaries, the same update as without offload. DeepSpeed would insist on its own CPU Adam
+    (zero_force_ds_cpu_optimizer), a C++ extension that takes minutes to build on first use and
+    rounds differently; deepspeed_config switches that insistence off.
+    """
+    config = {}
+    if train.offload in ("optimizer", "optimizer+params"):
+        config["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if train.offload == "optimizer+params":
+        config["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return config
 
 
 def _merge(base: dict, extra: dict) -> dict:

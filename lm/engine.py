@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lm.config import TrainConfig
+from lm.config import RunConfig
 from lm.distributed import select_accelerator
 from lm.ds_config import deepspeed_config
 from lm.numerics import SkippableAdamW
@@ -55,7 +55,7 @@ def read_checkpoint_file(path: Path) -> dict:
     return load_tensors(path, checkpoint_classes())
 
 
-def partition_zero3(params: Iterable[torch.nn.Parameter], train: TrainConfig, groups: ParallelGroups) -> None:
+def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, groups: ParallelGroups) -> None:
     """Partition each parameter over the data-parallel group as soon as `params` yields it.
 
     ZeRO-3's sharded initialisation: fed by lm.initialization.materialized, a rank never holds
@@ -65,8 +65,15 @@ def partition_zero3(params: Iterable[torch.nn.Parameter], train: TrainConfig, gr
     import deepspeed
 
     init = deepspeed.zero.Init(
-        data_parallel_group=groups.dp_group, mpu=groups, config_dict_or_path=deepspeed_config(train, groups.dp_size)
+        data_parallel_group=groups.dp_group,
+        mpu=groups,
+        config_dict_or_path=deepspeed_config(config.train, groups.dp_size, config.model),
     )
+    if init.mem_efficient_linear:
+        # What Init(module=...) also does: F.linear saves weight.t(), a view that keeps every gathered
+        # weight alive until backward (a whole model at the end of forward); DeepSpeed's linear
+        # saves the parameter itself, whose storage ZeRO-3 frees after each module. Global, as there.
+        init._enable_mem_efficient_linear()
     init._convert_to_zero_parameters(params)
 
 
@@ -78,17 +85,18 @@ class Engine:
         model: torch.nn.Module,
         optimizer: SkippableAdamW,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        train: TrainConfig,
+        config: RunConfig,
         groups: ParallelGroups,
     ):
         import deepspeed
 
+        train = config.train
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             mpu=groups,
-            config=deepspeed_config(train, groups.dp_size),
+            config=deepspeed_config(train, groups.dp_size, config.model),
             dist_init_required=False,
         )
         self.optimizer = optimizer

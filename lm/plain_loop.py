@@ -27,7 +27,7 @@ def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu"
     batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
     model = build_gpt(config, device)  # lm.train's model, whole: one process, no ZeRO
     torch.manual_seed(t.seed + 1)  # lm.train's dropout stream of data-parallel rank 0
-    optimizer = build_optimizer(model, t, device)
+    optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     forward = torch.compile(model) if compile else model
     # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.

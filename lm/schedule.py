@@ -17,17 +17,21 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: TrainConfig, device: torch.device, kind: type[torch.optim.AdamW] = torch.optim.AdamW
+    model: torch.nn.Module, config: TrainConfig, kind: type[torch.optim.AdamW] = torch.optim.AdamW
 ) -> torch.optim.AdamW:
-    """AdamW (or a subclass) over the model's decay / no-decay groups; torch's fused kernel on CUDA,
-    one launch for every tensor (ZeRO hands the optimizer fp32 partitions on the same device)."""
-    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    """AdamW (or a subclass) over the model's decay / no-decay groups, as torch's fused kernel.
+
+    Fused on the GPU and on the CPU alike: one pass over each tensor with no temporaries, where
+    the for-loop version allocates two tensors the size of the parameter (under ZeRO one flat
+    partition: two more copies of a rank's share of the model at the peak) and is 8x slower on
+    the CPU. Element by element it is the same update whether tensors are whole or flattened.
+    """
     return kind(
         model.optimizer_groups(config.weight_decay),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
-        **fused,
+        fused=True,
     )
 
 

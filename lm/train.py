@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from core.errors import UserError, run_command
+from core.ranks import launcher_local_size, launcher_world_size
 from data_prep.shards import ShardSet
 from lm import checkpoint as ckpt
 from lm.attention import get_attention
@@ -33,6 +34,7 @@ from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
 from lm.parallel import ParallelGroups, build_groups
+from lm.plan import check_memory
 from lm.resume import ResumePoint, find_resume_point, last_checkpoint_hint, prepare_run_dir, restore_rng_state
 from lm.schedule import build_optimizer, build_scheduler
 
@@ -138,7 +140,7 @@ def build_model(
     """This rank's model and the whole model's parameter count: lm.initialization.build_gpt (sharded
     initialisation), under ZeRO-3 each parameter partitioned as soon as it is drawn, compiled if asked."""
     t = config.train
-    place = (lambda params: partition_zero3(params, t, groups)) if t.zero_stage == 3 else None
+    place = (lambda params: partition_zero3(params, config, groups)) if t.zero_stage == 3 else None
     model = build_gpt(config, device, groups, initial_weights, place)
     if t.compile:
         model.compile()  # in place: parameter and state-dict names stay those of the GPT
@@ -152,6 +154,8 @@ def start_run(config: RunConfig, resume: str = "none") -> Run:
     if t.compile:
         check_can_compile()
     point = find_resume_point(config, resume)
+    if t.memory_check:  # before any process group: every rank refuses alike, nothing is built
+        check_memory(config, launcher_world_size(), launcher_local_size())
     world = init_distributed()
     quiet_deepspeed()
     groups = build_groups(t.tensor_parallel)
@@ -161,8 +165,8 @@ def start_run(config: RunConfig, resume: str = "none") -> Run:
     grad_accum = t.grad_accum_steps(groups.dp_size)  # refuses sizes that do not divide
     start = point.initial_step()
     model, n_params = build_model(config, groups, world.device, point.initial_weights())
-    optimizer = build_optimizer(model, t, world.device, kind=SkippableAdamW)
-    engine = Engine(model, optimizer, build_scheduler(optimizer, t, start), t, groups)
+    optimizer = build_optimizer(model, t, kind=SkippableAdamW)
+    engine = Engine(model, optimizer, build_scheduler(optimizer, t, start), config, groups)
     # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
     # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
     torch.manual_seed(t.seed + 1 + groups.dp_rank)

@@ -13,7 +13,7 @@ import yaml
 from core.errors import UserError
 from lm.attention import ATTENTION
 from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from lm.ds_config import DERIVED, deepspeed_config
+from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config
 
 VALID = {
     "model": {
@@ -392,7 +392,7 @@ def test_reference_impl_selects_the_reference_variants():
 
 def test_deepspeed_config_is_derived_from_the_train_config():
     train = TrainConfig(batch_size=32, micro_batch_size=4, grad_clip=0.5, zero_stage=2, precision="bf16")
-    ds = deepspeed_config(train, data_parallel_size=2)
+    ds = deepspeed_config(train, 2, ModelConfig())
     assert ds["train_batch_size"] == 32
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4
@@ -407,7 +407,7 @@ def test_deepspeed_config_is_derived_from_the_train_config():
 
 def test_each_precision_picks_one_deepspeed_mode():
     def modes(precision):
-        ds = deepspeed_config(TrainConfig(precision=precision), 1)
+        ds = deepspeed_config(TrainConfig(precision=precision), 1, ModelConfig())
         return ds["bf16"]["enabled"], ds["torch_autocast"]["enabled"]
 
     assert modes("fp32") == (False, False)
@@ -418,35 +418,80 @@ def test_each_precision_picks_one_deepspeed_mode():
 def test_bf16_autocast_reduces_gradients_in_fp32():
     # DeepSpeed's default would all-reduce nn.Linear gradients in bf16, unlike the plain loop.
     assert (
-        deepspeed_config(TrainConfig(precision="bf16", batch_size=16), 2)["torch_autocast"][
+        deepspeed_config(TrainConfig(precision="bf16", batch_size=16), 2, ModelConfig())["torch_autocast"][
             "lower_precision_safe_modules"
         ]
         == []
     )
 
 
+def zero_section(model: ModelConfig | None = None, dp: int = 1, **train) -> dict:
+    train.setdefault("batch_size", 8 * dp)
+    return deepspeed_config(TrainConfig(**train), dp, model or ModelConfig())["zero_optimization"]
+
+
 def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
-    one = deepspeed_config(TrainConfig(zero_stage=2), 1)["zero_optimization"]
-    two = deepspeed_config(TrainConfig(zero_stage=2, batch_size=8, micro_batch_size=4), 2)["zero_optimization"]
-    assert one == {"stage": 2, "reduce_scatter": False}  # one rank: an in-place all-reduce, no copies
-    assert two["overlap_comm"] and two["reduce_bucket_size"] < 124_000_000  # buckets smaller than GPT-2 small
-    assert deepspeed_config(TrainConfig(zero_stage=3, batch_size=16), 2)["zero_optimization"] == {"stage": 3}
-    override = TrainConfig(
-        zero_stage=2,
-        batch_size=8,
-        micro_batch_size=4,
-        deepspeed={"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8}},
-    )
-    assert deepspeed_config(override, 2)["zero_optimization"] == {
-        "stage": 2,
-        "overlap_comm": False,
-        "reduce_bucket_size": 5e8,
-    }
+    one = zero_section(zero_stage=2)
+    two = zero_section(zero_stage=2, dp=2)
+    assert one["reduce_scatter"] is False and "overlap_comm" not in one  # one rank: an in-place all-reduce
+    assert two["overlap_comm"] and "reduce_scatter" not in two
+    override = zero_section(zero_stage=2, dp=2, deepspeed={"zero_optimization": {"overlap_comm": False}})
+    assert override["overlap_comm"] is False
+
+
+def test_zero_buffers_are_sized_to_the_model_not_to_deepspeeds_gpu_defaults():
+    # A GPT-2 small block holds 12 x 768^2 = 7.1M weights: buckets of two blocks, ZeRO-3 gathering
+    # at most two blocks' weights and prefetching one; DeepSpeed's 5e8 would hold the whole model.
+    gpt2 = ModelConfig(n_layer=12, n_embd=768, n_head=12, vocab_size=50304, block_size=1024)
+    block = 12 * 768**2
+    for stage in (1, 2, 3):
+        assert zero_section(gpt2, dp=2, zero_stage=stage)["reduce_bucket_size"] == 2 * block
+    assert zero_section(gpt2, dp=2, zero_stage=2)["allgather_bucket_size"] == 2 * block
+    three = zero_section(gpt2, dp=2, zero_stage=3)
+    assert three["stage3_prefetch_bucket_size"] == block
+    assert three["stage3_max_live_parameters"] == three["stage3_max_reuse_distance"] == 2 * block
+    # Tensor parallelism halves a rank's block; a tiny model gets the floor, not a bucket per weight.
+    assert zero_section(gpt2, dp=2, zero_stage=3, tensor_parallel=2)["reduce_bucket_size"] == block
+    assert zero_section(ModelConfig(n_embd=64, n_head=2), zero_stage=3)["reduce_bucket_size"] == MIN_BUCKET
+    assert zero_section(gpt2, zero_stage=0) == {"stage": 0}
+
+
+def test_zero_buffer_settings_in_train_deepspeed_win():
+    mine = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
+    assert zero_section(zero_stage=3, deepspeed={"zero_optimization": mine}).items() >= mine.items()
+
+
+def test_offload_maps_to_zero_offload_with_torchs_adamw():
+    ds = deepspeed_config(TrainConfig(zero_stage=3, offload="optimizer+params"), 1, ModelConfig())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # the fused AdamW steps on the CPU, no C++ build
+    two = zero_section(zero_stage=2, offload="optimizer")
+    assert "offload_optimizer" in two and "offload_param" not in two
+    assert "offload_optimizer" not in zero_section(zero_stage=2)
+
+
+@pytest.mark.parametrize(
+    "stage,offload,named",
+    [(0, "optimizer", "needs ZeRO stage 1, 2 or 3"), (2, "optimizer+params", "needs train.zero_stage=3")],
+)
+def test_offload_the_stage_cannot_do_is_refused(stage, offload, named):
+    with pytest.raises(UserError) as info:
+        TrainConfig(zero_stage=stage, offload=offload)
+    assert named in one_line(info)
+
+
+def test_an_unknown_offload_is_refused_naming_the_choices(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {zero_stage: 2, offload: gpu}\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert "train.offload" in one_line(info) and "optimizer+params" in one_line(info)
 
 
 def test_deepspeed_config_rejects_a_data_parallel_size_that_does_not_divide_the_batch():
     with pytest.raises(UserError, match=r"data-parallel size \(3\)"):
-        deepspeed_config(TrainConfig(batch_size=8, micro_batch_size=2), 3)
+        deepspeed_config(TrainConfig(batch_size=8, micro_batch_size=2), 3, ModelConfig())
 
 
 def test_extra_deepspeed_keys_are_merged_deeply():
@@ -456,11 +501,10 @@ def test_extra_deepspeed_keys_are_merged_deeply():
         "steps_per_print": 10,
     }
     train = TrainConfig(zero_stage=2, deepspeed=copy.deepcopy(extra))
-    ds = deepspeed_config(train, 1)
-    # merged over our one-rank default (reduce_scatter off)
+    ds = deepspeed_config(train, 1, ModelConfig())
+    # merged over our one-rank defaults (reduce_scatter off, buckets sized to the model)
     assert ds["zero_optimization"] == {
-        "stage": 2,
-        "reduce_scatter": False,
+        **zero_section(zero_stage=2),
         "overlap_comm": True,
         "reduce_bucket_size": 5e7,
     }
@@ -473,7 +517,7 @@ def test_extra_deepspeed_keys_are_merged_deeply():
 @pytest.mark.parametrize("key", sorted(DERIVED))
 def test_setting_a_derived_key_in_train_deepspeed_is_rejected(key):
     with pytest.raises(UserError) as info:
-        deepspeed_config(TrainConfig(deepspeed={key: 1}), 1)
+        deepspeed_config(TrainConfig(deepspeed={key: 1}), 1, ModelConfig())
     message = one_line(info)
     assert f"train.deepspeed.{key} is derived from train." in message
 
@@ -492,12 +536,12 @@ def test_the_derived_keys_cover_batch_accumulation_clipping_and_precision():
 
 def test_conflicting_zero_stage_is_rejected():
     with pytest.raises(UserError) as info:
-        deepspeed_config(TrainConfig(zero_stage=1, deepspeed={"zero_optimization": {"stage": 3}}), 1)
+        deepspeed_config(TrainConfig(zero_stage=1, deepspeed={"zero_optimization": {"stage": 3}}), 1, ModelConfig())
     assert "set train.zero_stage" in one_line(info)
 
 
 def test_null_zero_optimization_is_a_user_error_or_ignored():
     try:
-        deepspeed_config(TrainConfig(deepspeed={"zero_optimization": None}), 1)
+        deepspeed_config(TrainConfig(deepspeed={"zero_optimization": None}), 1, ModelConfig())
     except UserError:
         pass

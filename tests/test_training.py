@@ -65,6 +65,9 @@ def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp
     assert reference[-1] < reference[0] - 0.5  # the run really learns
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with 1 process"
+    # ZeRO-3 frees each gathered weight after its module: its linear keeps the weight itself for
+    # backward, where F.linear (ZeRO-0 here, run first) keeps a view that would hold it.
+    assert by_stage["0"]["weight_views_saved"] > 0 and by_stage["3"]["weight_views_saved"] == 0
 
 
 @pytest.mark.slow
@@ -199,3 +202,18 @@ def test_loading_a_checkpoint_of_another_model_into_another_run_is_refused(two_s
     )
     assert_one_error_line(result, "different model", "n_embd")
     assert tree_digest(world / "run") == before
+
+
+@pytest.mark.slow
+def test_offloading_adam_and_the_weights_to_the_cpu_keeps_the_loss_curve(tiny_shards, tmp_path):
+    # ZeRO-Offload moves Adam's state and step (and at stage 3 the weight partitions) off the
+    # device; the update is the same fused AdamW, so only reduction order may differ.
+    config = tiny_run_config(tiny_shards, tmp_path / "runs")
+    runs = run_zero_stages(config, tmp_path, 2, "2", "2:optimizer", "3", "3:optimizer", "3:optimizer+params")
+    for stage, offloaded in (("2", "2:optimizer"), ("3", "3:optimizer"), ("3", "3:optimizer+params")):
+        assert runs[offloaded]["losses"] == pytest.approx(runs[stage]["losses"], rel=1e-5, abs=0), offloaded
+    assert [runs[name]["offloaded"] for name in ("3", "2:optimizer", "3:optimizer+params")] == [
+        [False, False],
+        [True, False],
+        [True, True],
+    ]

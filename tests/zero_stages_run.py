@@ -1,12 +1,15 @@
 """Train one tiny config under several ZeRO stages in one process group (run by torchrun).
 
     python -m torch.distributed.run --nproc_per_node N tests/zero_stages_run.py CONFIG.json OUT.json 0 1 2 3 \
-        [--without-mpu]
+        [3:optimizer+params ...] [--without-mpu]
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
-"compiled": bool}} to OUT.json, the logits being the trained engine's (gathered over tensor-parallel
-ranks) for the ids 0..block_size-1, with the dtype the engine computed them in, the dtype of its
-weights and whether its module runs compiled. Used by test_training.py and test_tensor_parallel.py.
+"compiled": bool, "weight_views_saved": int, "offloaded": [bool, bool]}} to OUT.json (a stage written
+STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
+tensor-parallel ranks) for the ids 0..block_size-1, with the dtype the engine computed them in; then
+the dtype of its weights, whether its module runs compiled, how many views of weights one forward
+keeps for backward, and what DeepSpeed offloads to the CPU (the optimizer, the weights). Used by
+test_training.py and test_tensor_parallel.py.
 `--without-mpu` is the negative control: DeepSpeed is not told about the tensor-parallel groups
 (and derives its batch size from the whole world), as a training script that forgot the mpu would do.
 """
@@ -43,27 +46,54 @@ def final_logits(engine, groups, model: dict) -> tuple[list[float], str]:
     return torch.cat(parts, dim=-1).float().flatten().tolist(), str(logits.dtype)
 
 
+def weight_views_saved(engine, model: dict) -> int:
+    """Tensors one training forward keeps for backward that share a weight's storage without being
+    the weight (F.linear keeps weight.t()): under ZeRO-3 each would hold a gathered weight to backward."""
+    engine.train()
+    params = list(engine.module.parameters())
+    found = [0]
+
+    def pack(saved):
+        storage = saved.untyped_storage().data_ptr()
+        if all(saved is not p for p in params) and any(
+            p.data.numel() and storage == p.untyped_storage().data_ptr() for p in params
+        ):
+            found[0] += 1
+        return saved
+
+    ids = torch.arange(model["block_size"]).remainder(model["vocab_size"])[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        engine(ids, ids)  # the graph is dropped unused
+    return found[0]
+
+
 def main(config_path: str, result_path: str, *args: str) -> None:
     if "--without-mpu" in args:
         forget_the_mpu()
     base = json.loads(Path(config_path).read_text())
     results = {}
-    for stage in (int(a) for a in args if a.isdigit()):
+    for name in (a for a in args if a[:1].isdigit()):
+        stage, _, offload = name.partition(":")
         raw = json.loads(json.dumps(base))
-        raw["train"]["zero_stage"] = stage
-        raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}"
+        raw["train"]["zero_stage"] = int(stage)
+        raw["train"]["offload"] = offload or "none"
+        raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}{offload.replace('+', '-')}"
         run = start_run(RunConfig.from_dict(raw))  # set up apart from the loop, so the engine stays at hand
         losses = run_loop(run).losses
         run.log.close()
+        views = weight_views_saved(run.engine, raw["model"])
         logits, logits_dtype = final_logits(run.engine, run.groups, raw["model"])
         weights_dtype = str(next(run.engine.module.parameters()).dtype)
         compiled = getattr(run.engine.module, "_compiled_call_impl", None) is not None  # set by nn.Module.compile()
-        results[stage] = {
+        results[name] = {
             "losses": losses,
             "logits": logits,
             "logits_dtype": logits_dtype,
             "weights_dtype": weights_dtype,
             "compiled": compiled,
+            "weight_views_saved": views,
+            # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
+            "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
         }
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))

@@ -1,0 +1,220 @@
+"""`lm plan`: the memory one rank of a run needs, before it starts.
+
+    lm plan --config CFG [--set ...] --world N [--json] [--device-memory 80GB] [--ranks-per-node K]
+
+Model states follow ZeRO's arithmetic for the stage, TP, DP, offload and precision, counted as
+DeepSpeed holds them (lm.engine): fp32 weights 4 bytes per parameter, gradients 4, Adam's two
+moments 8, and at stages 1-2 an fp32 master copy of the partition. Buffers are the ones lm.ds_config
+sizes (gradient buckets, ZeRO-3's gathered and prefetched weights) and the optimizer step's flat
+gradient copy. Activations are what backward keeps per block for the attention kind, with
+activation checkpointing, and the logits. `runtime` is the process itself (interpreter, torch,
+DeepSpeed; on a GPU the CUDA context), measured on our machines.
+
+The figures are estimates (benchmarks/memory.py measures them: within 20% on its CPU grid), and the
+peak of a run: weights, gradients and Adam's state together with one step's activations.
+"""
+
+import argparse
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from core.errors import UserError, run_command
+from lm.attention import get_attention
+from lm.config import RunConfig, load_config
+from lm.ds_config import deepspeed_config
+from lm.initialization import parameter_count
+
+ADAM = 8  # exp_avg and exp_avg_sq, fp32
+RUNTIME = {"cpu": 450e6, "cuda": 600e6}  # peak RSS of an idle rank / a CUDA context, measured
+# Per block, in units of micro_batch x block_size x n_embd values: what backward keeps of a block
+# (LayerNorm inputs, the qkv projection, attention output, the MLP's 4d input and GELU output, the
+# projections' inputs), and for twicing the first pass's output and 2V - AV. Checked against
+# benchmarks/activation_memory.py (12 layers, d 768, T 1024).
+SAVED_PER_BLOCK = {False: 16, True: 18}
+BACKWARD_WORKSPACE = 4  # gradients of activations alive at once during a block's backward
+LOGIT_COPIES = 3  # the logits, cross-entropy's log-softmax, and their gradient
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes one rank holds at its peak, by part; `host` is what offload moves off a GPU."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    activations: int
+    runtime: int
+    host: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.buffers + self.activations + self.runtime
+
+    def per_rank_bytes(self) -> dict:
+        parts = asdict(self)
+        del parts["host"]
+        return {**parts, "total": self.total}
+
+
+def data_parallel_size(config: RunConfig, world: int) -> int:
+    """The data-parallel size of `world` ranks; refuses a layout that does not divide."""
+    tp = config.train.tensor_parallel
+    if world < 1 or world % tp:
+        raise UserError(f"--world {world} does not split into tensor-parallel groups of train.tensor_parallel={tp}")
+    config.train.grad_accum_steps(world // tp)  # raises with the batch numbers
+    return world // tp
+
+
+def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
+    """The peak memory of one rank of `config` on `world` ranks (`device`: "cpu" or "cuda")."""
+    t, m = config.train, config.model
+    dp, tp, stage = data_parallel_size(config, world), t.tensor_parallel, t.zero_stage
+    params = parameter_count(m) / tp  # this rank's TP slice (replicated norms and positions: small)
+    share = params / dp  # one ZeRO partition of it
+    low_weights = t.precision == "bf16-weights"
+    w = 2 if low_weights else 4  # weights and gradients as the model holds them
+    weights = params * w / (dp if stage == 3 else 1)
+    gradients = params * w / (dp if stage >= 2 else 1)
+    states = params if stage == 0 else share
+    # fp32 master weights: DeepSpeed's bf16 mode always; stages 1-2 clone the partition even in fp32.
+    master = 4 * states if low_weights or stage in (1, 2) else 0
+    optimizer = ADAM * states + master
+    buffers = zero_buffers(config, dp, params, share)
+    host = 0
+    if t.offload != "none":  # Adam's state, the master copy and its fp32 gradients leave the device
+        host += optimizer + 4 * share
+        optimizer = 0
+    if t.offload == "optimizer+params":
+        host += weights
+        weights = 0
+    if device == "cpu":  # the host is the device
+        optimizer, host = optimizer + host, 0
+    return MemoryPlan(
+        weights=round(weights),
+        gradients=round(gradients),
+        optimizer=round(optimizer),
+        buffers=round(buffers),
+        activations=round(activation_bytes(config)),
+        runtime=round(RUNTIME[device]),
+        host=round(host),
+    )
+
+
+def zero_buffers(config: RunConfig, dp: int, params: float, share: float) -> float:
+    """Communication buffers sized by lm.ds_config, and the step's flat copy of the gradients."""
+    t = config.train
+    zero = deepspeed_config(t, dp, config.model)["zero_optimization"]
+    grad_bytes = 2 if t.precision == "bf16-weights" else 4
+    if t.zero_stage == 0:
+        # DeepSpeed flattens gradients for the all-reduce (none at DP=1, see lm.engine).
+        return 0 if dp == 1 else grad_bytes * min(params, 5e8)
+    bucket = min(zero["reduce_bucket_size"], params)
+    if t.zero_stage in (1, 2):
+        copies = 2 if zero.get("overlap_comm") else 1
+        return grad_bytes * bucket * copies + 4 * share  # + the partition's flat fp32 gradient
+    gathered = min(zero["stage3_max_live_parameters"] + zero["stage3_prefetch_bucket_size"], params)
+    return grad_bytes * bucket + grad_bytes * gathered + 4 * share
+
+
+def activation_bytes(config: RunConfig) -> float:
+    """What one micro batch's forward keeps for backward, plus backward's own working set."""
+    t, m = config.train, config.model
+    tokens = t.micro_batch_size * m.block_size
+    value = 2.5 if t.precision != "fp32" else 4  # autocast: matmul outputs bf16, norms and residuals fp32
+    unit = tokens * m.n_embd * value / t.tensor_parallel
+    kept = [SAVED_PER_BLOCK[get_attention(kind).twices] * unit for kind in m.layer_attention()]
+    recomputed = set(t.checkpointed_blocks(m.n_layer))
+    blocks = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(kept))
+    if recomputed:
+        blocks += max(kept)  # the block being recomputed holds its full set during its backward
+    logits = LOGIT_COPIES * tokens * m.vocab_size * 4 / t.tensor_parallel
+    return blocks + logits + BACKWARD_WORKSPACE * unit
+
+
+def device_memory(ranks_per_node: int) -> tuple[int, str]:
+    """Memory one rank may use: a GPU's, or this machine's RAM shared by the node's ranks."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "cuda"
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return pages // max(1, ranks_per_node), "cpu"
+
+
+def parse_bytes(text: str) -> int:
+    """'24GB', '80 GiB', '512MiB' or a plain byte count."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not found or found[2].upper() not in units or not float(found[1]) > 0:
+        raise UserError(f"--device-memory must be a positive size such as 24GB or 80GiB, got {text!r}")
+    return int(float(found[1]) * units[found[2].upper()])
+
+
+def check_memory(config: RunConfig, world: int, ranks_per_node: int) -> None:
+    """Refuse, before anything is built, a run whose plan exceeds the memory a rank has."""
+    budget, device = device_memory(ranks_per_node)
+    need = plan(config, world, device)
+    if need.total > budget:
+        raise UserError(
+            f"lm plan: this run needs about {need.total / 1e9:.1f} GB per rank but a rank has "
+            f"{budget / 1e9:.1f} GB ({device}); see `lm plan` for the parts, reduce the micro batch, checkpoint "
+            f"activations, raise ZeRO or TP, or set train.memory_check=false to start anyway"
+        )
+
+
+def table(need: MemoryPlan, budget: int, device: str) -> str:
+    rows = [(name, value) for name, value in need.per_rank_bytes().items() if name != "total"]
+    lines = [f"  {name:<12} {value / 1e9:8.3f} GB" for name, value in rows]
+    if need.host:
+        lines.append(f"  {'(host)':<12} {need.host / 1e9:8.3f} GB  offloaded, not on the device")
+    verdict = "fits" if need.total <= budget else "does NOT fit"
+    lines.append(f"  {'total':<12} {need.total / 1e9:8.3f} GB  {verdict} in {budget / 1e9:.1f} GB ({device})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lm plan", description="Per-rank memory of a run, before it starts.")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--world", type=int, required=True, help="number of ranks (processes, GPUs)")
+    p.add_argument("--device-memory", default=None, help="memory of one rank's device (default: this GPU's, or RAM)")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="CPU: ranks sharing this RAM (default: --world)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    config = load_config(args.config, args.set)
+    ranks_per_node = args.ranks_per_node or args.world
+    budget, device = device_memory(ranks_per_node)
+    if args.device_memory is not None:
+        budget = parse_bytes(args.device_memory)
+    need = plan(config, args.world, device)
+    if args.json:
+        report = {
+            "world": args.world,
+            "data_parallel": data_parallel_size(config, args.world),
+            "tensor_parallel": config.train.tensor_parallel,
+            "zero_stage": config.train.zero_stage,
+            "device": device,
+            "parameters": parameter_count(config.model),
+            "per_rank_bytes": need.per_rank_bytes(),
+            "host_bytes": need.host,
+            "device_memory_bytes": budget,
+            "fits": need.total <= budget,
+        }
+        print(json.dumps(report))
+    else:
+        dp = data_parallel_size(config, args.world)
+        t = config.train
+        print(
+            f"{parameter_count(config.model) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}, TP {t.tensor_parallel} x "
+            f"DP {dp}, {t.precision}, offload {t.offload}, checkpointing {t.activation_checkpointing}, "
+            f"micro batch {t.micro_batch_size} x {config.model.block_size} tokens; per rank:"
+        )
+        print(table(need, budget, device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_command(main))
