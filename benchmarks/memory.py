@@ -1,16 +1,20 @@
 """Peak memory per rank of `lm train` under the deepspeed launcher, against ZeRO's arithmetic.
 
-    .venv/bin/python benchmarks/memory.py [--layouts 0x1 3x2 3x4] [--layers 24 --d-model 1024 --heads 16]
-        [--block 128] [--set train.activation_checkpointing=full ...] [--shards DIR] [--out table.md]
+    .venv/bin/python benchmarks/memory.py [--layouts 0x1 3x4 2x2,offload=optimizer 0x1,activation_checkpointing=full]
+        [--layers 24 --d-model 1024 --heads 16] [--block 128] [--micro-batch 1] [--steps 1]
+        [--set train.precision=bf16 ...] [--shards DIR] [--out table.md]
 
-A layout is ZxN[tK]: ZeRO stage Z on N processes, tensor-parallel size K (default 1). Each row is one
-launch of one optimizer step (micro-batch 1, fp32 unless --set says otherwise, the final checkpoint
-included) of a twicing-in-every-layer GPT. Every rank's peak RSS (VmHWM) is read from /proc twice:
+A layout is ZxN[tK][,KEY=VALUE...]: ZeRO stage Z on N processes, tensor-parallel size K (default 1),
+and train.KEY=VALUE for that row only (--set applies to every row). Each row is one launch of
+--steps optimizer steps (fp32 unless --set says otherwise, the final checkpoint included) of a
+twicing-in-every-layer GPT. Every rank's peak RSS (VmHWM) is read from /proc twice:
 when the rank prints its `training ... parameters` line (engine built, before the first step: what
 sharded initialisation leaves) and at the end of the run. From both, the same launch of a one-layer
 d-64 model is subtracted (the interpreter, torch, DeepSpeed and the process group), and the
-remainder is divided by the parameter count. Beside it: the bytes per parameter that ZeRO's model
-states alone take at that stage and data-parallel size (fp32 weights 4, gradients 4, Adam 8).
+remainder is divided by the parameter count. Beside it: `lm plan`'s estimate of the same (its total
+less its `runtime` part, which stands for the baseline) and its ratio to the measurement, and the
+bytes per parameter that ZeRO's model states alone take at that stage and data-parallel size (fp32
+weights 4, gradients 4, Adam 8).
 
 Measured with MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that RSS follows live
 memory rather than what glibc keeps of freed heap. On a GPU the same figures come from
@@ -35,8 +39,9 @@ import torch  # noqa: E402
 from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
 from data_prep.prep import prepare_shards  # noqa: E402
 from launch.local import deepspeed_local_command, local_environment  # noqa: E402
-from lm.config import ModelConfig, load_config  # noqa: E402
+from lm.config import ModelConfig, RunConfig, load_config  # noqa: E402
 from lm.model import GPT  # noqa: E402
+from lm.plan import plan  # noqa: E402
 
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 VOCAB = 2048
@@ -129,13 +134,15 @@ def model_config(layers: int, d_model: int, heads: int, block: int) -> dict:
     }
 
 
-def run_config(model: dict, shards: Path, work: Path, layout: tuple[int, int, int], overrides: list[str]) -> dict:
+def run_config(
+    model: dict, shards: Path, work: Path, layout: tuple[int, int, int], overrides: list[str], micro: int, steps: int
+) -> dict:
     """The run config of one launch, with --set applied and validated as `lm train` would."""
     stage, nproc, tp = layout
     train = {
-        "steps": 1,
-        "batch_size": nproc // tp,
-        "micro_batch_size": 1,
+        "steps": steps,
+        "batch_size": micro * nproc // tp,
+        "micro_batch_size": micro,
         "warmup_steps": 0,
         "zero_stage": stage,
         "tensor_parallel": tp,
@@ -153,10 +160,12 @@ def parameter_count(model: dict) -> int:
         return GPT(ModelConfig(**model)).num_parameters()
 
 
-def parse_layout(text: str) -> tuple[int, int, int]:
-    stage, _, rest = text.partition("x")
+def parse_layout(text: str) -> tuple[tuple[int, int, int], list[str]]:
+    """'3x2t1,offload=optimizer' -> ((3, 2, 1), ['train.offload=optimizer'])."""
+    layout, *settings = text.split(",")
+    stage, _, rest = layout.partition("x")
     nproc, _, tp = rest.partition("t")
-    return int(stage), int(nproc), int(tp or 1)
+    return (int(stage), int(nproc), int(tp or 1)), [f"train.{setting}" for setting in settings]
 
 
 def main() -> None:
@@ -166,6 +175,10 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--block", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument(
+        "--steps", type=int, default=1, help="optimizer steps per launch (2: Adam's state and activations together)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--shards", default=None, help="token shards (2048-piece tokenizer); made from the demo corpus")
     p.add_argument("--out", default=None, help="also write the table here")
@@ -181,21 +194,32 @@ def main() -> None:
         n_params = parameter_count(big)
         rows = [
             f"model: {args.layers} layers, d {args.d_model}, {args.heads} heads, twicing all, vocab {VOCAB}, "
-            f"block {args.block}, micro-batch 1, {n_params / 1e6:.1f}M parameters; overrides {args.set or 'none'}",
+            f"block {args.block}, micro-batch {args.micro_batch}, {args.steps} step(s), {n_params / 1e6:.1f}M "
+            f"parameters; overrides {args.set or 'none'}",
             "",
-            "| layout | peak RSS (GB) | bytes/param | at `training` line | ZeRO ideal | baseline (GB) |",
-            "|---|---|---|---|---|---|",
+            "| layout | peak RSS (GB) | peak − baseline (GB) | bytes/param | at `training` line | lm plan | "
+            "plan / measured | ZeRO ideal | baseline (GB) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for layout in args.layouts:
-            stage, nproc, tp = parse_layout(layout)
-            base = launch(run_config(small, shards, work, (stage, nproc, tp), args.set), work, f"base-{layout}", nproc)
-            meas = launch(run_config(big, shards, work, (stage, nproc, tp), args.set), work, f"run-{layout}", nproc)
-            per_param = (meas["peak"] - base["peak"]) / n_params
-            at_start = (meas["start"] - base["start"]) / n_params
+        for row, text in enumerate(args.layouts):
+            layout, settings = parse_layout(text)
+            stage, nproc, tp = layout
+            shape = (args.micro_batch, args.steps)
+            base = launch(
+                run_config(small, shards, work, layout, args.set + settings, *shape), work, f"base-{row}", nproc
+            )
+            config = run_config(big, shards, work, layout, args.set + settings, *shape)
+            meas = launch(config, work, f"run-{row}", nproc)
+            used = meas["peak"] - base["peak"]
+            estimate = plan(RunConfig.from_dict(config), nproc)
+            planned = estimate.total - estimate.runtime  # the runtime part stands for the baseline
             ideal = ideal_bytes_per_parameter(stage, nproc // tp) / tp
+            name = f"ZeRO-{stage} x {nproc}" + (f" (TP {tp})" if tp > 1 else "") + "".join(f", {s}" for s in settings)
+            name = name.replace("train.", "")
             rows.append(
-                f"| ZeRO-{stage} x {nproc} (TP {tp}) | {meas['peak'] / 1e9:.2f} | {per_param:.1f} | "
-                f"{at_start:.1f} | {ideal:.1f} | {base['peak'] / 1e9:.2f} |"
+                f"| {name} | {meas['peak'] / 1e9:.2f} | {used / 1e9:.2f} | {used / n_params:.1f} | "
+                f"{(meas['start'] - base['start']) / n_params:.1f} | {planned / n_params:.1f} | "
+                f"{planned / used:.2f} | {ideal:.1f} | {base['peak'] / 1e9:.2f} |"
             )
             print(rows[-1], flush=True)
         table = "\n".join(rows)

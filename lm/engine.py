@@ -77,6 +77,23 @@ def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, gro
     init._convert_to_zero_parameters(params)
 
 
+def share_master_weights(zero_optimizer) -> None:
+    """Let ZeRO-1/2's fp32 master partition be the fp32 weights' own partition.
+
+    Stages 1-2 clone this rank's partition of the flat weights as the optimizer's master copy even
+    when the weights are fp32 already (stage 3 shares it in that case): 4/DP bytes per parameter
+    for nothing (the whole model at DP=1). After the update DeepSpeed copies master to weights,
+    which is then a copy onto itself; checkpoints hold the same values under the same names.
+    """
+    import torch.distributed as dist
+
+    for i, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[i])
+        weights = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
+        if weights.dtype == master.dtype and weights.device == master.device:
+            master.data = weights.data
+
+
 class Engine:
     """A DeepSpeed engine over one rank's model, and the calls training makes on it."""
 
@@ -100,6 +117,8 @@ class Engine:
             dist_init_required=False,
         )
         self.optimizer = optimizer
+        if train.zero_stage in (1, 2) and train.offload == "none" and train.precision != "bf16-weights":
+            share_master_weights(self.ds.optimizer)
         if train.zero_stage == 0 and groups.dp_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False

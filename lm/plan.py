@@ -4,7 +4,7 @@
 
 Model states follow ZeRO's arithmetic for the stage, TP, DP, offload and precision, counted as
 DeepSpeed holds them (lm.engine): fp32 weights 4 bytes per parameter, gradients 4, Adam's two
-moments 8, and at stages 1-2 an fp32 master copy of the partition. Buffers are the ones lm.ds_config
+moments 8, and an fp32 master copy where the weights cannot be their own (bf16 weights, offload). Buffers are the ones lm.ds_config
 sizes (gradient buckets, ZeRO-3's gathered and prefetched weights) and the optimizer step's flat
 gradient copy. Activations are what backward keeps per block for the attention kind, with
 activation checkpointing, and the logits. `runtime` is the process itself (interpreter, torch,
@@ -79,10 +79,13 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     low_weights = t.precision == "bf16-weights"
     w = 2 if low_weights else 4  # weights and gradients as the model holds them
     weights = params * w / (dp if stage == 3 else 1)
-    gradients = params * w / (dp if stage >= 2 else 1)
+    # Stage 1 reduces gradient buckets into the partition during backward, as stage 2 does (one
+    # implementation in DeepSpeed): measured alike.
+    gradients = params * w / (dp if stage >= 1 else 1)
     states = params if stage == 0 else share
-    # fp32 master weights: DeepSpeed's bf16 mode always; stages 1-2 clone the partition even in fp32.
-    master = 4 * states if low_weights or stage in (1, 2) else 0
+    # An fp32 master copy: DeepSpeed's bf16 mode, and offload (on the CPU); fp32 weights are their
+    # own master otherwise (stage 3 by itself, stages 1-2 by lm.engine.share_master_weights).
+    master = 4 * states if low_weights or t.offload != "none" else 0
     optimizer = ADAM * states + master
     buffers = zero_buffers(config, dp, params, share)
     host = 0

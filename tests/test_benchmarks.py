@@ -55,8 +55,10 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
     assert (tmp_path / "train-all.txt").is_file() and (tmp_path / "attention.txt").is_file()
 
 
-def test_memory_benchmark_prints_bytes_per_parameter_for_each_layout(tiny_shards):
+def test_memory_benchmark_prints_measurement_and_plan_for_each_layout(tiny_shards):
     size = ["--layers", "1", "--d-model", "64", "--heads", "1", "--block", "32"]
     # One process (under the deepspeed launcher, like every row) keeps this smoke run short.
-    result = run_benchmark("memory.py", *size, "--layouts", "3x1", "--shards", str(tiny_shards), threads=2)
-    assert "| ZeRO-3 x 1 (TP 1) |" in result.stdout
+    layout = "3x1,offload=optimizer"
+    result = run_benchmark("memory.py", *size, "--layouts", layout, "--shards", str(tiny_shards), threads=2)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| ZeRO-3 x 1, offload=optimizer |"))
+    assert len(row.split("|")) == 11  # measured, per parameter, at the training line, plan, ratio, ideal, baseline

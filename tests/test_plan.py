@@ -38,10 +38,14 @@ def test_zero3_model_states_fall_as_one_over_the_data_parallel_size():
     assert eight.activations == one.activations  # every rank still runs its own micro batch
 
 
-def test_zero1_and_2_partition_adam_and_keep_a_master_copy_of_the_partition():
+def test_zero1_and_2_partition_gradients_and_adam_and_fp32_weights_are_their_own_master():
     n = parameter_count(config_for().model)
-    two = plan(config_for(zero_stage=2), 2)
-    assert two.weights == 4 * n and two.optimizer == (8 + 4) * n / 2
+    for stage in (1, 2):
+        two = plan(config_for(zero_stage=stage), 2)
+        assert (two.weights, two.gradients, two.optimizer) == (4 * n, 4 * n / 2, 8 * n / 2)
+    # bf16 weights: 2 bytes each, and an fp32 master copy beside Adam's state
+    low = plan(config_for(zero_stage=2, precision="bf16-weights"), 2)
+    assert (low.weights, low.optimizer) == (2 * n, (8 + 4) * n / 2)
 
 
 def test_tensor_parallelism_divides_weights_and_activations():
