@@ -119,3 +119,9 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_built(tiny_shards, 
     result = lm_in_process("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
     assert_one_error_line(result, "lm plan: this run needs about", "GB per rank", "train.memory_check=false")
     assert not (tmp_path / "run").exists()
+
+
+def test_offload_at_zero0_ends_with_one_clear_line(tiny_shards, tmp_path, lm_in_process):
+    config = tiny_run_config(tiny_shards, tmp_path / "run", train={"offload": "optimizer"})
+    result = lm_in_process("train", "--config", str(write_config(tmp_path / "c.yaml", config)))
+    assert_one_error_line(result, "train.offload=optimizer needs ZeRO stage 1, 2 or 3")
