@@ -6,9 +6,9 @@ Model states follow ZeRO's arithmetic for the stage, TP, DP, offload and precisi
 DeepSpeed holds them (lm.engine): fp32 weights 4 bytes per parameter, gradients 4, Adam's two
 moments 8, and an fp32 master copy where the weights cannot be their own (bf16 weights, offload).
 Buffers are the ones lm.ds_config sizes (gradient buckets, ZeRO-3's gathered and prefetched
-weights) and the optimizer step's flat gradient copy. Activations are what backward keeps per block for the attention kind, with
-activation checkpointing, and the logits. `runtime` is the process itself (interpreter, torch,
-DeepSpeed; on a GPU the CUDA context), measured on our machines.
+weights) and the optimizer step's flat gradient copy. Activations are what backward keeps per
+block for the attention kind, with activation checkpointing, and the logits. `runtime` is the
+process itself (interpreter, torch, DeepSpeed; on a GPU the CUDA context), measured on our machines.
 
 The figures are estimates (benchmarks/memory.py measures them: within 20% on its CPU grid), and the
 peak of a run: weights, gradients and Adam's state together with one step's activations.
