@@ -14,9 +14,12 @@ Rows, all measured in the same run on the same data:
   plain       the reference loop of lm.plain_loop (fused AdamW on CUDA, bf16 autocast when the
               config says bf16 or bf16-weights), one process, all cores
   ds-1p-zN    lm.train in one process under a DeepSpeed engine, ZeRO stage N, train.compile as above
-  ds-2p-zN    the same in two processes (deepspeed launcher): on the CPU or with >= 2 GPUs
-Also per row: the ratio to the plain loop, MFU (model FLOPs per token, counting the second
-attention pass of twicing layers, against the card's peak; GPU only) and peak memory. Tokens/s is
+  ddp-2p      the plain loop data-parallel in two processes under torch's DistributedDataParallel
+              (torchrun), the reference of the two-process rows
+  ds-2p-zN    lm.train in two processes (deepspeed launcher): on the CPU or with >= 2 GPUs
+Also per row: the ratio to its reference (the plain loop; ddp-2p for two-process rows), MFU
+(model FLOPs per token, counting the second attention pass of twicing layers, against the card's
+peak; GPU only) and peak memory. Tokens/s is
 the median of the per-step figures after the first 10 steps (start-up and compilation excluded).
 """
 
@@ -66,6 +69,35 @@ def deepspeed_row(config: dict, work: Path, name: str, nproc: int, stage: int) -
     metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
     return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+
+
+def ddp_row(config: dict, work: Path, name: str, nproc: int) -> tuple[float, float]:
+    """(tokens/s, peak RSS/MiB of rank 0) of the plain loop under DDP in `nproc` processes (torchrun)."""
+    path, out = work / f"{name}.json", work / f"{name}-result.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += [__file__, "--ddp-worker", str(path), str(out)]
+    subprocess.run(command, env=local_environment(nproc), check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    tokens_per_step = config["train"]["batch_size"] * config["model"]["block_size"]
+    return steady_rate([tokens_per_step / s for s in result["step_seconds"]]), result["memory_mib"]
+
+
+def ddp_worker(config_path: str, out_path: str) -> None:
+    """One rank of ddp_row."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    run_config = RunConfig.from_dict(json.loads(Path(config_path).read_text()))
+    plain = train_plain(run_config, device=device, compile=run_config.train.compile)
+    if torch.distributed.get_rank() == 0:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device == "cuda":
+            memory = torch.cuda.max_memory_allocated() / 2**20
+        result = {"losses": plain["losses"], "step_seconds": plain["step_seconds"], "memory_mib": memory}
+        Path(out_path).write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
 
 
 def plain_row(run_config: RunConfig, device: str, compile: bool) -> tuple[float, float]:
@@ -125,6 +157,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--ddp-worker"]:
+        return ddp_worker(*sys.argv[2:4])
     args = parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
@@ -154,20 +188,16 @@ def main() -> None:
             base, memory = plain_row(run_config, device, compile)
             rows.append((layers, "plain", "PyTorch loop" + (", compiled" if compile else ""), base, 1.0, memory, flops))
             write_table(args, run_config, rows, device, compile)
+            reference = {1: base}
             for nproc, stage in stage_runs:
+                if nproc not in reference:
+                    reference[nproc], mib = ddp_row(config, work, f"ddp-{nproc}p-{len(rows)}", nproc)
+                    label = f"PyTorch DDP, {nproc} processes" + (", compiled" if compile else "")
+                    rows.append((layers, f"ddp-{nproc}p", label, reference[nproc], 1.0, mib, flops))
                 name = f"ds-{nproc}p-z{stage}"
                 rate, mib = deepspeed_row(config, work, f"{name}-{len(rows)}", nproc, stage)
-                rows.append(
-                    (
-                        layers,
-                        name,
-                        f"DeepSpeed ZeRO-{stage}, {nproc} process" + "es" * (nproc > 1),
-                        rate,
-                        rate / base,
-                        mib,
-                        flops,
-                    )
-                )
+                label = f"DeepSpeed ZeRO-{stage}, {nproc} process" + "es" * (nproc > 1)
+                rows.append((layers, name, label, rate, rate / reference[nproc], mib, flops))
                 write_table(args, run_config, rows, device, compile)  # rows so far survive a timeout
     print("\n" + write_table(args, run_config, rows, device, compile))
 
@@ -184,7 +214,7 @@ def write_table(args, run_config: RunConfig, rows: list, device: str, compile: b
         f"micro batch {t.micro_batch_size} x {m.block_size} tokens, {t.batch_size * m.block_size} tokens/step, "
         f"{args.steps} steps, compile {'on' if compile else 'off'}, on {where}",
         "MFU counts twicing's second attention pass" + (f"; peak {peak:.0f} TFLOP/s" if peak else ""),
-        f"{'twicing':<8} {'run':<9} {'what':<34} {'tokens/s':>10} {'vs plain':>9} {'MFU':>6} {memory:>13}",
+        f"{'twicing':<8} {'run':<9} {'what':<34} {'tokens/s':>10} {'vs ref':>9} {'MFU':>6} {memory:>13}",
     ]
     for layers, name, label, rate, ratio, mib, flops in rows:
         mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak else "-"

@@ -1,6 +1,7 @@
 """Specification of training under DeepSpeed: equal to plain PyTorch, exact resume, clear errors."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,13 +9,16 @@ import pytest
 import torch
 
 from conftest import (
+    REPO,
     assert_one_error_line,
     copy_two_step_world,
+    cpu_env,
     losses_from,
     relative_error,
     run_lm,
     run_torchrun,
     tiny_run_config,
+    torchrun_command,
     tree_digest,
     write_config,
 )
@@ -217,3 +221,16 @@ def test_offloading_adam_and_the_weights_to_the_cpu_keeps_the_loss_curve(tiny_sh
         [True, False],
         [True, True],
     ]
+
+
+@pytest.mark.slow
+def test_the_plain_loop_under_ddp_is_the_same_training_as_one_process(tiny_shards, tmp_path, plain_losses):
+    # The two-process reference of benchmarks/train_throughput.py: DDP over lm.train's rank rows.
+    config = tiny_run_config(tiny_shards, tmp_path / "runs")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    worker = [str(REPO / "benchmarks" / "train_throughput.py"), "--ddp-worker", str(tmp_path / "config.json")]
+    command = torchrun_command(2, *worker, str(tmp_path / "out.json"))
+    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "out.json").read_text())["losses"]
+    assert ddp == pytest.approx(plain_losses(config), rel=RELATIVE_TOLERANCE)
