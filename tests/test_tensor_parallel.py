@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,16 +62,24 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
 ):
     config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"steps": 10, "tensor_parallel": tp})
     reference = plain_losses(config)
-    by_stage = run_stages(config, tmp_path, nproc, "0", "1", "2", "3")
-    assert sorted(by_stage) == ["0", "1", "2", "3"]
+    # With two data-parallel ranks also ZeRO-Offload: Adam's state and step, then the weights, on the CPU.
+    offloaded = ["2:optimizer", "3:optimizer+params"] if tp == 1 else []
+    by_stage = run_stages(config, tmp_path, nproc, "0", "1", "2", "3", *offloaded)
+    assert sorted(by_stage) == sorted(["0", "1", "2", "3", *offloaded])
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
         # The checkpoint, consolidated into one model, computes what the trained engine did.
-        model = load_model(tmp_path / "runs" / f"zero{stage}")[0]
+        model = load_model(Path(run["run_dir"]))[0]
         ids = torch.arange(config["model"]["block_size"])[None]
         with torch.no_grad():
             logits = model(ids)[0].flatten()
         assert relative_error(logits, torch.tensor(run["logits"])) <= 1e-5, f"consolidated ZeRO-{stage}"
+    if offloaded:  # what DeepSpeed's engine moved to the CPU: [optimizer, weights]
+        assert [by_stage[name]["offloaded"] for name in ("2", *offloaded)] == [
+            [False, False],
+            [True, False],
+            [True, True],
+        ]
 
 
 @pytest.mark.slow

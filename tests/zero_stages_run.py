@@ -4,7 +4,7 @@
         [3:optimizer+params ...] [--without-mpu]
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
-"compiled": bool, "weight_views_saved": int, "offloaded": [bool, bool]}} to OUT.json (a stage written
+"compiled": bool, "weight_views_saved": int, "run_dir": ..., "offloaded": [bool, bool]}} to OUT.json (a stage written
 STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
 tensor-parallel ranks) for the ids 0..block_size-1, with the dtype the engine computed them in; then
 the dtype of its weights, whether its module runs compiled, how many views of weights one forward
@@ -77,7 +77,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         raw = json.loads(json.dumps(base))
         raw["train"]["zero_stage"] = int(stage)
         raw["train"]["offload"] = offload or "none"
-        raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{stage}{offload.replace('+', '-')}"
+        raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{name.replace(':', '-').replace('+', '-')}"
         run = start_run(RunConfig.from_dict(raw))  # set up apart from the loop, so the engine stays at hand
         losses = run_loop(run).losses
         run.log.close()
@@ -92,6 +92,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
             "weights_dtype": weights_dtype,
             "compiled": compiled,
             "weight_views_saved": views,
+            "run_dir": raw["train"]["out_dir"],
             # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
             "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
         }
