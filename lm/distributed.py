@@ -111,7 +111,8 @@ def check_master_port() -> None:
 def init_distributed() -> World:
     """Join (or create) the process group with DeepSpeed's helper: gloo on CPU, NCCL on GPUs."""
     prepare_environment()
-    check_master_port()
+    if not torch.distributed.is_initialized():  # a process may start several runs in one group
+        check_master_port()
     import deepspeed
 
     cuda = torch.cuda.is_available()
