@@ -6,7 +6,7 @@ Model states follow ZeRO's arithmetic for the stage, TP, DP, offload and precisi
 DeepSpeed holds them (lm.engine): fp32 weights 4 bytes per parameter, gradients 4, Adam's two
 moments 8, and an fp32 master copy where the weights cannot be their own (bf16 weights, offload).
 Buffers are the ones lm.ds_config sizes (gradient buckets, ZeRO-3's gathered and prefetched
-weights) and the optimizer step's flat gradient copy. Activations are what backward keeps per
+weights); `step` is what the optimizer step's temporaries add at its peak. Activations are what backward keeps per
 block for the attention kind, with activation checkpointing, and the logits. `runtime` is the
 process itself (interpreter, torch, DeepSpeed; on a GPU the CUDA context), measured on our machines.
 
@@ -37,28 +37,39 @@ RUNTIME = {"cpu": 450e6, "cuda": 600e6}  # peak RSS of an idle rank / a CUDA con
 SAVED_PER_BLOCK = {False: 16, True: 18}
 BACKWARD_WORKSPACE = 4  # gradients of activations alive at once during a block's backward
 LOGIT_COPIES = 3  # the logits, cross-entropy's log-softmax, and their gradient
+# ZeRO 1-3's step holds two fp32 partitions beyond the model states: the flat gradient it hands
+# Adam, and the norm and clipping's working copy (measured: one partition fewer underestimates
+# every ZeRO-3 row of benchmarks/memory.py by a partition).
+STEP_PARTITIONS = 2
 
 
 @dataclass
 class MemoryPlan:
-    """Bytes one rank holds at its peak, by part; `host` is what offload moves off a GPU."""
+    """Bytes one rank holds at its peak, by part; `host` is what offload moves off a GPU.
+
+    The peak falls in backward (activations and gathered ZeRO-3 weights alive) or in the
+    optimizer step (its temporaries, once activations are freed): `step` is what the step needs
+    beyond what backward's parts free, so that the parts add up to the peak either way.
+    """
 
     weights: int
     gradients: int
     optimizer: int
     buffers: int
     activations: int
+    step: int
     runtime: int
     host: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.buffers + self.activations + self.runtime
+        parts = self.per_rank_bytes()
+        return sum(value for name, value in parts.items() if name != "total")
 
     def per_rank_bytes(self) -> dict:
         parts = asdict(self)
         del parts["host"]
-        return {**parts, "total": self.total}
+        return {**parts, "total": sum(parts.values())}
 
 
 def data_parallel_size(config: RunConfig, world: int) -> int:
@@ -87,7 +98,12 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     # own master otherwise (stage 3 by itself, stages 1-2 by lm.engine.share_master_weights).
     master = 4 * states if low_weights or t.offload != "none" else 0
     optimizer = ADAM * states + master
-    buffers = zero_buffers(config, dp, params, share)
+    buffers, gathered = zero_buffers(config, dp, params)
+    activations = activation_bytes(config)
+    if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
+        temporaries = 0 if dp == 1 else w * min(params, 5e8)
+    else:
+        temporaries = STEP_PARTITIONS * 4 * share
     host = 0
     if t.offload != "none":  # Adam's state, the master copy and its fp32 gradients leave the device
         host += optimizer + 4 * share
@@ -102,26 +118,26 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
         gradients=round(gradients),
         optimizer=round(optimizer),
         buffers=round(buffers),
-        activations=round(activation_bytes(config)),
+        activations=round(activations),
+        step=round(max(0.0, temporaries - activations - gathered)),
         runtime=round(RUNTIME[device]),
         host=round(host),
     )
 
 
-def zero_buffers(config: RunConfig, dp: int, params: float, share: float) -> float:
-    """Communication buffers sized by lm.ds_config, and the step's flat copy of the gradients."""
+def zero_buffers(config: RunConfig, dp: int, params: float) -> tuple[float, float]:
+    """(bytes of the communication buffers lm.ds_config sizes, of them ZeRO-3's gathered weights)."""
     t = config.train
+    if t.zero_stage == 0:
+        return 0.0, 0.0
     zero = deepspeed_config(t, dp, config.model)["zero_optimization"]
     grad_bytes = 2 if t.precision == "bf16-weights" else 4
-    if t.zero_stage == 0:
-        # DeepSpeed flattens gradients for the all-reduce (none at DP=1, see lm.engine).
-        return 0 if dp == 1 else grad_bytes * min(params, 5e8)
-    bucket = min(zero["reduce_bucket_size"], params)
+    bucket = grad_bytes * min(zero["reduce_bucket_size"], params)
     if t.zero_stage in (1, 2):
-        copies = 2 if zero.get("overlap_comm") else 1
-        return grad_bytes * bucket * copies + 4 * share  # + the partition's flat fp32 gradient
-    gathered = min(zero["stage3_max_live_parameters"] + zero["stage3_prefetch_bucket_size"], params)
-    return grad_bytes * bucket + grad_bytes * gathered + 4 * share
+        return bucket * (2 if zero.get("overlap_comm") else 1), 0.0
+    live = zero["stage3_max_live_parameters"]  # prefetched weights count against it
+    gathered = grad_bytes * min(live, params)
+    return bucket + gathered, gathered
 
 
 def activation_bytes(config: RunConfig) -> float:

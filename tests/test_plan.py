@@ -78,7 +78,7 @@ def test_json_reports_the_total_and_each_part(tmp_path, lm_in_process):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     parts = report["per_rank_bytes"]
-    assert set(parts) == {"weights", "gradients", "optimizer", "buffers", "activations", "runtime", "total"}
+    assert set(parts) == {"weights", "gradients", "optimizer", "buffers", "activations", "step", "runtime", "total"}
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     assert report["device_memory_bytes"] == 80e9 and report["fits"] is True
     assert (report["world"], report["data_parallel"], report["zero_stage"]) == (4, 4, 3)
