@@ -182,6 +182,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--shards", default=None, help="token shards (2048-piece tokenizer); made from the demo corpus")
     p.add_argument("--out", default=None, help="also write the table here")
+    p.add_argument("--plan-only", action="store_true", help="print lm plan's column for each layout, launch nothing")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -205,6 +206,12 @@ def main() -> None:
             layout, settings = parse_layout(text)
             stage, nproc, tp = layout
             shape = (args.micro_batch, args.steps)
+            if args.plan_only:
+                estimate = plan(
+                    RunConfig.from_dict(run_config(big, shards, work, layout, args.set + settings, *shape)), nproc
+                )
+                print(f"{text}: lm plan {(estimate.total - estimate.runtime) / n_params:.1f} bytes/param")
+                continue
             base = launch(
                 run_config(small, shards, work, layout, args.set + settings, *shape), work, f"base-{row}", nproc
             )
@@ -222,6 +229,8 @@ def main() -> None:
                 f"{planned / used:.2f} | {ideal:.1f} | {base['peak'] / 1e9:.2f} |"
             )
             print(rows[-1], flush=True)
+        if args.plan_only:
+            return
         table = "\n".join(rows)
         print("\n" + table)
         if args.out:
