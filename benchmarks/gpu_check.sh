@@ -35,12 +35,14 @@ SHARDS=/tmp/gpu-check-shards  # made once (demo corpus, 2048-piece tokenizer), r
 TRAIN=(--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.micro_batch_size=16
        --set train.precision=bf16 --steps 30 --stages 0 1 --compile on)
 LAYERS=(none all)
+TRAIN_TIMEOUT=140
 if [ "$SMOKE" = 1 ]; then
   TESTS=(tests/test_twicing_kernel.py -k strided)
   ATTENTION=(--dtype fp32 --lengths 64 --repeats 1)
   SHARDS=${GPU_CHECK_SHARDS:-$RESULTS/shards}  # tests pass shards they already have
   TRAIN=(--set model.n_layer=1 --set train.precision=bf16 --steps 2 --stages 0 --two-process-stages 2 --compile off)
   LAYERS=(all)
+  TRAIN_TIMEOUT=300  # on a CPU also the two-process rows: DDP and ZeRO-2, each a process group
 fi
 
 echo "== GPU tests"
@@ -56,7 +58,7 @@ timeout 60 python3 benchmarks/attention.py "${ATTENTION[@]}" 2>&1 | tee "$RESULT
 
 for layers in "${LAYERS[@]}"; do
   echo "== GPT-2 small, bf16, B=16 T=1024, twicing_layers=$layers: plain compiled vs DeepSpeed ZeRO-0/1"
-  timeout 140 python3 benchmarks/train_throughput.py "${TRAIN[@]}" --shards "$SHARDS" --twicing "$layers" \
+  timeout "$TRAIN_TIMEOUT" python3 benchmarks/train_throughput.py "${TRAIN[@]}" --shards "$SHARDS" --twicing "$layers" \
     --out "$RESULTS/train-$layers.txt" 2>&1 | grep -v -e "^\[" -e Warning | tail -n 25
 done
 
