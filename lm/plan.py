@@ -102,6 +102,8 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     activations = activation_bytes(config)
     if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
         temporaries = 0 if dp == 1 else w * min(params, 5e8)
+    elif stage == 3 and t.offload != "none":
+        temporaries = 0  # ZeRO-3 reduces gradients straight into their CPU partitions; the step runs there
     else:
         temporaries = STEP_PARTITIONS * 4 * share
     host = 0
