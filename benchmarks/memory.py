@@ -12,7 +12,8 @@ when the rank prints its `training ... parameters` line (engine built, before th
 sharded initialisation leaves) and at the end of the run. From both, the same launch of a one-layer
 d-64 model is subtracted (the interpreter, torch, DeepSpeed and the process group), and the
 remainder is divided by the parameter count. Beside it: `lm plan`'s estimate of the same (its total
-less its `runtime` part, which stands for the baseline) and its ratio to the measurement, and the
+less its total for the baseline launch: with a long block the baseline's logits are no small part)
+and its ratio to the measurement, and the
 bytes per parameter that ZeRO's model states alone take at that stage and data-parallel size (fp32
 weights 4, gradients 4, Adam 8).
 
@@ -160,6 +161,11 @@ def parameter_count(model: dict) -> int:
         return GPT(ModelConfig(**model)).num_parameters()
 
 
+def planned_bytes(config: dict, nproc: int) -> int:
+    """lm plan's per-rank total for one launch."""
+    return plan(RunConfig.from_dict(config), nproc).total
+
+
 def parse_layout(text: str) -> tuple[tuple[int, int, int], list[str]]:
     """'3x2t1,offload=optimizer' -> ((3, 2, 1), ['train.offload=optimizer'])."""
     layout, *settings = text.split(",")
@@ -191,7 +197,6 @@ def main() -> None:
             train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
             prepare_shards(train_docs, val_docs, shards, vocab_size=VOCAB, workers=2)
         big = model_config(args.layers, args.d_model, args.heads, args.block)
-        small = model_config(1, 64, 1, args.block)
         n_params = parameter_count(big)
         rows = [
             f"model: {args.layers} layers, d {args.d_model}, {args.heads} heads, twicing all, vocab {VOCAB}, "
@@ -206,20 +211,17 @@ def main() -> None:
             layout, settings = parse_layout(text)
             stage, nproc, tp = layout
             shape = (args.micro_batch, args.steps)
-            if args.plan_only:
-                estimate = plan(
-                    RunConfig.from_dict(run_config(big, shards, work, layout, args.set + settings, *shape)), nproc
-                )
-                print(f"{text}: lm plan {(estimate.total - estimate.runtime) / n_params:.1f} bytes/param")
-                continue
-            base = launch(
-                run_config(small, shards, work, layout, args.set + settings, *shape), work, f"base-{row}", nproc
-            )
+            small = model_config(1, 64, tp, args.block)  # the baseline, as TP can split it
+            base_config = run_config(small, shards, work, layout, args.set + settings, *shape)
             config = run_config(big, shards, work, layout, args.set + settings, *shape)
+            # Planned like measured: the run less its baseline (whose logits count as much as the run's).
+            planned = planned_bytes(config, nproc) - planned_bytes(base_config, nproc)
+            if args.plan_only:
+                print(f"{text}: lm plan {planned / n_params:.1f} bytes/param")
+                continue
+            base = launch(base_config, work, f"base-{row}", nproc)
             meas = launch(config, work, f"run-{row}", nproc)
             used = meas["peak"] - base["peak"]
-            estimate = plan(RunConfig.from_dict(config), nproc)
-            planned = estimate.total - estimate.runtime  # the runtime part stands for the baseline
             ideal = ideal_bytes_per_parameter(stage, nproc // tp) / tp
             name = f"ZeRO-{stage} x {nproc}" + (f" (TP {tp})" if tp > 1 else "") + "".join(f", {s}" for s in settings)
             name = name.replace("train.", "")

@@ -143,18 +143,22 @@ def zero_buffers(config: RunConfig, dp: int, params: float) -> tuple[float, floa
 
 
 def activation_bytes(config: RunConfig) -> float:
-    """What one micro batch's forward keeps for backward, plus backward's own working set."""
+    """The most one micro batch's activations hold at once in backward.
+
+    That is the kept blocks (a checkpointed block keeps only its input) plus the larger of the
+    logits' copies with backward's working set, alive at its start, or one block recomputed in
+    full, alive while backward runs through it (by then the logits are freed).
+    """
     t, m = config.train, config.model
     tokens = t.micro_batch_size * m.block_size
     value = 2.5 if t.precision != "fp32" else 4  # autocast: matmul outputs bf16, norms and residuals fp32
     unit = tokens * m.n_embd * value / t.tensor_parallel
-    kept = [SAVED_PER_BLOCK[get_attention(kind).twices] * unit for kind in m.layer_attention()]
+    saved = [SAVED_PER_BLOCK[get_attention(kind).twices] * unit for kind in m.layer_attention()]
     recomputed = set(t.checkpointed_blocks(m.n_layer))
-    blocks = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(kept))
-    if recomputed:
-        blocks += max(kept)  # the block being recomputed holds its full set during its backward
+    kept = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(saved))
     logits = LOGIT_COPIES * tokens * m.vocab_size * 4 / t.tensor_parallel
-    return blocks + logits + BACKWARD_WORKSPACE * unit
+    recompute = max(saved) if recomputed else 0.0
+    return kept + max(logits + BACKWARD_WORKSPACE * unit, recompute)
 
 
 def device_memory(ranks_per_node: int) -> tuple[int, str]:
