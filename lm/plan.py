@@ -147,7 +147,7 @@ def activation_bytes(config: RunConfig) -> float:
 
     That is the kept blocks (a checkpointed block keeps only its input) plus the larger of the
     logits' copies with backward's working set, alive at its start, or one block recomputed in
-    full, alive while backward runs through it (by then the logits are freed).
+    full, alive while backward runs through it (by then the logits are freed, except under ZeRO-3).
     """
     t, m = config.train, config.model
     tokens = t.micro_batch_size * m.block_size
@@ -158,6 +158,10 @@ def activation_bytes(config: RunConfig) -> float:
     kept = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(saved))
     logits = LOGIT_COPIES * tokens * m.vocab_size * 4 / t.tensor_parallel
     recompute = max(saved) if recomputed else 0.0
+    if t.zero_stage == 3:
+        # Measured: under ZeRO-3 the logits' copies outlive the output layer's backward (its module
+        # hooks hold them), so a recomputed block comes on top of them.
+        return kept + logits + max(BACKWARD_WORKSPACE * unit, recompute)
     return kept + max(logits + BACKWARD_WORKSPACE * unit, recompute)
 
 
