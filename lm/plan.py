@@ -183,7 +183,13 @@ def parse_bytes(text: str) -> int:
 
 
 def check_memory(config: RunConfig, world: int, ranks_per_node: int) -> None:
-    """Refuse, before anything is built, a run whose plan exceeds the memory a rank has."""
+    """Refuse, before anything is built, a run whose plan exceeds the memory a rank has.
+
+    A layout `world` does not divide is left to lm.train's own checks, which name it.
+    """
+    t = config.train
+    if world % t.tensor_parallel or t.batch_size % (t.micro_batch_size * (world // t.tensor_parallel)):
+        return
     budget, device = device_memory(ranks_per_node)
     need = plan(config, world, device)
     if need.total > budget:
