@@ -20,6 +20,17 @@ DERIVED = {
 MIN_BUCKET = 4 * 2**20
 
 
+def clips_itself(train: TrainConfig) -> bool:
+    """Whether lm.engine clips gradients itself instead of DeepSpeed.
+
+    At ZeRO-0 with fp32 weights and no TP every rank holds the whole, reduced gradient, and torch's
+    foreach clip_grad_norm_ (the plain loop's) is one pass where DeepSpeed's loops over parameters
+    in Python, with an all-reduce of the norm. Where DeepSpeed partitions the gradients or must
+    combine TP shards, the norm stays DeepSpeed's.
+    """
+    return train.zero_stage == 0 and train.tensor_parallel == 1 and train.precision != "bf16-weights"
+
+
 def buffer_unit(model: ModelConfig, tensor_parallel: int) -> int:
     """One transformer block's weights on one rank (12 d² / TP elements): the unit of ZeRO's buffers.
 
@@ -45,7 +56,7 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps(data_parallel_size),
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(train) else train.grad_clip,
         "zero_optimization": zero_defaults(train, data_parallel_size, buffer_unit(model, train.tensor_parallel)),
         **precision_config(train.precision),
         # We bring torch's AdamW (DeepSpeed's fused Adams need a compiled extension).

@@ -6,6 +6,9 @@ saves and loads its own checkpoint files. Around it, we:
 - build it from our model, optimizer and LR schedule, with the JSON of lm.ds_config and our
   tensor-parallel groups as its Megatron `mpu`;
 - switch off its gradient all-reduce at ZeRO-0 with one data-parallel rank (a group of one);
+- clip gradients with torch's foreach clip_grad_norm_ where each rank holds them whole (ZeRO-0,
+  no TP: lm.ds_config.clips_itself), instead of DeepSpeed's loop over parameters;
+- let ZeRO-1/2's fp32 master partition be the fp32 weights' own (share_master_weights);
 - skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
   where DeepSpeed discards a step itself, which it does not do;
 - read its checkpoint files without running code from them (lm.safe_load, allowing the few plain
@@ -25,7 +28,7 @@ import torch
 
 from lm.config import RunConfig
 from lm.distributed import select_accelerator
-from lm.ds_config import deepspeed_config
+from lm.ds_config import clips_itself, deepspeed_config
 from lm.numerics import SkippableAdamW
 from lm.parallel import ParallelGroups
 from lm.safe_load import load_tensors
@@ -117,6 +120,8 @@ class Engine:
             dist_init_required=False,
         )
         self.optimizer = optimizer
+        self.clip = train.grad_clip if clips_itself(train) else 0.0
+        self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
         if train.zero_stage in (1, 2) and train.offload == "none" and train.precision != "bf16-weights":
             share_master_weights(self.ds.optimizer)
         if train.zero_stage == 0 and groups.dp_size == 1:
@@ -154,6 +159,8 @@ class Engine:
         are. Returns False when this was the last micro step and no update was applied.
         """
         boundary = self.ds.is_gradient_accumulation_boundary()  # asked before step() moves on
+        if boundary and self.clip > 0:  # gradients are whole and reduced by now (see clips_itself)
+            self.norm = torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), self.clip)
         self.optimizer.skip_update = skip_update
         try:
             self.ds.step()
@@ -169,8 +176,8 @@ class Engine:
         return not skip_update
 
     def grad_norm(self) -> float | None:
-        """The last step's global gradient norm; None where DeepSpeed computes none (ZeRO-0 fp32)."""
-        norm = self.ds.get_global_grad_norm()
+        """The last step's global gradient norm; None where nobody computed one (no clipping at ZeRO-0)."""
+        norm = self.norm if self.norm is not None else self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
     def local_weights(self) -> Iterator[torch.Tensor]:

@@ -405,6 +405,18 @@ def test_deepspeed_config_is_derived_from_the_train_config():
     assert "fp16" not in ds
 
 
+def test_zero0_without_tp_clips_in_the_engine_and_deepspeed_clips_elsewhere():
+    def clipping(**train):
+        return deepspeed_config(TrainConfig(grad_clip=0.5, batch_size=16, **train), 1, ModelConfig())[
+            "gradient_clipping"
+        ]
+
+    assert clipping(zero_stage=0) == 0.0  # lm.engine clips with torch's foreach clip_grad_norm_
+    assert clipping(zero_stage=0, tensor_parallel=2) == 0.5  # TP shards: DeepSpeed's norm over the mpu
+    assert clipping(zero_stage=0, precision="bf16-weights") == 0.5
+    assert clipping(zero_stage=1) == 0.5
+
+
 def test_each_precision_picks_one_deepspeed_mode():
     def modes(precision):
         ds = deepspeed_config(TrainConfig(precision=precision), 1, ModelConfig())
