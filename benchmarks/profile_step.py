@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
 from data_prep.prep import prepare_shards  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
+from lm.plain_loop import PlainStep  # noqa: E402
 from lm.train import optimizer_step, start_run  # noqa: E402
 
 WARMUP = 2
@@ -42,36 +42,6 @@ def profiled(step, steps: int) -> tuple[float, list[tuple[str, float]]]:
         wall = (time.perf_counter() - start) / steps
     ops = [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in prof.key_averages()]
     return wall, sorted(ops, key=lambda op: -op[1])
-
-
-def plain_stepper(config: RunConfig):
-    """The plain loop's step, as lm.plain_loop runs it (the same model, data and AdamW)."""
-    from data_prep.shards import ShardSet
-    from lm.data import WindowBatches
-    from lm.initialization import build_gpt
-    from lm.schedule import build_optimizer
-
-    t = config.train
-    shards = ShardSet.open(config.data.path, verify=False)
-    batches = WindowBatches(shards.tokens("train"), config.model.block_size, t.batch_size, t.seed)
-    model = build_gpt(config, "cpu")
-    optimizer = build_optimizer(model, t)
-    accum = t.batch_size // t.micro_batch_size
-
-    def step(i: int) -> None:
-        batch = batches.global_batch(i)
-        total = torch.zeros(())
-        for micro in range(accum):
-            rows = batch[micro * t.micro_batch_size : (micro + 1) * t.micro_batch_size]
-            _, loss = model(rows[:, :-1], rows[:, 1:])
-            (loss / accum).backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total.item()
-
-    return step
 
 
 def engine_stepper(config: RunConfig):
@@ -98,7 +68,7 @@ def main() -> None:
         prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, raw["model"]["vocab_size"]))
         raw["data"]["path"] = str(work / "data")
         raw["train"].update(steps=WARMUP + args.steps, eval_windows=0, tensorboard=False, log_interval=10**6)
-        runs = {"plain": plain_stepper(RunConfig.from_dict(raw))}
+        runs = {"plain": PlainStep(RunConfig.from_dict(raw))}
         for stage in args.stages:
             staged = json.loads(json.dumps(raw))
             staged["train"].update(zero_stage=stage, out_dir=str(work / f"zero{stage}"))

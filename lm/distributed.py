@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import UserError
-from core.ranks import LAUNCHERS, free_port
+from core.ranks import LAUNCHERS, free_port, launcher_local_size
 from launch.hosts import expand_nodelist
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -126,7 +126,7 @@ def init_distributed() -> World:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        local_world = launcher_local_size()
         # Several CPU ranks on one machine must share the cores, or they thrash each other.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

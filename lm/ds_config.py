@@ -31,6 +31,15 @@ def clips_itself(train: TrainConfig) -> bool:
     return train.zero_stage == 0 and train.tensor_parallel == 1 and train.precision != "bf16-weights"
 
 
+def weights_are_master(train: TrainConfig) -> bool:
+    """Whether the fp32 weights serve as the optimizer's master copy (no second fp32 copy).
+
+    ZeRO-3 does so by itself for fp32 weights, ZeRO-1/2 through lm.engine.share_master_weights;
+    DeepSpeed's bf16 mode and offload (master on the CPU) keep their own copy.
+    """
+    return train.precision != "bf16-weights" and train.offload == "none"
+
+
 def buffer_unit(model: ModelConfig, tensor_parallel: int) -> int:
     """One transformer block's weights on one rank (12 d² / TP elements): the unit of ZeRO's buffers.
 

@@ -28,7 +28,7 @@ import torch
 
 from lm.config import RunConfig
 from lm.distributed import select_accelerator
-from lm.ds_config import clips_itself, deepspeed_config
+from lm.ds_config import clips_itself, deepspeed_config, weights_are_master
 from lm.numerics import SkippableAdamW
 from lm.parallel import ParallelGroups
 from lm.safe_load import load_tensors
@@ -122,7 +122,7 @@ class Engine:
         self.optimizer = optimizer
         self.clip = train.grad_clip if clips_itself(train) else 0.0
         self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
-        if train.zero_stage in (1, 2) and train.offload == "none" and train.precision != "bf16-weights":
+        if train.zero_stage in (1, 2) and weights_are_master(train):
             share_master_weights(self.ds.optimizer)
         if train.zero_stage == 0 and groups.dp_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.

@@ -21,56 +21,75 @@ from lm.initialization import build_gpt
 from lm.schedule import build_optimizer, build_scheduler
 
 
+class PlainStep:
+    """One optimizer step of the plain loop, callable for global batch `step`; returns the mean loss.
+
+    Built once per run: lm.train's model (whole: no ZeRO), AdamW and schedule, DDP in a group.
+    benchmarks/profile_step.py times these same steps.
+    """
+
+    def __init__(self, config: RunConfig, device: str = "cpu", compile: bool = False):
+        t = self.train = config.train
+        self.device = device
+        shards = ShardSet.open(config.data.path, verify=False)
+        self.batches = WindowBatches(
+            shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed
+        )
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.model = build_gpt(config, device)
+        torch.manual_seed(t.seed + 1 + self.rank)  # lm.train's dropout stream of this data-parallel rank
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.replicas = DistributedDataParallel(self.model) if self.world > 1 else self.model  # averages gradients
+        self.forward = torch.compile(self.replicas) if compile else self.replicas
+        # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.
+        self.autocast = torch.autocast(
+            device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision != "fp32"
+        )
+        self.accum = t.grad_accum_steps(self.world)
+
+    def __call__(self, step: int) -> float:
+        t, accum = self.train, self.accum
+        batch = self.batches.global_batch(step).to(self.device)
+        total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro step
+        for micro in range(accum):
+            rows = rank_rows(batch, self.rank, self.world, t.micro_batch_size, micro)
+            # DDP reduces once per step: at the last micro step, as DeepSpeed does.
+            last = micro == accum - 1
+            reduce_later = self.replicas.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with reduce_later:
+                with self.autocast:
+                    _, loss = self.forward(rows[:, :-1], rows[:, 1:])
+                (loss / accum).backward()
+            total += loss.detach().float()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.world > 1:
+            dist.all_reduce(total)  # the mean over ranks, as lm.train reports it
+        return total.item() / (accum * self.world)  # one sync per step, as lm.train's logging does
+
+
 def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
     """Train for `steps` (default train.steps) optimizer steps.
 
     Returns the per-step losses and wall-clock seconds, the whole run's tokens/s, and the model.
     """
-    t = config.train
-    steps = t.steps if steps is None else steps
-    shards = ShardSet.open(config.data.path, verify=False)
-    batches = WindowBatches(shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    model = build_gpt(config, device)  # lm.train's model, whole: no ZeRO
-    torch.manual_seed(t.seed + 1 + rank)  # lm.train's dropout stream of this data-parallel rank
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t)
-    replicas = DistributedDataParallel(model) if world > 1 else model  # averages gradients over ranks
-    forward = torch.compile(replicas) if compile else replicas
-    # Both bf16 modes compute under autocast here; only lm.train's bf16-weights also stores bf16 weights.
-    autocast = torch.autocast(
-        device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=t.precision != "fp32"
-    )
-    accum = t.grad_accum_steps(world)
+    steps = config.train.steps if steps is None else steps
+    step_once = PlainStep(config, device, compile)
     losses, step_seconds, start = [], [], time.perf_counter()
     for step in range(steps):
         step_start = time.perf_counter()
-        batch = batches.global_batch(step).to(device)
-        total = torch.zeros((), device=device)  # summed on the device: no sync per micro step
-        for micro in range(accum):
-            rows = rank_rows(batch, rank, world, t.micro_batch_size, micro)
-            # DDP reduces once per step: at the last micro step, as DeepSpeed does.
-            reduce_later = replicas.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-            with reduce_later:
-                with autocast:
-                    _, loss = forward(rows[:, :-1], rows[:, 1:])
-                (loss / accum).backward()
-            total += loss.detach().float()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if world > 1:
-            dist.all_reduce(total)  # the mean over ranks, as lm.train reports it
-        losses.append(total.item() / (accum * world))  # one sync per step, as lm.train's logging does
+        losses.append(step_once(step))
         step_seconds.append(time.perf_counter() - step_start)
     seconds = time.perf_counter() - start
-    tokens = steps * t.batch_size * config.model.block_size  # over all ranks
+    tokens = steps * config.train.batch_size * config.model.block_size  # over all ranks
     return {
         "losses": losses,
         "step_seconds": step_seconds,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "model": model,
+        "model": step_once.model,
     }

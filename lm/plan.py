@@ -6,8 +6,8 @@ Model states follow ZeRO's arithmetic for the stage, TP, DP, offload and precisi
 DeepSpeed holds them (lm.engine): fp32 weights 4 bytes per parameter, gradients 4, Adam's two
 moments 8, and an fp32 master copy where the weights cannot be their own (bf16 weights, offload).
 Buffers are the ones lm.ds_config sizes (gradient buckets, ZeRO-3's gathered and prefetched
-weights); `step` is what the optimizer step's temporaries add at its peak. Activations are what backward keeps per
-block for the attention kind, with activation checkpointing, and the logits. `runtime` is the
+weights); `step` is what the optimizer step's temporaries add at its peak. Activations are what
+backward keeps per block for the attention kind, with activation checkpointing, and the logits. `runtime` is the
 process itself (interpreter, torch, DeepSpeed; on a GPU the CUDA context), measured on our machines.
 
 The figures are estimates (benchmarks/memory.py measures them: within 20% on its CPU grid), and the
@@ -25,7 +25,7 @@ import torch
 from core.errors import UserError, run_command
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
-from lm.ds_config import deepspeed_config
+from lm.ds_config import deepspeed_config, weights_are_master
 from lm.initialization import parameter_count
 
 ADAM = 8  # exp_avg and exp_avg_sq, fp32
@@ -63,8 +63,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        parts = self.per_rank_bytes()
-        return sum(value for name, value in parts.items() if name != "total")
+        return self.per_rank_bytes()["total"]
 
     def per_rank_bytes(self) -> dict:
         parts = asdict(self)
@@ -94,11 +93,9 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     # implementation in DeepSpeed): measured alike.
     gradients = params * w / (dp if stage >= 1 else 1)
     states = params if stage == 0 else share
-    # An fp32 master copy: DeepSpeed's bf16 mode, and offload (on the CPU); fp32 weights are their
-    # own master otherwise (stage 3 by itself, stages 1-2 by lm.engine.share_master_weights).
-    master = 4 * states if low_weights or t.offload != "none" else 0
+    master = 0 if weights_are_master(t) else 4 * states  # a second, fp32 copy of the weights
     optimizer = ADAM * states + master
-    buffers, gathered = zero_buffers(config, dp, params)
+    buffers, gathered = zero_buffers(config, dp, params, w)
     activations = activation_bytes(config)
     if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
         temporaries = 0 if dp == 1 else w * min(params, 5e8)
@@ -127,13 +124,12 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     )
 
 
-def zero_buffers(config: RunConfig, dp: int, params: float) -> tuple[float, float]:
+def zero_buffers(config: RunConfig, dp: int, params: float, grad_bytes: int) -> tuple[float, float]:
     """(bytes of the communication buffers lm.ds_config sizes, of them ZeRO-3's gathered weights)."""
     t = config.train
     if t.zero_stage == 0:
         return 0.0, 0.0
     zero = deepspeed_config(t, dp, config.model)["zero_optimization"]
-    grad_bytes = 2 if t.precision == "bf16-weights" else 4
     bucket = grad_bytes * min(zero["reduce_bucket_size"], params)
     if t.zero_stage in (1, 2):
         return bucket * (2 if zero.get("overlap_comm") else 1), 0.0
@@ -187,8 +183,9 @@ def check_memory(config: RunConfig, world: int, ranks_per_node: int) -> None:
 
     A layout `world` does not divide is left to lm.train's own checks, which name it.
     """
-    t = config.train
-    if world % t.tensor_parallel or t.batch_size % (t.micro_batch_size * (world // t.tensor_parallel)):
+    try:
+        data_parallel_size(config, world)
+    except UserError:
         return
     budget, device = device_memory(ranks_per_node)
     need = plan(config, world, device)
@@ -224,11 +221,12 @@ def main(argv=None) -> int:
     budget, device = device_memory(ranks_per_node)
     if args.device_memory is not None:
         budget = parse_bytes(args.device_memory)
+    dp = data_parallel_size(config, args.world)
     need = plan(config, args.world, device)
     if args.json:
         report = {
             "world": args.world,
-            "data_parallel": data_parallel_size(config, args.world),
+            "data_parallel": dp,
             "tensor_parallel": config.train.tensor_parallel,
             "zero_stage": config.train.zero_stage,
             "device": device,
@@ -240,7 +238,6 @@ def main(argv=None) -> int:
         }
         print(json.dumps(report))
     else:
-        dp = data_parallel_size(config, args.world)
         t = config.train
         print(
             f"{parameter_count(config.model) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}, TP {t.tensor_parallel} x "
