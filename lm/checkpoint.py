@@ -59,6 +59,16 @@ def read_marker(tag_dir: Path) -> dict:
         raise UserError(f"{tag_dir / COMPLETE_MARKER}: unreadable checkpoint marker ({exc})") from None
 
 
+def layout_stage(info: dict) -> int:
+    """The ZeRO stage whose DeepSpeed files a checkpoint holds, from its marker `info`.
+
+    That is the stage DeepSpeed ran (lm.ds_config.engine_stage: ZeRO-1/2 on one data-parallel
+    rank write ZeRO-0's files), recorded as `zero_layout`; markers from before that key wrote
+    files of train.zero_stage.
+    """
+    return info.get("zero_layout", info["config"]["train"].get("zero_stage", 0))
+
+
 def write_marker(tag_dir: Path, info: dict) -> None:
     tmp = tag_dir / (COMPLETE_MARKER + ".tmp")
     with open(tmp, "w") as f:

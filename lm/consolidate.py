@@ -7,7 +7,9 @@ Where the weights live in a DeepSpeed checkpoint (one `mp_rank_XX` per TP rank):
   give the group's parameters in the order of `param_shapes` (padding only at the end).
 - ZeRO-3: every parameter split on its own into ceil(numel / dp) pieces, one per rank, each
   rank's pieces concatenated per group in `fp32_flat_groups`.
-TP slices are then merged with the layout of lm.parallel (`merge_state_dicts`). DeepSpeed's own
+The stage is the one DeepSpeed ran (lm.checkpoint.layout_stage): ZeRO-1/2 on one data-parallel
+rank write ZeRO-0's files. TP slices are then merged with the layout of lm.parallel
+(`merge_state_dicts`). DeepSpeed's own
 `zero_to_fp32` covers TP = 1 only and unpickles arbitrary objects; here every file is read with
 `torch.load(weights_only=True)`, allowing only the few plain DeepSpeed classes its files contain
 (lm.engine.read_checkpoint_file).
@@ -40,7 +42,7 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
         return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE))
     info = ckpt.read_marker(tag_dir)
     config = RunConfig.from_dict(info["config"], source=str(tag_dir / ckpt.COMPLETE_MARKER))
-    return consolidate(tag_dir, config.model, config.train.zero_stage, config.train.tensor_parallel, info["world_size"])
+    return consolidate(tag_dir, config.model, ckpt.layout_stage(info), config.train.tensor_parallel, info["world_size"])
 
 
 def _model_states(tag_dir: Path, stage: int, tp_rank: int) -> dict:

@@ -20,7 +20,22 @@ DERIVED = {
 MIN_BUCKET = 4 * 2**20
 
 
-def clips_itself(train: TrainConfig) -> bool:
+def engine_stage(train: TrainConfig, data_parallel_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs: train.zero_stage, except ZeRO-1/2 on one data-parallel rank.
+
+    With one rank there is nothing to partition: stages 1-2 would copy every gradient into flat
+    buckets, "reduce" them over a group of one and step on flat partitions, for the same update
+    ZeRO-0 makes in place. They run as ZeRO-0 then, and their checkpoints are ZeRO-0's files (the
+    checkpoint marker records the stage run: lm.checkpoint.layout_stage). Offload keeps its stage
+    (it moves the optimizer off the device), and so does bf16-weights (its fp32 master lives in
+    ZeRO's optimizer).
+    """
+    if train.zero_stage in (1, 2) and data_parallel_size == 1 and weights_are_master(train):
+        return 0
+    return train.zero_stage
+
+
+def clips_itself(train: TrainConfig, data_parallel_size: int) -> bool:
     """Whether lm.engine clips gradients itself instead of DeepSpeed.
 
     At ZeRO-0 with fp32 weights and no TP every rank holds the whole, reduced gradient, and torch's
@@ -28,7 +43,11 @@ def clips_itself(train: TrainConfig) -> bool:
     in Python, with an all-reduce of the norm. Where DeepSpeed partitions the gradients or must
     combine TP shards, the norm stays DeepSpeed's.
     """
-    return train.zero_stage == 0 and train.tensor_parallel == 1 and train.precision != "bf16-weights"
+    return (
+        engine_stage(train, data_parallel_size) == 0
+        and train.tensor_parallel == 1
+        and train.precision != "bf16-weights"
+    )
 
 
 def weights_are_master(train: TrainConfig) -> bool:
@@ -65,7 +84,7 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps(data_parallel_size),
-        "gradient_clipping": 0.0 if clips_itself(train) else train.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(train, data_parallel_size) else train.grad_clip,
         "zero_optimization": zero_defaults(train, data_parallel_size, buffer_unit(model, train.tensor_parallel)),
         **precision_config(train.precision),
         # We bring torch's AdamW (DeepSpeed's fused Adams need a compiled extension).
@@ -75,7 +94,9 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
     }
     if train.offload != "none":
         config["zero_force_ds_cpu_optimizer"] = False  # see offload_config
-    return _merge(config, train.deepspeed)
+    merged = _merge(config, train.deepspeed)
+    merged["zero_optimization"]["stage"] = engine_stage(train, data_parallel_size)  # also over an explicit stage
+    return merged
 
 
 def precision_config(precision: str) -> dict:
@@ -104,7 +125,7 @@ def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int) -> dic
       units (max_reuse_distance), and hold at most 2 units of gathered weights (max_live_parameters).
       Weights under DeepSpeed's persistence threshold (1e5 elements: biases, norms) stay whole.
     """
-    stage = train.zero_stage
+    stage = engine_stage(train, data_parallel_size)
     zero = {"stage": stage}
     if stage == 0:
         return zero
@@ -116,8 +137,9 @@ def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int) -> dic
             # Reduce full buckets on a side stream during backward (off by default below stage 3).
             zero.update(overlap_comm=True)
         else:
-            # One rank: reduce-scatter flattens the whole bucket into a new tensor and copies it back
-            # (allreduce_and_scatter); a plain all-reduce works in place, and there is nothing to scatter.
+            # One rank (kept at stage 1/2 by offload or bf16-weights): reduce-scatter flattens the whole
+            # bucket into a new tensor and copies it back (allreduce_and_scatter); a plain all-reduce
+            # works in place, and there is nothing to scatter.
             zero.update(reduce_scatter=False)
     else:
         zero.update(

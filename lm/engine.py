@@ -5,7 +5,8 @@ over the data-parallel group, applies the update at the last micro step of a glo
 saves and loads its own checkpoint files. Around it, we:
 - build it from our model, optimizer and LR schedule, with the JSON of lm.ds_config and our
   tensor-parallel groups as its Megatron `mpu`;
-- switch off its gradient all-reduce at ZeRO-0 with one data-parallel rank (a group of one);
+- run ZeRO-1/2 as ZeRO-0 on one data-parallel rank (lm.ds_config.engine_stage), and switch off
+  ZeRO-0's gradient all-reduce there (a group of one);
 - clip gradients with torch's foreach clip_grad_norm_ where each rank holds them whole (ZeRO-0,
   no TP: lm.ds_config.clips_itself), instead of DeepSpeed's loop over parameters;
 - let ZeRO-1/2's fp32 master partition be the fp32 weights' own (share_master_weights);
@@ -28,7 +29,7 @@ import torch
 
 from lm.config import RunConfig
 from lm.distributed import select_accelerator
-from lm.ds_config import clips_itself, deepspeed_config, weights_are_master
+from lm.ds_config import clips_itself, deepspeed_config, engine_stage, weights_are_master
 from lm.numerics import SkippableAdamW
 from lm.parallel import ParallelGroups
 from lm.safe_load import load_tensors
@@ -120,11 +121,12 @@ class Engine:
             dist_init_required=False,
         )
         self.optimizer = optimizer
-        self.clip = train.grad_clip if clips_itself(train) else 0.0
+        self.stage = engine_stage(train, groups.dp_size)  # the stage DeepSpeed runs, and saves files of
+        self.clip = train.grad_clip if clips_itself(train, groups.dp_size) else 0.0
         self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
-        if train.zero_stage in (1, 2) and weights_are_master(train):
+        if self.stage in (1, 2) and weights_are_master(train):
             share_master_weights(self.ds.optimizer)
-        if train.zero_stage == 0 and groups.dp_size == 1:
+        if self.stage == 0 and groups.dp_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False
         # DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a

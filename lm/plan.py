@@ -25,7 +25,7 @@ import torch
 from core.errors import UserError, run_command
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
-from lm.ds_config import deepspeed_config, weights_are_master
+from lm.ds_config import deepspeed_config, engine_stage, weights_are_master
 from lm.initialization import parameter_count
 
 ADAM = 8  # exp_avg and exp_avg_sq, fp32
@@ -83,7 +83,8 @@ def data_parallel_size(config: RunConfig, world: int) -> int:
 def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     """The peak memory of one rank of `config` on `world` ranks (`device`: "cpu" or "cuda")."""
     t, m = config.train, config.model
-    dp, tp, stage = data_parallel_size(config, world), t.tensor_parallel, t.zero_stage
+    dp, tp = data_parallel_size(config, world), t.tensor_parallel
+    stage = engine_stage(t, dp)  # ZeRO-1/2 on one data-parallel rank run as ZeRO-0
     params = parameter_count(m) / tp  # this rank's TP slice (replicated norms and positions: small)
     share = params / dp  # one ZeRO partition of it
     low_weights = t.precision == "bf16-weights"
@@ -95,7 +96,7 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     states = params if stage == 0 else share
     master = 0 if weights_are_master(t) else 4 * states  # a second, fp32 copy of the weights
     optimizer = ADAM * states + master
-    buffers, gathered = zero_buffers(config, dp, params, w)
+    buffers, gathered = zero_buffers(config, dp, stage, params, w)
     activations = activation_bytes(config)
     if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
         temporaries = 0 if dp == 1 else w * min(params, 5e8)
@@ -124,14 +125,13 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     )
 
 
-def zero_buffers(config: RunConfig, dp: int, params: float, grad_bytes: int) -> tuple[float, float]:
+def zero_buffers(config: RunConfig, dp: int, stage: int, params: float, grad_bytes: int) -> tuple[float, float]:
     """(bytes of the communication buffers lm.ds_config sizes, of them ZeRO-3's gathered weights)."""
-    t = config.train
-    if t.zero_stage == 0:
+    if stage == 0:
         return 0.0, 0.0
-    zero = deepspeed_config(t, dp, config.model)["zero_optimization"]
+    zero = deepspeed_config(config.train, dp, config.model)["zero_optimization"]
     bucket = grad_bytes * min(zero["reduce_bucket_size"], params)
-    if t.zero_stage in (1, 2):
+    if stage in (1, 2):
         return bucket * (2 if zero.get("overlap_comm") else 1), 0.0
     live = zero["stage3_max_live_parameters"]  # prefetched weights count against it
     gathered = grad_bytes * min(live, params)
@@ -239,9 +239,12 @@ def main(argv=None) -> int:
         print(json.dumps(report))
     else:
         t = config.train
+        runs = engine_stage(t, dp)
+        as_run = f" (runs as ZeRO-{runs}: one data-parallel rank)" if runs != t.zero_stage else ""
         print(
-            f"{parameter_count(config.model) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}, TP {t.tensor_parallel} x "
-            f"DP {dp}, {t.precision}, offload {t.offload}, checkpointing {t.activation_checkpointing}, "
+            f"{parameter_count(config.model) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}{as_run}, "
+            f"TP {t.tensor_parallel} x DP {dp}, {t.precision}, offload {t.offload}, "
+            f"checkpointing {t.activation_checkpointing}, "
             f"micro batch {t.micro_batch_size} x {config.model.block_size} tokens; per rank:"
         )
         print(table(need, budget, device))

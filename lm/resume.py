@@ -5,9 +5,9 @@
     --resume PATH   a run directory (its newest complete checkpoint) or a checkpoint directory
 
 A checkpoint must be of the same model (`attention_impl` may change: it says how attention runs,
-not what it computes). DeepSpeed's files also need the same tensor-parallel layout and weight
-dtype; a weights-only checkpoint (`lm convert --to checkpoint`) fits any layout, and the run
-continues from its step with a fresh optimizer.
+not what it computes). DeepSpeed's files also need the same tensor-parallel layout, ZeRO stage (as
+DeepSpeed ran it) and weight dtype; a weights-only checkpoint (`lm convert --to checkpoint`) fits
+any layout, and the run continues from its step with a fresh optimizer.
 """
 
 from dataclasses import dataclass
@@ -18,10 +18,12 @@ import torch.distributed as dist
 import yaml
 
 from core.errors import UserError
+from core.ranks import launcher_world_size
 from lm import checkpoint as ckpt
 from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.consolidate import load_model_weights
 from lm.distributed import World
+from lm.ds_config import engine_stage
 from lm.safe_load import load_tensors
 
 
@@ -61,7 +63,7 @@ def find_resume_point(config: RunConfig, resume: str) -> ResumePoint:
     if tag_dir is not None:
         check_same_model(tag_dir, config.model)
         if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
-            check_same_layout(tag_dir, config.train)
+            check_same_layout(tag_dir, config.train, launcher_world_size())
             check_same_weights_dtype(tag_dir, config.train.precision)
     return ResumePoint(tag_dir)
 
@@ -80,13 +82,22 @@ def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
             )
 
 
-def check_same_layout(tag_dir: Path, train: TrainConfig) -> None:
-    """Resuming DeepSpeed's files needs the tensor-parallel layout they were written with."""
-    saved = ckpt.read_marker(tag_dir)["config"]["train"].get("tensor_parallel", 1)
+def check_same_layout(tag_dir: Path, train: TrainConfig, world: int) -> None:
+    """Resuming DeepSpeed's files needs the tensor-parallel layout and the ZeRO stage they were
+    written with (the stage DeepSpeed ran: see lm.ds_config.engine_stage)."""
+    info = ckpt.read_marker(tag_dir)
+    saved = info["config"]["train"].get("tensor_parallel", 1)
     if saved != train.tensor_parallel:
         raise UserError(
             f"checkpoint {tag_dir} was written with train.tensor_parallel={saved}, not {train.tensor_parallel}; "
             "resume with the same layout"
+        )
+    saved_stage, stage = ckpt.layout_stage(info), engine_stage(train, max(1, world // train.tensor_parallel))
+    if saved_stage != stage:
+        raise UserError(
+            f"checkpoint {tag_dir} holds ZeRO-{saved_stage} files ({info['world_size']} ranks), and this run of "
+            f"{world} rank(s) runs ZeRO-{stage}; resume with the stage and ranks it was written with, or start "
+            "from its weights (lm convert --to checkpoint)"
         )
 
 

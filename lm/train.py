@@ -186,8 +186,11 @@ def start_run(config: RunConfig, resume: str = "none") -> Run:
 def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     """The contract line `training N.NNM parameters, ...`, after the engine is built."""
     m, t, g = run.config.model, run.config.train, run.groups
+    stage = f"ZeRO-{t.zero_stage}"
+    if run.engine.stage != t.zero_stage:
+        stage += f" (runs as ZeRO-{run.engine.stage}: one data-parallel rank)"
     line = (
-        f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, ZeRO-{t.zero_stage}, "
+        f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, {stage}, "
         f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
         f"{t.micro_batch_size} x {m.block_size} tokens"
     )
@@ -228,7 +231,13 @@ def save_checkpoint(
     ckpt.sync_directory(tag_dir)
     dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
     if world.is_main:
-        info = {"step": step, "batches_consumed": step, "world_size": world.world_size, "config": config.to_dict()}
+        info = {
+            "step": step,
+            "batches_consumed": step,
+            "world_size": world.world_size,
+            "zero_layout": engine.stage,  # whose files these are (lm.checkpoint.layout_stage)
+            "config": config.to_dict(),
+        }
         ckpt.write_marker(tag_dir, info)
         ckpt.apply_retention(run_dir, config.train.keep_last)
     dist.barrier()

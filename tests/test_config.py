@@ -13,7 +13,7 @@ import yaml
 from core.errors import UserError
 from lm.attention import ATTENTION
 from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config
+from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config, engine_stage
 
 VALID = {
     "model": {
@@ -406,15 +406,31 @@ def test_deepspeed_config_is_derived_from_the_train_config():
 
 
 def test_zero0_without_tp_clips_in_the_engine_and_deepspeed_clips_elsewhere():
-    def clipping(**train):
-        return deepspeed_config(TrainConfig(grad_clip=0.5, batch_size=16, **train), 1, ModelConfig())[
+    def clipping(dp=1, **train):
+        return deepspeed_config(TrainConfig(grad_clip=0.5, batch_size=16, **train), dp, ModelConfig())[
             "gradient_clipping"
         ]
 
     assert clipping(zero_stage=0) == 0.0  # lm.engine clips with torch's foreach clip_grad_norm_
     assert clipping(zero_stage=0, tensor_parallel=2) == 0.5  # TP shards: DeepSpeed's norm over the mpu
     assert clipping(zero_stage=0, precision="bf16-weights") == 0.5
-    assert clipping(zero_stage=1) == 0.5
+    assert clipping(zero_stage=1) == 0.0  # one data-parallel rank: runs as ZeRO-0
+    assert clipping(zero_stage=1, dp=2) == 0.5  # partitioned gradients: DeepSpeed's norm
+
+
+def test_zero1_and_2_on_one_data_parallel_rank_run_as_zero0():
+    # Nothing to partition over one rank: ZeRO-0 makes the same update without flat copies.
+    for stage in (1, 2):
+        assert engine_stage(TrainConfig(zero_stage=stage), 1) == 0
+        assert zero_section(zero_stage=stage) == {"stage": 0}
+        explicit = {"zero_optimization": {"stage": stage, "overlap_comm": True}}
+        assert zero_section(zero_stage=stage, deepspeed=explicit)["stage"] == 0
+        assert engine_stage(TrainConfig(zero_stage=stage, batch_size=16), 2) == stage
+        assert engine_stage(TrainConfig(zero_stage=stage, tensor_parallel=2), 1) == 0  # TP2 x DP1
+        # Offload moves the optimizer to the host, bf16-weights keeps its fp32 master in ZeRO's optimizer.
+        assert engine_stage(TrainConfig(zero_stage=stage, offload="optimizer"), 1) == stage
+        assert engine_stage(TrainConfig(zero_stage=stage, precision="bf16-weights"), 1) == stage
+    assert engine_stage(TrainConfig(zero_stage=3), 1) == 3  # sharded initialisation is ZeRO-3's
 
 
 def test_each_precision_picks_one_deepspeed_mode():
@@ -443,7 +459,7 @@ def zero_section(model: ModelConfig | None = None, dp: int = 1, **train) -> dict
 
 
 def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
-    one = zero_section(zero_stage=2)
+    one = zero_section(zero_stage=2, offload="optimizer")  # kept at stage 2 on one rank by offload
     two = zero_section(zero_stage=2, dp=2)
     assert one["reduce_scatter"] is False and "overlap_comm" not in one  # one rank: an in-place all-reduce
     assert two["overlap_comm"] and "reduce_scatter" not in two
@@ -512,11 +528,11 @@ def test_extra_deepspeed_keys_are_merged_deeply():
         "activation_checkpointing": {"partition_activations": True},
         "steps_per_print": 10,
     }
-    train = TrainConfig(zero_stage=2, deepspeed=copy.deepcopy(extra))
-    ds = deepspeed_config(train, 1, ModelConfig())
-    # merged over our one-rank defaults (reduce_scatter off, buckets sized to the model)
+    train = TrainConfig(zero_stage=2, batch_size=16, deepspeed=copy.deepcopy(extra))
+    ds = deepspeed_config(train, 2, ModelConfig())
+    # merged over our two-rank defaults (buckets sized to the model)
     assert ds["zero_optimization"] == {
-        **zero_section(zero_stage=2),
+        **zero_section(zero_stage=2, dp=2),
         "overlap_comm": True,
         "reduce_bucket_size": 5e7,
     }

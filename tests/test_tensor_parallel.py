@@ -66,6 +66,9 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
     offloaded = ["2:optimizer", "3:optimizer+params"] if tp == 1 else []
     by_stage = run_stages(config, tmp_path, nproc, "0", "1", "2", "3", *offloaded)
     assert sorted(by_stage) == sorted(["0", "1", "2", "3", *offloaded])
+    # One data-parallel rank (TP2xDP1) runs ZeRO-1/2 as ZeRO-0; two keep their stage.
+    ran = [by_stage[stage]["engine_stage"] for stage in "0123"]
+    assert ran == ([0, 0, 0, 3] if nproc == tp else [0, 1, 2, 3])
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
         # The checkpoint, consolidated into one model, computes what the trained engine did.

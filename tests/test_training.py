@@ -69,6 +69,8 @@ def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp
     assert reference[-1] < reference[0] - 0.5  # the run really learns
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with 1 process"
+    # Nothing to partition over one rank: ZeRO-1/2 run as ZeRO-0 (no flat gradient copies).
+    assert [by_stage[stage]["engine_stage"] for stage in "0123"] == [0, 0, 0, 3]
     # ZeRO-3 frees each gathered weight after its module: its linear keeps the weight itself for
     # backward, where F.linear (ZeRO-0 here, run first) keeps a view that would hold it.
     assert by_stage["0"]["weight_views_saved"] > 0 and by_stage["3"]["weight_views_saved"] == 0
@@ -193,6 +195,15 @@ def test_resuming_with_another_architecture_is_refused_naming_the_difference(two
     other = tiny_run_config(world / "shards", world / "run", model={"n_layer": 3})
     result = lm_in_process("train", "--config", str(write_config(tmp_path / "o.yaml", other)), "--resume", "auto")
     assert_one_error_line(result, "different model", "model.n_layer is 2 there and 3 here")
+    assert tree_digest(world / "run") == before
+
+
+def test_resuming_deepspeed_files_under_another_zero_stage_is_refused(two_step_world, tmp_path, lm_in_process):
+    world = copy_two_step_world(two_step_world, tmp_path / "world")
+    before = tree_digest(world / "run")
+    other = tiny_run_config(world / "shards", world / "run", train={"steps": 4, "zero_stage": 3})
+    result = lm_in_process("train", "--config", str(write_config(tmp_path / "o.yaml", other)), "--resume", "auto")
+    assert_one_error_line(result, "holds ZeRO-0 files", "runs ZeRO-3", "lm convert --to checkpoint")
     assert tree_digest(world / "run") == before
 
 

@@ -93,6 +93,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
             "compiled": compiled,
             "weight_views_saved": views,
             "run_dir": raw["train"]["out_dir"],
+            "engine_stage": int(run.engine.ds.zero_optimization_stage()),  # the stage DeepSpeed runs
             # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
             "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
         }
