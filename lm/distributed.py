@@ -131,3 +131,15 @@ def init_distributed() -> World:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return World(rank, world_size, local_rank, device)
+
+
+def close_distributed() -> None:
+    """Leave the process group once every rank is done, at the end of a successful command.
+
+    A process that exits with gloo's threads still running can abort while the interpreter tears
+    them down ("terminate called without an active exception", a finished rank killed by SIGABRT).
+    The barrier first: no rank closes its connections while another still talks over them.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

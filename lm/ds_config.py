@@ -91,6 +91,9 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
+        # Its throughput timer synchronizes the device at every forward and every step, to time
+        # them; we time steps ourselves and sync only when we log (lm.train).
+        "timers": {"throughput": {"enabled": False}},
     }
     if train.offload != "none":
         config["zero_force_ds_cpu_optimizer"] = False  # see offload_config

@@ -177,10 +177,10 @@ class Engine:
             return False
         return not skip_update
 
-    def grad_norm(self) -> float | None:
-        """The last step's global gradient norm; None where nobody computed one (no clipping at ZeRO-0)."""
-        norm = self.norm if self.norm is not None else self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+    def grad_norm(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm, left on the device (no sync); None where nobody
+        computed one (no clipping at ZeRO-0)."""
+        return self.norm if self.norm is not None else self.ds.get_global_grad_norm()
 
     def local_weights(self) -> Iterator[torch.Tensor]:
         """This rank's share of every parameter (ZeRO-3 keeps it in `ds_tensor`, else the parameter)."""

@@ -36,7 +36,7 @@ import torch
 from core.errors import UserError, run_command
 from core.ranks import launcher_world_size, started_by
 from data_prep import wikitext
-from lm.distributed import init_distributed
+from lm.distributed import close_distributed, init_distributed
 from lm.inference import load_for_inference
 
 SPLITS = ("train", "val", "test")
@@ -282,8 +282,7 @@ def main(argv=None) -> int:
                 f"{report['bytes']} bytes",
                 flush=True,
             )
-    if world is not None:
-        torch.distributed.destroy_process_group()
+    close_distributed()
     return 0
 
 

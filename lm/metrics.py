@@ -13,12 +13,13 @@ from lm.distributed import World
 from lm.parallel import ParallelGroups
 
 
-def mean_over_ranks(value: torch.Tensor, count: int, device: torch.device) -> float:
-    """The mean over every rank of `value` (a sum of `count` values on this rank); syncs the host."""
+def means_over_ranks(sums: torch.Tensor, count: int, device: torch.device) -> list[float]:
+    """The mean over every rank of each entry of `sums` (each a sum of `count` values on this rank):
+    one all-reduce for them all; syncs the host."""
     # Collectives run on the backend's device: NCCL has no CPU tensors.
-    total = torch.stack([value.detach().float().sum(), torch.tensor(float(count), device=value.device)]).to(device)
+    total = sums.detach().float().to(device)
     dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return (total / float(count * dist.get_world_size())).tolist()
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ class PlainStep:
         )
         self.accum = t.grad_accum_steps(self.world)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int) -> torch.Tensor:
         t, accum = self.train, self.accum
         batch = self.batches.global_batch(step).to(self.device)
         total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro step
@@ -69,21 +69,29 @@ class PlainStep:
         self.scheduler.step()
         if self.world > 1:
             dist.all_reduce(total)  # the mean over ranks, as lm.train reports it
-        return total.item() / (accum * self.world)  # one sync per step, as lm.train's logging does
+        return total / float(accum * self.world)  # on the device: the caller syncs when it logs
 
 
-def train_plain(config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False) -> dict:
-    """Train for `steps` (default train.steps) optimizer steps.
+def train_plain(
+    config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False, sync_every: int = 1
+) -> dict:
+    """Train for `steps` (default train.steps) optimizer steps, the host waiting for the device
+    only every `sync_every` steps (as lm.train waits only where it logs, every train.log_interval).
 
-    Returns the per-step losses and wall-clock seconds, the whole run's tokens/s, and the model.
+    Returns the per-step losses and wall-clock seconds (each step of an interval its mean), the
+    whole run's tokens/s, and the model.
     """
     steps = config.train.steps if steps is None else steps
     step_once = PlainStep(config, device, compile)
-    losses, step_seconds, start = [], [], time.perf_counter()
+    losses, step_seconds, pending = [], [], []
+    start = clock = time.perf_counter()
     for step in range(steps):
-        step_start = time.perf_counter()
-        losses.append(step_once(step))
-        step_seconds.append(time.perf_counter() - step_start)
+        pending.append(step_once(step))
+        if (step + 1) % sync_every == 0 or step + 1 == steps:
+            losses += torch.stack(pending).tolist()  # the sync
+            now = time.perf_counter()
+            step_seconds += [(now - clock) / len(pending)] * len(pending)
+            pending, clock = [], now
     seconds = time.perf_counter() - start
     tokens = steps * config.train.batch_size * config.model.block_size  # over all ranks
     return {

@@ -28,10 +28,10 @@ from lm import checkpoint as ckpt
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
-from lm.distributed import World, init_distributed
+from lm.distributed import World, close_distributed, init_distributed
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
 from lm.initialization import build_gpt, parameter_count
-from lm.metrics import RunLog, mean_over_ranks, memory_mib, progress_line, validation_loss
+from lm.metrics import RunLog, means_over_ranks, memory_mib, progress_line, validation_loss
 from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
 from lm.parallel import ParallelGroups, build_groups
 from lm.plan import check_memory
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be positive, got {args.stop_at}")
     train(load_config(args.config, args.set), resume=args.resume, stop_at=args.stop_at)
+    close_distributed()
     return 0
 
 
@@ -203,8 +204,9 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
 # ---- the loop --------------------------------------------------------------------------------
 
 
-def optimizer_step(run: Run, step: int) -> tuple[float, bool]:
-    """One optimizer step over global batch `step`: (mean loss over ranks, whether the update was applied)."""
+def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over global batch `step`: (this rank's loss summed over its micro steps, on
+    the device and not yet synced; whether the update was applied)."""
     mb, device = run.config.train.micro_batch_size, run.world.device
     batch = run.batches.global_batch(step)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro step
@@ -216,7 +218,48 @@ def optimizer_step(run: Run, step: int) -> tuple[float, bool]:
         last = micro == run.grad_accum - 1  # every gradient of the step has been observed
         applied = run.engine.step(skip_update=run.policy.skip_update() if last else False)
         loss_sum += loss.detach().float()
-    return mean_over_ranks(loss_sum, run.grad_accum, device), applied
+    return loss_sum, applied
+
+
+@dataclass
+class StepRecord:
+    """What a step leaves for the log, held on the device until the log is written (`log_steps`)."""
+
+    step: int  # steps done, this one included
+    lr: float
+    loss_sum: torch.Tensor  # this rank's, over its micro steps
+    grad_norm: torch.Tensor | float | None
+    applied: bool
+
+
+def log_steps(run: Run, records: list[StepRecord], seconds: float, result: TrainResult) -> None:
+    """Write the steps trained since the last log, in `seconds`: one all-reduce and one host sync
+    for all of them, the only ones of the loop (lm.numerics' skip policy aside).
+
+    Each step gets its line in metrics.jsonl, with the interval's tokens/s (on a GPU a single step
+    cannot be timed without a sync); the policy sees each step in order and may end the run.
+    """
+    t = run.config.train
+    losses = means_over_ranks(torch.stack([r.loss_sum for r in records]), run.grad_accum, run.world.device)
+    tokens_per_s = len(records) * t.batch_size * run.config.model.block_size / seconds
+    memory = memory_mib(run.world)
+    for record, loss in zip(records, losses):
+        done = record.step
+        grad_norm = None if record.grad_norm is None else float(record.grad_norm)
+        values = {"train/lr": record.lr, "train/tokens_per_s": tokens_per_s, "train/memory_mib": memory}
+        if run.policy.guard is not None:
+            values["train/skipped_steps"] = run.policy.skipped
+        result.losses.append(loss)
+        if run.policy.after_step(done, loss, grad_norm, record.applied):
+            values["train/skipped_steps"] = run.policy.skipped
+            line = f"step {done}/{t.steps}: non-finite loss or gradients, update skipped ({run.policy.skipped} so far)"
+            run.log.record(done, line, **values)
+            continue
+        values["train/loss"] = loss
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm
+        shown = done % t.log_interval == 0 or done == t.steps
+        run.log.record(done, progress_line(done, t.steps, values) if shown else None, **values)
 
 
 def save_checkpoint(
@@ -251,43 +294,29 @@ def validate(run: Run, step: int, result: TrainResult) -> None:
 
 
 def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
+    """Steps from run.start to train.steps (or `stop_at`). The host waits for the device only where
+    the log is written (every train.log_interval steps), before validation and before a checkpoint."""
     t = run.config.train
     result = TrainResult(step=run.start, run_dir=run.run_dir)
     if run.val_windows and run.start == 0:
         validate(run, 0, result)
-    tokens_per_step = t.batch_size * run.config.model.block_size
     last = min(t.steps, stop_at or t.steps)
+    records: list[StepRecord] = []
     clock = time.perf_counter()
     for step in range(run.start, last):
         lr = run.engine.lr()  # the rate this step uses (the schedule moves on inside the engine's step)
-        loss, applied = optimizer_step(run, step)
-        result.losses.append(loss)
+        loss_sum, applied = optimizer_step(run, step)
         done = result.step = step + 1
-        grad_norm = run.engine.grad_norm()
-        elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-        values = {
-            "train/lr": lr,
-            "train/tokens_per_s": tokens_per_step / elapsed,
-            "train/memory_mib": memory_mib(run.world),
-        }
-        if run.policy.guard is not None:
-            values["train/skipped_steps"] = run.policy.skipped
-        if run.policy.after_step(done, loss, grad_norm, applied):
-            values["train/skipped_steps"] = run.policy.skipped
-            run.log.record(
-                done,
-                f"step {done}/{t.steps}: non-finite loss or gradients, update skipped ({run.policy.skipped} so far)",
-                **values,
-            )
-        else:
-            values["train/loss"] = loss
-            if grad_norm is not None:
-                values["train/grad_norm"] = grad_norm
-            shown = done % t.log_interval == 0 or done == t.steps
-            run.log.record(done, progress_line(done, t.steps, values) if shown else None, **values)
-        if run.val_windows and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
+        records.append(StepRecord(done, lr, loss_sum, run.engine.grad_norm(), applied))
+        evaluate = run.val_windows and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps)
+        save = (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last
+        if not (evaluate or save or done % t.log_interval == 0):
+            continue
+        log_steps(run, records, time.perf_counter() - clock, result)  # ends a run that must stop, unsaved
+        records = []
+        if evaluate:
             validate(run, done, result)
-        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last:
+        if save:
             result.checkpoint = save_checkpoint(
                 run.engine, run.run_dir, done, run.config, run.world, run.policy.skipped
             )

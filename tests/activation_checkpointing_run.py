@@ -16,6 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lm.config import RunConfig
+from lm.distributed import close_distributed
 from lm.train import run_loop, start_run
 
 
@@ -43,6 +44,7 @@ def main(spec_path: str, result_path: str) -> None:
         results[name] = {"losses": losses, "block_calls": calls[0], "micro_steps": len(losses) * run.grad_accum}
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fault_run.py FAULT STEP RANK -- --config C ...
 
-FAULT is `kill-in-step` (SIGKILL rank RANK when step STEP's loss is averaged), `nan-in-step`
+FAULT is `kill-in-step` (SIGKILL rank RANK once it has run its STEP-th optimizer step), `nan-in-step`
 (rank RANK's loss of its STEP-th training forward pass becomes NaN; with STEP written `N+`, of
 every pass from the N-th on), `nan-in-weights` (rank RANK's first weight becomes NaN just before
 the step-STEP checkpoint is saved) or `kill-in-save`
@@ -32,14 +32,15 @@ def main() -> None:
     onwards = sys.argv[2].endswith("+")
     argv = sys.argv[sys.argv.index("--") + 1 :]
     if fault == "kill-in-step":
-        real, calls = lm.train.mean_over_ranks, {"n": 0}
+        real, calls = lm.train.optimizer_step, {"n": 0}
 
-        def mean_over_ranks(*args, **kwargs):
+        def optimizer_step(*args, **kwargs):
+            result = real(*args, **kwargs)
             calls["n"] += 1
             die_if(calls["n"] == step and dist.get_rank() == rank)
-            return real(*args, **kwargs)
+            return result
 
-        lm.train.mean_over_ranks = mean_over_ranks
+        lm.train.optimizer_step = optimizer_step
     elif fault == "nan-in-step":
         from lm.model import CrossEntropy
 

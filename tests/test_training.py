@@ -107,8 +107,9 @@ def resume_config(tiny_shards, out_dir: Path, train: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_and_split_runs(tiny_shards, tmp_path_factory):
-    """runs(nproc, stage, precision) -> a directory with straight/ (12 steps in one go) and split/
-    (stopped at step 6, then resumed with --resume auto), trained once per module and layout. Read-only."""
+    """runs(nproc, stage, precision) -> a directory with straight/ (12 steps in one go, logged after
+    every step) and split/ (stopped at step 6, then resumed with --resume auto, logged every 4 steps:
+    the loop syncs only there), trained once per module and layout. Read-only."""
     made = {}
 
     def runs(nproc: int, stage: int, precision: str) -> Path:
@@ -116,7 +117,8 @@ def straight_and_split_runs(tiny_shards, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"resume-{nproc}p-zero{stage}-{precision}")
             train = resume_train(stage, precision)
             straight = write_config(root / "straight.yaml", resume_config(tiny_shards, root / "straight", train))
-            split = write_config(root / "split.yaml", resume_config(tiny_shards, root / "split", train))
+            every_4 = {**train, "log_interval": 4}
+            split = write_config(root / "split.yaml", resume_config(tiny_shards, root / "split", every_4))
             for args in (
                 ["--config", str(straight)],
                 ["--config", str(split), "--stop-at", "6"],
@@ -135,7 +137,7 @@ def straight_and_split_runs(tiny_shards, tmp_path_factory):
 def test_resume_continues_bitwise_like_an_uninterrupted_run(straight_and_split_runs, nproc, stage, precision):
     root = straight_and_split_runs(nproc, stage, precision)
     uninterrupted, resumed = losses_from(root / "straight"), losses_from(root / "split")
-    assert sorted(resumed) == list(range(1, 13))
+    assert sorted(resumed) == list(range(1, 13))  # a line per step, also where the log waits 4 steps
     assert resumed == uninterrupted  # bitwise: float equality of every step's loss
 
 
@@ -224,7 +226,7 @@ def test_the_plain_loop_under_ddp_is_the_same_training_as_one_process(tiny_shard
     # The two-process reference of benchmarks/train_throughput.py: DDP over lm.train's rank rows.
     config = tiny_run_config(tiny_shards, tmp_path / "runs")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    worker = [str(REPO / "benchmarks" / "train_throughput.py"), "--ddp-worker", str(tmp_path / "config.json")]
+    worker = [str(REPO / "benchmarks" / "train_throughput.py"), "--plain-worker", str(tmp_path / "config.json")]
     command = torchrun_command(2, *worker, str(tmp_path / "out.json"))
     result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lm.config import ModelConfig
-from lm.distributed import init_distributed
+from lm.distributed import close_distributed, init_distributed
 from lm.model import GPT
 from lm.parallel import build_groups, shard_model
 
@@ -82,6 +82,7 @@ def main(out_path: str) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    close_distributed()
 
 
 if __name__ == "__main__":

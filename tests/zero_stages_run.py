@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lm.config import RunConfig
+from lm.distributed import close_distributed
 from lm.train import run_loop, start_run
 
 
@@ -99,6 +100,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         }
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
+    close_distributed()
 
 
 if __name__ == "__main__":
