@@ -1,16 +1,23 @@
-"""Where one training step's time goes: lm.train's DeepSpeed step against the plain loop's, by op.
+"""Where one training step's time goes: lm.train's DeepSpeed step against the plain loop's.
 
     .venv/bin/python benchmarks/profile_step.py [--config configs/demo.yaml] [--set k=v ...]
-        [--stages 0 1 2] [--steps 8] [--top 12]
+        [--stages 0 1 2] [--steps 8] [--top 12] [--processes 1|2]
 
-One process. For the plain loop and for each ZeRO stage: torch.profiler over `--steps` optimizer
-steps after two warm-up steps, then the time per step in the ops that take the most self CPU time,
-and the step's wall time beside the sum of all op time (the rest is Python outside any op: hooks,
-bookkeeping). Shards come from the demo corpus.
+For the plain loop and for each ZeRO stage: torch.profiler over `--steps` optimizer steps after
+two warm-up steps, then per step
+- the wall time, and the time in the loop's phases (`forward`, `backward`, `optimizer`: the
+  record_function ranges of lm.train.optimizer_step and lm.plain_loop.PlainStep; backward holds
+  the gradient reduction, optimizer the clipping, the update and ZeRO's weight all-gather);
+- the ops that take the most self CPU time, and the sum of all op time (the rest of the wall time
+  is Python outside any op: hooks, bookkeeping).
+`--processes 2` runs every loop data-parallel over two processes (torchrun; the plain loop under
+DDP) and prints rank 0's figures. Shards come from the demo corpus.
 """
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,15 +31,18 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
 from data_prep.prep import prepare_shards  # noqa: E402
+from launch.local import local_environment  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
+from lm.distributed import close_distributed  # noqa: E402
 from lm.plain_loop import PlainStep  # noqa: E402
 from lm.train import optimizer_step, start_run  # noqa: E402
 
 WARMUP = 2
+PHASES = ("forward", "backward", "optimizer")
 
 
-def profiled(step, steps: int) -> tuple[float, list[tuple[str, float]]]:
-    """(wall seconds per step, [(op, self CPU seconds per step)]) of `steps` calls of step(i)."""
+def profiled(step, steps: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
+    """(wall seconds per step, {phase: seconds per step}, [(op, self CPU seconds per step)])."""
     for i in range(WARMUP):
         step(i)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -40,8 +50,10 @@ def profiled(step, steps: int) -> tuple[float, list[tuple[str, float]]]:
         for i in range(WARMUP, WARMUP + steps):
             step(i)
         wall = (time.perf_counter() - start) / steps
-    ops = [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in prof.key_averages()]
-    return wall, sorted(ops, key=lambda op: -op[1])
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1e6 / steps for e in events if e.key in PHASES}
+    ops = [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events if e.key not in PHASES]
+    return wall, phases, sorted(ops, key=lambda op: -op[1])
 
 
 def engine_stepper(config: RunConfig):
@@ -49,14 +61,28 @@ def engine_stepper(config: RunConfig):
     return lambda i: optimizer_step(run, i)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--stages", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--top", type=int, default=12)
-    args = p.parse_args()
+    p.add_argument("--processes", type=int, choices=[1, 2], default=1)
+    p.add_argument("--shards", default=None, help=argparse.SUPPRESS)  # made by the parent of --processes 2
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # the parent: shards once, then torchrun
+        with tempfile.TemporaryDirectory() as tmp:
+            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
+            prepare_shards(train_docs, val_docs, Path(tmp) / "data", vocab_size=2048)
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            command += [f"--nproc_per_node={args.processes}", __file__, *sys.argv[1:], "--shards", f"{tmp}/data"]
+            subprocess.run(command, env=local_environment(args.processes), check=True)
+        return
     raw = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
         key, _, value = item.partition("=")
@@ -64,21 +90,32 @@ def main() -> None:
         raw.setdefault(section, {})[name] = yaml.safe_load(value)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-        prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, raw["model"]["vocab_size"]))
-        raw["data"]["path"] = str(work / "data")
+        if args.shards is None:
+            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
+            prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, raw["model"]["vocab_size"]))
+        raw["data"]["path"] = args.shards or str(work / "data")
         raw["train"].update(steps=WARMUP + args.steps, eval_windows=0, tensorboard=False, log_interval=10**6)
-        runs = {"plain": PlainStep(RunConfig.from_dict(raw))}
-        for stage in args.stages:
+        runs = {}
+        for stage in args.stages:  # the engines first: start_run makes the process group DDP needs
             staged = json.loads(json.dumps(raw))
             staged["train"].update(zero_stage=stage, out_dir=str(work / f"zero{stage}"))
             runs[f"ZeRO-{stage}"] = engine_stepper(RunConfig.from_dict(staged))
+        runs = {"plain" + (" (DDP)" if args.processes > 1 else ""): PlainStep(RunConfig.from_dict(raw)), **runs}
+        main_rank = os.environ.get("RANK", "0") == "0"
         for name, step in runs.items():
-            wall, ops = profiled(step, args.steps)
+            wall, phases, ops = profiled(step, args.steps)
+            if not main_rank:
+                continue
             in_ops = sum(seconds for _, seconds in ops)
-            print(f"\n## {name}: {wall * 1e3:.1f} ms per step, {in_ops * 1e3:.1f} ms in ops")
+            split = ", ".join(f"{phase} {phases.get(phase, 0.0) * 1e3:.1f}" for phase in PHASES)
+            print(
+                f"\n## {name}, {args.processes} process(es): {wall * 1e3:.1f} ms per step ({split}), "
+                f"{in_ops * 1e3:.1f} ms in ops",
+                flush=True,
+            )
             for op, seconds in ops[: args.top]:
-                print(f"  {seconds * 1e3:8.2f} ms  {op}")
+                print(f"  {seconds * 1e3:8.2f} ms  {op}", flush=True)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ class TrainConfig:
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
     eval_windows: int = 16  # validation windows (of block_size tokens) per validation
-    log_interval: int = 10
+    log_interval: int = 10  # steps between console lines, and between the loop's waits for the device
     checkpoint_interval: int = 0  # 0 saves only at the end
     keep_last: int = 0  # complete checkpoints to keep (oldest deleted first); 0 keeps all
     nonfinite: Literal["stop", "skip"] = "stop"  # a step with a non-finite loss or gradient (see lm.numerics)

@@ -2,7 +2,9 @@
 
 `train.nonfinite` chooses what a step with a non-finite loss or gradient does:
 
-- `stop`: the run ends with an error after the step, before anything is saved.
+- `stop`: the run ends with an error naming the step, before anything is saved. The loop sees a
+  loss when it logs it (every train.log_interval steps, and before any validation or checkpoint),
+  so it may have trained up to that many steps past it.
 - `skip`: the update is not applied. Parameters, Adam's moments and its step count stay as they
   were. The step's batch and its place in the LR schedule are spent (as in Megatron-LM), so the
   data position is still the step and a resumed run stays exact. Skips are counted and logged;

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from data_prep.shards import ShardSet
 from lm.config import RunConfig
@@ -58,15 +59,17 @@ class PlainStep:
             last = micro == accum - 1
             reduce_later = self.replicas.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with reduce_later:
-                with self.autocast:
+                with self.autocast, record_function("forward"):  # the ranges lm.train names too
                     _, loss = self.forward(rows[:, :-1], rows[:, 1:])
-                (loss / accum).backward()
+                with record_function("backward"):
+                    (loss / accum).backward()
             total += loss.detach().float()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with record_function("optimizer"):
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         if self.world > 1:
             dist.all_reduce(total)  # the mean over ranks, as lm.train reports it
         return total / float(accum * self.world)  # on the device: the caller syncs when it logs

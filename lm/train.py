@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from core.errors import UserError, run_command
 from core.ranks import launcher_local_size, launcher_world_size
@@ -212,11 +213,15 @@ def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro step
     for micro in range(run.grad_accum):
         rows = rank_rows(batch, run.groups.dp_rank, run.groups.dp_size, mb, micro).to(device)
-        _, loss = run.engine(rows[:, :-1], rows[:, 1:])
-        run.engine.backward(loss)
+        # Named ranges for profilers (benchmarks/profile_step.py); free when none is recording.
+        with record_function("forward"):
+            _, loss = run.engine(rows[:, :-1], rows[:, 1:])
+        with record_function("backward"):  # with the gradient reduction
+            run.engine.backward(loss)
         run.policy.observe_loss(loss)
         last = micro == run.grad_accum - 1  # every gradient of the step has been observed
-        applied = run.engine.step(skip_update=run.policy.skip_update() if last else False)
+        with record_function("optimizer"):  # clipping, the update (at the last micro step), ZeRO's all-gather
+            applied = run.engine.step(skip_update=run.policy.skip_update() if last else False)
         loss_sum += loss.detach().float()
     return loss_sum, applied
 

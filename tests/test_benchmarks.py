@@ -55,6 +55,15 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
     assert (tmp_path / "train-all.txt").is_file() and (tmp_path / "attention.txt").is_file()
 
 
+def test_the_step_profile_splits_ddp_and_zero2_steps_over_two_processes_into_phases():
+    result = run_benchmark(
+        "profile_step.py", "--set", "model.n_layer=1", "--stages", "2", "--steps", "1", "--processes", "2"
+    )
+    for run in ("## plain (DDP), 2 process(es)", "## ZeRO-2, 2 process(es)"):
+        assert run in result.stdout
+    assert result.stdout.count("forward ") == 2 and "backward " in result.stdout and "optimizer " in result.stdout
+
+
 def test_memory_benchmark_prints_measurement_and_plan_for_each_layout(tiny_shards):
     size = ["--layers", "1", "--d-model", "64", "--heads", "1", "--block", "32"]
     # One process (under the deepspeed launcher, like every row) keeps this smoke run short.
