@@ -9,6 +9,7 @@ exported (DeepSpeed's own MPI discovery would replace them with the first addres
 SLURM_JOB_NODELIST. A lone process gets an explicit single-rank loopback world.
 """
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -141,5 +142,6 @@ def close_distributed() -> None:
     The barrier first: no rank closes its connections while another still talks over them.
     """
     if torch.distributed.is_initialized():
+        gc.collect()  # DDP's reducer and DeepSpeed's engine sit in reference cycles that hold the groups
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

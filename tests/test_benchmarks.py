@@ -57,7 +57,9 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
 
 def test_the_step_profile_splits_ddp_and_zero2_steps_over_two_processes_into_phases():
     result = run_benchmark(
-        "profile_step.py", "--set", "model.n_layer=1", "--stages", "2", "--steps", "1", "--processes", "2"
+        "profile_step.py",
+        *("--set", "model.n_layer=1", "--set", "model.twicing_layers=all"),
+        *("--stages", "2", "--steps", "1", "--processes", "2"),
     )
     for run in ("## plain (DDP), 2 process(es)", "## ZeRO-2, 2 process(es)"):
         assert run in result.stdout
