@@ -9,10 +9,9 @@ Where the weights live in a DeepSpeed checkpoint (one `mp_rank_XX` per TP rank):
   rank's pieces concatenated per group in `fp32_flat_groups`.
 The stage is the one DeepSpeed ran (lm.checkpoint.layout_stage): ZeRO-1/2 on one data-parallel
 rank write ZeRO-0's files. TP slices are then merged with the layout of lm.parallel
-(`merge_state_dicts`). DeepSpeed's own
-`zero_to_fp32` covers TP = 1 only and unpickles arbitrary objects; here every file is read with
-`torch.load(weights_only=True)`, allowing only the few plain DeepSpeed classes its files contain
-(lm.engine.read_checkpoint_file).
+(`merge_state_dicts`). DeepSpeed's own `zero_to_fp32` covers TP = 1 only and unpickles arbitrary
+objects; here every file is read with `torch.load(weights_only=True)`, allowing only the few
+plain DeepSpeed classes its files contain (lm.engine.read_checkpoint_file).
 """
 
 import math
