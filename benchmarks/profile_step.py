@@ -11,18 +11,23 @@ two warm-up steps, then per step
 - the ops that take the most self CPU time, and the sum of all op time (the rest of the wall time
   is Python outside any op: hooks, bookkeeping).
 `--processes 2` runs every loop data-parallel over two processes (torchrun; the plain loop under
-DDP) and prints rank 0's figures. Shards come from the demo corpus.
+DDP) and prints rank 0's figures. `--interleave N` then times N more steps of every loop taking
+turns step by step, unprofiled, so that the machine's slow spells fall on all of them alike, and
+prints each loop's median step time and its speed relative to the plain loop. Shards come from
+the demo corpus.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
@@ -56,6 +61,19 @@ def profiled(step, steps: int) -> tuple[float, dict[str, float], list[tuple[str,
     return wall, phases, sorted(ops, key=lambda op: -op[1])
 
 
+def interleaved(runs: dict, first: int, steps: int) -> dict[str, float]:
+    """{name: median seconds per step} of `steps` steps of every run, taking turns step by step."""
+    seconds = {name: [] for name in runs}
+    for i in range(first, first + steps):
+        for name, step in runs.items():
+            start = time.perf_counter()
+            step(i)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a step's time is its device's
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
 def engine_stepper(config: RunConfig):
     run = start_run(config)
     return lambda i: optimizer_step(run, i)
@@ -69,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--processes", type=int, choices=[1, 2], default=1)
+    p.add_argument("--interleave", type=int, default=0, metavar="N", help="then N steps of each, taking turns")
     p.add_argument("--shards", default=None, help=argparse.SUPPRESS)  # made by the parent of --processes 2
     return p.parse_args()
 
@@ -94,7 +113,8 @@ def main() -> None:
             train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
             prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, raw["model"]["vocab_size"]))
         raw["data"]["path"] = args.shards or str(work / "data")
-        raw["train"].update(steps=WARMUP + args.steps, eval_windows=0, tensorboard=False, log_interval=10**6)
+        steps = WARMUP + args.steps + args.interleave
+        raw["train"].update(steps=steps, eval_windows=0, tensorboard=False, log_interval=10**6)
         runs = {}
         for stage in args.stages:  # the engines first: start_run makes the process group DDP needs
             staged = json.loads(json.dumps(raw))
@@ -115,6 +135,13 @@ def main() -> None:
             )
             for op, seconds in ops[: args.top]:
                 print(f"  {seconds * 1e3:8.2f} ms  {op}", flush=True)
+        if args.interleave:
+            medians = interleaved(runs, WARMUP + args.steps, args.interleave)
+            reference = next(iter(medians.values()))  # the plain loop's
+            if main_rank:
+                print(f"\n## taking turns, {args.interleave} steps each: median ms per step, speed vs the plain loop")
+                for name, median in medians.items():
+                    print(f"  {name:<14} {median * 1e3:8.1f} ms  {reference / median:.3f}x", flush=True)
     close_distributed()
 
 

@@ -59,11 +59,12 @@ def test_the_step_profile_splits_ddp_and_zero2_steps_over_two_processes_into_pha
     result = run_benchmark(
         "profile_step.py",
         *("--set", "model.n_layer=1", "--set", "model.twicing_layers=all"),
-        *("--stages", "2", "--steps", "1", "--processes", "2"),
+        *("--stages", "2", "--steps", "1", "--processes", "2", "--interleave", "1"),
     )
     for run in ("## plain (DDP), 2 process(es)", "## ZeRO-2, 2 process(es)"):
         assert run in result.stdout
     assert result.stdout.count("forward ") == 2 and "backward " in result.stdout and "optimizer " in result.stdout
+    assert "## taking turns" in result.stdout and "ZeRO-2" in result.stdout.split("## taking turns")[-1]
 
 
 def test_memory_benchmark_prints_measurement_and_plan_for_each_layout(tiny_shards):
