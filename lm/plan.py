@@ -229,6 +229,7 @@ def main(argv=None) -> int:
             "data_parallel": dp,
             "tensor_parallel": config.train.tensor_parallel,
             "zero_stage": config.train.zero_stage,
+            "engine_zero_stage": engine_stage(config.train, dp),  # as DeepSpeed runs it
             "device": device,
             "parameters": parameter_count(config.model),
             "per_rank_bytes": need.per_rank_bytes(),

@@ -84,6 +84,15 @@ def test_json_reports_the_total_and_each_part(tmp_path, lm_in_process):
     assert (report["world"], report["data_parallel"], report["zero_stage"]) == (4, 4, 3)
 
 
+def test_zero1_and_2_on_one_data_parallel_rank_are_planned_as_the_zero0_they_run_as(tmp_path, lm_in_process):
+    path = write_config(tmp_path / "run.yaml", config_for(zero_stage=2).to_dict())
+    for world, stage in ((1, 0), (2, 2)):
+        result = lm_in_process("plan", "--config", str(path), "--world", str(world), "--json")
+        report = json.loads(result.stdout)
+        assert (report["zero_stage"], report["engine_zero_stage"]) == (2, stage)
+    assert plan(config_for(zero_stage=2), 1) == plan(config_for(zero_stage=0), 1)
+
+
 def test_the_table_says_whether_the_run_fits(tmp_path, lm_in_process):
     path = write_config(tmp_path / "run.yaml", config_for(zero_stage=3).to_dict())
     result = lm_in_process("plan", "--config", str(path), "--world", "2", "--device-memory", "100MB")
