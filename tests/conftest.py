@@ -207,10 +207,15 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str):
         assert fragment in lines[0]
 
 
+def metric_from(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value of `key`} from a run directory's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m[key] for m in lines if key in m}
+
+
 def losses_from(run_dir: Path) -> dict[int, float]:
     """{step: train loss} from a run directory's metrics.jsonl."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+    return metric_from(run_dir, "train/loss")
 
 
 def tree_digest(path: Path) -> str:

@@ -14,6 +14,7 @@ from conftest import (
     copy_two_step_world,
     cpu_env,
     losses_from,
+    metric_from,
     relative_error,
     run_lm,
     run_torchrun,
@@ -139,6 +140,9 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(straight_and_split_r
     uninterrupted, resumed = losses_from(root / "straight"), losses_from(root / "split")
     assert sorted(resumed) == list(range(1, 13))  # a line per step, also where the log waits 4 steps
     assert resumed == uninterrupted  # bitwise: float equality of every step's loss
+    # Each step keeps its own gradient norm until the log is written (ours at ZeRO-0, DeepSpeed's here).
+    norms = metric_from(root / "split", "train/grad_norm")
+    assert norms == metric_from(root / "straight", "train/grad_norm") and len(set(norms.values())) == 12
 
 
 @pytest.mark.slow
