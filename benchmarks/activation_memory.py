@@ -26,8 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
-from data_prep.prep import prepare_shards  # noqa: E402
+from data_prep.prep import demo_shards  # noqa: E402
 
 MODEL = dict(vocab_size=2048, block_size=1024, n_layer=12, n_head=12, n_embd=768, twicing_layers="all", dropout=0.0)
 SMOKE_MODEL = dict(vocab_size=384, block_size=32, n_layer=2, n_head=2, n_embd=32, twicing_layers="all", dropout=0.0)
@@ -78,10 +77,7 @@ def main() -> None:
     steps, micro_batch = (2, 2) if args.smoke else (args.steps, args.micro_batch)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = Path(args.shards) if args.shards else work / "data"
-        if not (shards / "manifest.json").is_file():
-            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            prepare_shards(train_docs, val_docs, shards, vocab_size=min(2048, model["vocab_size"]), workers=2)
+        shards = demo_shards(args.shards or work / "data", min(2048, model["vocab_size"]))
         results = {}
         for value in ("none", "full"):
             config = run_config(model, shards, work / value, steps, micro_batch, value)

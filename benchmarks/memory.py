@@ -37,8 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
-from data_prep.prep import prepare_shards  # noqa: E402
+from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import deepspeed_local_command, local_environment  # noqa: E402
 from lm.config import ModelConfig, RunConfig, load_config  # noqa: E402
 from lm.model import GPT  # noqa: E402
@@ -192,10 +191,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = Path(args.shards) if args.shards else work / "data"
-        if not (shards / "manifest.json").is_file():
-            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            prepare_shards(train_docs, val_docs, shards, vocab_size=VOCAB, workers=2)
+        shards = demo_shards(args.shards or work / "data", VOCAB)
         big = model_config(args.layers, args.d_model, args.heads, args.block)
         n_params = parameter_count(big)
         rows = [

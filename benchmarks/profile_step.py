@@ -34,10 +34,9 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
-from data_prep.prep import prepare_shards  # noqa: E402
+from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import local_environment  # noqa: E402
-from lm.config import RunConfig  # noqa: E402
+from lm.config import RunConfig, apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
 from lm.plain_loop import PlainStep  # noqa: E402
 from lm.train import optimizer_step, start_run  # noqa: E402
@@ -74,6 +73,16 @@ def interleaved(runs: dict, first: int, steps: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
+def raw_config(args: argparse.Namespace) -> dict:
+    """--config with --set applied (validated where each loop is built)."""
+    return apply_overrides(yaml.safe_load(Path(args.config).read_text()), args.set)
+
+
+def vocab(raw: dict) -> int:
+    """The demo tokenizer's size for the model of `raw`."""
+    return min(2048, raw["model"].get("vocab_size", 2048))
+
+
 def engine_stepper(config: RunConfig):
     run = start_run(config)
     return lambda i: optimizer_step(run, i)
@@ -96,23 +105,15 @@ def main() -> None:
     args = parse_args()
     if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # the parent: shards once, then torchrun
         with tempfile.TemporaryDirectory() as tmp:
-            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            prepare_shards(train_docs, val_docs, Path(tmp) / "data", vocab_size=2048)
+            shards = demo_shards(Path(tmp) / "data", vocab(raw_config(args)))
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            command += [f"--nproc_per_node={args.processes}", __file__, *sys.argv[1:], "--shards", f"{tmp}/data"]
+            command += [f"--nproc_per_node={args.processes}", __file__, *sys.argv[1:], "--shards", str(shards)]
             subprocess.run(command, env=local_environment(args.processes), check=True)
         return
-    raw = yaml.safe_load(Path(args.config).read_text())
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    raw = raw_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.shards is None:
-            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            prepare_shards(train_docs, val_docs, work / "data", vocab_size=min(2048, raw["model"]["vocab_size"]))
-        raw["data"]["path"] = args.shards or str(work / "data")
+        raw["data"]["path"] = str(demo_shards(args.shards or work / "data", vocab(raw)))
         steps = WARMUP + args.steps + args.interleave
         raw["train"].update(steps=steps, eval_windows=0, tensorboard=False, log_interval=10**6)
         runs = {}

@@ -43,10 +43,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.corpus import embedded_corpus, split_train_val  # noqa: E402
-from data_prep.prep import prepare_shards  # noqa: E402
+from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import deepspeed_local_command, local_environment  # noqa: E402
-from lm.config import RunConfig  # noqa: E402
+from lm.config import RunConfig, apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from lm.plain_loop import train_plain  # noqa: E402
@@ -159,11 +158,8 @@ def main() -> None:
     if sys.argv[1:2] == ["--plain-worker"]:
         return plain_worker(*sys.argv[2:4])
     args = parse_args()
-    config = yaml.safe_load(Path(args.config).read_text())
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        config.setdefault(section, {})[name] = yaml.safe_load(value)
+    # Validated per row group, once --twicing is applied (RunConfig.from_dict below).
+    config = apply_overrides(yaml.safe_load(Path(args.config).read_text()), args.set)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     config["train"].update(steps=args.steps, compile=compile)
@@ -177,11 +173,8 @@ def main() -> None:
     rows = []  # Row per (attention, run), filled repeat by repeat
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = Path(args.shards) if args.shards else work / "data"
-        if not (shards / "manifest.json").is_file():  # made here, kept when --shards names a new directory
-            train_docs, val_docs = split_train_val(embedded_corpus(), 0.1, 0)
-            vocab = min(2048, config["model"]["vocab_size"])
-            prepare_shards(train_docs, val_docs, shards, vocab_size=vocab, workers=2)
+        # Made here, and kept when --shards names a new directory.
+        shards = demo_shards(args.shards or work / "data", min(2048, config["model"]["vocab_size"]))
         config["data"]["path"] = str(shards)
         for layers in twicing:
             config["model"]["twicing_layers"] = layers

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import UserError, run_command
-from data_prep import pipeline, shards, sources, wikitext
+from data_prep import corpus, pipeline, shards, sources, wikitext
 from data_prep import ranks as ranks_mod
 from data_prep.pipeline import PrepOptions
 
@@ -87,6 +87,16 @@ def prepare_shards(
         character_coverage=character_coverage,
     )
     return pipeline.run(sources.list_corpus(train_docs, val_docs), out_dir, opts)
+
+
+def demo_shards(out_dir: str | os.PathLike, vocab_size: int, workers: int = 2) -> Path:
+    """Shards of the embedded corpus (90/10 split, seed 0) in `out_dir`, made there unless it holds
+    them already: the data of the demo-sized benchmarks."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").is_file():
+        train_docs, val_docs = corpus.split_train_val(corpus.embedded_corpus(), 0.1, 0)
+        prepare_shards(train_docs, val_docs, out_dir, vocab_size=vocab_size, workers=workers)
+    return out_dir
 
 
 def _positive_int(text: str) -> int:

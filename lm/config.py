@@ -262,6 +262,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise UserError(f"{path}: not valid YAML{line}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with sections model, data, train")
+    return RunConfig.from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` (a config as plain sections) with `section.key=value` overrides applied, in place;
+    values parsed as YAML. Not yet validated: RunConfig.from_dict does that."""
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -276,7 +282,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             target[name] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise UserError(f"override {item!r}: the value is not valid YAML") from None
-    return RunConfig.from_dict(raw, source=str(path))
+    return raw
 
 
 def _did_you_mean(word: str, choices) -> str:

@@ -35,6 +35,13 @@ def engine_stage(train: TrainConfig, data_parallel_size: int) -> int:
     return train.zero_stage
 
 
+def stage_name(train: TrainConfig, data_parallel_size: int) -> str:
+    """`ZeRO-N` as configured, and the stage DeepSpeed runs where that differs (for the console)."""
+    runs = engine_stage(train, data_parallel_size)
+    ran = f" (runs as ZeRO-{runs}: one data-parallel rank)" if runs != train.zero_stage else ""
+    return f"ZeRO-{train.zero_stage}{ran}"
+
+
 def clips_itself(train: TrainConfig, data_parallel_size: int) -> bool:
     """Whether lm.engine clips gradients itself instead of DeepSpeed.
 

@@ -25,7 +25,7 @@ import torch
 from core.errors import UserError, run_command
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
-from lm.ds_config import deepspeed_config, engine_stage, weights_are_master
+from lm.ds_config import deepspeed_config, engine_stage, stage_name, weights_are_master
 from lm.initialization import parameter_count
 
 ADAM = 8  # exp_avg and exp_avg_sq, fp32
@@ -240,10 +240,8 @@ def main(argv=None) -> int:
         print(json.dumps(report))
     else:
         t = config.train
-        runs = engine_stage(t, dp)
-        as_run = f" (runs as ZeRO-{runs}: one data-parallel rank)" if runs != t.zero_stage else ""
         print(
-            f"{parameter_count(config.model) / 1e6:.2f}M parameters, ZeRO-{t.zero_stage}{as_run}, "
+            f"{parameter_count(config.model) / 1e6:.2f}M parameters, {stage_name(t, dp)}, "
             f"TP {t.tensor_parallel} x DP {dp}, {t.precision}, offload {t.offload}, "
             f"checkpointing {t.activation_checkpointing}, "
             f"micro batch {t.micro_batch_size} x {config.model.block_size} tokens; per rank:"

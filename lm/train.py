@@ -30,6 +30,7 @@ from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
 from lm.distributed import World, close_distributed, init_distributed
+from lm.ds_config import stage_name
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
 from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, means_over_ranks, memory_mib, progress_line, validation_loss
@@ -188,11 +189,8 @@ def start_run(config: RunConfig, resume: str = "none") -> Run:
 def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     """The contract line `training N.NNM parameters, ...`, after the engine is built."""
     m, t, g = run.config.model, run.config.train, run.groups
-    stage = f"ZeRO-{t.zero_stage}"
-    if run.engine.stage != t.zero_stage:
-        stage += f" (runs as ZeRO-{run.engine.stage}: one data-parallel rank)"
     line = (
-        f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, {stage}, "
+        f"training {n_params / 1e6:.2f}M parameters, layers {m.layer_attention()}, {stage_name(t, g.dp_size)}, "
         f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
         f"{t.micro_batch_size} x {m.block_size} tokens"
     )

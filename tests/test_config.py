@@ -13,7 +13,7 @@ import yaml
 from core.errors import UserError
 from lm.attention import ATTENTION
 from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config, engine_stage
+from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config, engine_stage, stage_name
 
 VALID = {
     "model": {
@@ -431,6 +431,8 @@ def test_zero1_and_2_on_one_data_parallel_rank_run_as_zero0():
         assert engine_stage(TrainConfig(zero_stage=stage, offload="optimizer"), 1) == stage
         assert engine_stage(TrainConfig(zero_stage=stage, precision="bf16-weights"), 1) == stage
     assert engine_stage(TrainConfig(zero_stage=3), 1) == 3  # sharded initialisation is ZeRO-3's
+    assert stage_name(TrainConfig(zero_stage=2), 1) == "ZeRO-2 (runs as ZeRO-0: one data-parallel rank)"
+    assert stage_name(TrainConfig(zero_stage=2, batch_size=16), 2) == "ZeRO-2"
 
 
 def test_each_precision_picks_one_deepspeed_mode():
