@@ -98,7 +98,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--processes", type=int, choices=[1, 2], default=1)
     p.add_argument("--interleave", type=int, default=0, metavar="N", help="then N steps of each, taking turns")
     p.add_argument("--shards", default=None, help=argparse.SUPPRESS)  # made by the parent of --processes 2
-    return p.parse_args()
+    args = p.parse_args()
+    if args.steps < 1 or args.interleave < 0:
+        p.error("--steps must be at least 1 and --interleave at least 0")
+    return args
 
 
 def main() -> None:

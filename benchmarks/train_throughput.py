@@ -151,7 +151,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds over all rows; the table shows medians (default: 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be at least 1")
+    return args
 
 
 def main() -> None:
