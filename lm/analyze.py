@@ -64,8 +64,8 @@ def layer_outputs(model, idx: torch.Tensor) -> list[torch.Tensor]:
     """Residual stream (B, T, d) after the embedding (layer 0) and after every block."""
     outputs: list[torch.Tensor] = []
     record = lambda module, inputs, output: outputs.append(output.detach())  # noqa: E731
-    hooks = [model.transformer.drop.register_forward_hook(record)]
-    hooks += [block.register_forward_hook(record) for block in model.transformer.h]
+    hooks = [model.embedding_dropout.register_forward_hook(record)]
+    hooks += [block.register_forward_hook(record) for block in model.blocks]
     try:
         model(idx)
     finally:

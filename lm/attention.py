@@ -1,6 +1,8 @@
 """Causal attention variants, registered by name with the facts the rest of the model reads.
 
-Every function takes q, k, v shaped (batch, heads, time, head_dim) and is causal.
+Every function takes q shaped (batch, heads, time, head_dim) and k, v shaped (batch, kv_heads,
+time, head_dim), and is causal. kv_heads divides heads: under grouped-query attention query head h
+reads key/value head h // (heads / kv_heads), as Hugging Face's Llama does.
 
 Softmax attention is a non-local-means smoother: out = A V with A = softmax(Q K^T / sqrt(d) + mask).
 Twicing attention (Abdullaev & Nguyen, "Transformer Meets Twicing", ICLR 2025, arXiv 2503.00687)
@@ -23,6 +25,12 @@ for a new token i, u_i = a_i V is appended to the U cache and out_i = 2 u_i - a_
 of A (2V - U) is 2 a_i V - a_i U. Every row of U depends only on earlier tokens, so U computed once
 stays valid.
 
+Grouped-query twicing: U = A V has a row per query head, so the second pass has keys per kv head
+and values 2V - U per query head. SDPA's own GQA needs keys and values with the same heads
+(otherwise it falls back to materialising A), so `attend` runs that pass once per position i
+within the groups: query heads i, i + G, ... meet each kv head once, an ordinary SDPA call on K
+itself. No expanded copy of K is made or kept for backward.
+
 Each variant is an `AttentionVariant` in `ATTENTION` (name -> variant): its function, its cached
 function, whether it twices and how many attention passes it costs. The model, the cache and the
 FLOP count read these facts; none of them parses a name.
@@ -40,15 +48,32 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CachedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LayerCache"], torch.Tensor]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """SDPA of q over k (kv_heads) with values v of kv_heads or of q's heads (see the docstring)."""
+    heads, kv_heads = q.size(-3), k.size(-3)
+    if kv_heads == heads:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if v.size(-3) == kv_heads:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    group = heads // kv_heads
+    parts = [F.scaled_dot_product_attention(q[:, i::group], k, v[:, i::group], is_causal=causal) for i in range(group)]
+    return torch.stack(parts, dim=2).flatten(1, 2)  # (B, kv_heads, group, T, D): head j * group + i
+
+
+def per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads repeated for each query head of their group (h reads h // group)."""
+    return x if x.size(-3) == heads else x.repeat_interleave(heads // x.size(-3), dim=-3)
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T/sqrt(d)) V on PyTorch's fused kernel (flash / memory-efficient where available)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attend(q, k, v)
 
 
 def twicing_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(2A - A^2) V computed as A (2V - A V): two fused SDPA passes, no T x T tensor."""
-    u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True)
+    u = attend(q, k, v)
+    return attend(q, k, 2 * per_query_head(v, q.size(-3)) - u)
 
 
 def _load_triton_kernels() -> ModuleType | None:
@@ -80,24 +105,24 @@ def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 def causal_attention_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The explicit (batch, heads, T, T) matrix A = softmax(QK^T/sqrt(d) + causal mask)."""
     t = q.size(-2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    scores = q @ per_query_head(k, q.size(-3)).transpose(-2, -1) / math.sqrt(q.size(-1))
     future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A V with A materialised (for tests only)."""
-    return causal_attention_matrix(q, k) @ v
+    return causal_attention_matrix(q, k) @ per_query_head(v, q.size(-3))
 
 
 def twicing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(2A - A^2) V with A and A^2 materialised, exactly as the paper writes it (for tests only)."""
     a = causal_attention_matrix(q, k)
-    return (2 * a - a @ a) @ v
+    return (2 * a - a @ a) @ per_query_head(v, q.size(-3))
 
 
 class LayerCache:
-    """One layer's K, V (and for twicing U) of the tokens decoded so far, (batch, heads, time, dim)."""
+    """One layer's K, V (kv heads) and for twicing U (query heads) of the tokens so far, (batch, heads, time, dim)."""
 
     def __init__(self):
         self.k = self.v = self.u = None
@@ -117,21 +142,21 @@ def softmax_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """A V of new tokens (a whole prompt into an empty cache, or one token) over the cache."""
     if cache.length == 0:
         cache.k, cache.v = k, v
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attend(q, k, v)
     _append_token(cache, q, k, v)
-    return F.scaled_dot_product_attention(q, cache.k, cache.v)  # the newest token sees every cached one
+    return attend(q, cache.k, cache.v, causal=False)  # the newest token sees every cached one
 
 
 def twicing_attention_sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """A (2V - U) of new tokens over the cache, keeping U = A V: token i gets 2 u_i - a_i U."""
     if cache.length == 0:  # prefill: the two passes over the prompt, keeping the first
-        u = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        u = attend(q, k, v)
         cache.k, cache.v, cache.u = k, v, u
-        return F.scaled_dot_product_attention(q, k, 2 * v - u, is_causal=True)
+        return attend(q, k, 2 * per_query_head(v, q.size(-3)) - u)
     _append_token(cache, q, k, v)
-    u = F.scaled_dot_product_attention(q, cache.k, cache.v)
-    cache.u = torch.cat([cache.u, u], dim=-2)
-    return 2 * u - F.scaled_dot_product_attention(q, cache.k, cache.u)
+    u = attend(q, cache.k, cache.v, causal=False)
+    cache.u = torch.cat([cache.u, u], dim=-2)  # U has a row per query head, even under GQA
+    return 2 * u - attend(q, cache.k, cache.u, causal=False)
 
 
 def twicing_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:

@@ -20,20 +20,40 @@ import yaml
 
 from core.errors import UserError
 
+# What `model.arch` sets; explicit keys override it. GPT-2 (2019) and the Llama layout (Touvron et
+# al., 2023): rotary positions, RMSNorm, a SwiGLU MLP, no biases, an output layer of its own.
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False},
+}
+
 
 @dataclass
 class ModelConfig:
-    """A GPT-2 style decoder. The defaults are GPT-2 small."""
+    """A decoder-only transformer. The defaults are GPT-2 small.
 
+    `arch` names the parameter layout (GPT-2's names, or names that map one-to-one onto Hugging
+    Face's Llama, see lm.model) and presets the options left unset (None) from ARCH_PRESETS.
+    """
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
     vocab_size: int = 50257
     block_size: int = 1024  # context length
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    d_ff: int | None = None  # MLP width; None means 4 * n_embd as in GPT-2
+    # Key/value heads: n_head is multi-head attention, fewer is grouped-query (each group of
+    # n_head / n_kv_head query heads shares one), 1 is multi-query. None means n_head.
+    n_kv_head: int | None = None
+    d_ff: int | None = None  # MLP width; None: 4 * n_embd (gelu), or about 8/3 * n_embd (swiglu)
+    position: Literal["learned", "rope"] | None = None  # learned absolute positions, or rotary
+    rope_theta: float = 10000.0  # the rotary base: frequencies theta^(-2i/head_dim)
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None  # GPT-2's tanh-GELU MLP, or SiLU-gated (Shazeer, 2020)
+    tie_embeddings: bool | None = None  # the output layer shares the token embedding's weight
     dropout: float = 0.0  # on embeddings and residual branches (not on A: twicing needs one A)
-    bias: bool = True
-    layer_norm_epsilon: float = 1e-5
+    bias: bool | None = None  # biases in the linear layers (and LayerNorm)
+    layer_norm_epsilon: float = 1e-5  # of LayerNorm or RMSNorm
     init_std: float = 0.02
     # Which layers use twicing attention, the rest use softmax: "none", "all", "last:K" or a list
     # of layer indices. The paper's language model twices the last 2 of 16 layers.
@@ -43,11 +63,22 @@ class ModelConfig:
     attention_impl: Literal["fused", "sdpa", "reference"] = "fused"
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for key, value in ARCH_PRESETS[self.arch].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise UserError(f"model.position=rope rotates feature pairs: the head size ({self.head_dim}) must be even")
+        if self.rope_theta <= 1:
+            raise UserError(f"model.rope_theta must be greater than 1, got {self.rope_theta}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise UserError(f"model.d_ff must be positive, got {self.d_ff}")
         if not 0.0 <= self.dropout < 1.0:
@@ -55,8 +86,16 @@ class ModelConfig:
         self.twicing_layer_indices()  # validates the selector
 
     @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
     def ffn_dim(self) -> int:
-        return self.d_ff if self.d_ff is not None else 4 * self.n_embd
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # two thirds of 4 * n_embd, as many weights as GPT-2's MLP, rounded to 64
+            return -(-8 * self.n_embd // (3 * 64)) * 64  # ceil(8 n_embd / 3 / 64) * 64
+        return 4 * self.n_embd
 
     def twicing_layer_indices(self) -> list[int]:
         """Resolve `twicing_layers` to a sorted list of layer indices."""
@@ -235,9 +274,10 @@ class RunConfig:
 
 
 def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
-    """Tensor parallelism splits heads, MLP units and the vocabulary: each must divide by tp."""
+    """Tensor parallelism splits query and key/value heads, MLP units and the vocabulary: each must divide by tp."""
     for name, value in (
         ("model.n_head", model.n_head),
+        ("model.n_kv_head", model.n_kv_head),
         ("model.vocab_size", model.vocab_size),
         ("model.d_ff", model.ffn_dim),
     ):

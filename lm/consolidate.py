@@ -24,23 +24,27 @@ from core.errors import UserError
 from lm import checkpoint as ckpt
 from lm.config import ModelConfig, RunConfig
 from lm.engine import read_checkpoint_file
+from lm.model import embedding_names
 from lm.parallel import merge_state_dicts
 
 
-def with_tied_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The output layer is tied to the token embedding; files keep one or both names."""
-    tied = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
-    if tied is not None:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"] = tied
+def with_tied_names(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Both names of a tied output layer and token embedding (files keep one or both); an untied
+    model's weights as they are."""
+    if config.tie_embeddings:
+        names = embedding_names(config)
+        tied = next((weights[name] for name in names if name in weights), None)
+        if tied is not None:
+            weights.update(dict.fromkeys(names, tied))
     return weights
 
 
 def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
-    if ckpt.is_weights_only(tag_dir):
-        return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE))
     info = ckpt.read_marker(tag_dir)
     config = RunConfig.from_dict(info["config"], source=str(tag_dir / ckpt.COMPLETE_MARKER))
+    if ckpt.is_weights_only(tag_dir):
+        return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE), config.model)
     return consolidate(tag_dir, config.model, ckpt.layout_stage(info), config.train.tensor_parallel, info["world_size"])
 
 
@@ -96,7 +100,9 @@ def _zero3_weights(tag_dir: Path, shapes: list[dict], tp_rank: int, dp_size: int
     return weights
 
 
-def tp_rank_weights(tag_dir: Path, stage: int, tp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+def tp_rank_weights(
+    tag_dir: Path, model: ModelConfig, stage: int, tp_rank: int, dp_size: int
+) -> dict[str, torch.Tensor]:
     """One TP rank's fp32 weights (its slices of the split parameters, all replicated ones)."""
     states = _model_states(tag_dir, stage, tp_rank)
     if stage == 0:
@@ -105,10 +111,10 @@ def tp_rank_weights(tag_dir: Path, stage: int, tp_rank: int, dp_size: int) -> di
         weights = _zero12_weights(tag_dir, states["param_shapes"], tp_rank, dp_size)
     else:
         weights = _zero3_weights(tag_dir, states["param_shapes"], tp_rank, dp_size)
-    return with_tied_names(weights)
+    return with_tied_names(weights, model)
 
 
 def consolidate(tag_dir: Path, model: ModelConfig, stage: int, tp: int, world_size: int) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a complete checkpoint written by `world_size` ranks."""
-    shards = [tp_rank_weights(tag_dir, stage, rank, world_size // tp) for rank in range(tp)]
+    shards = [tp_rank_weights(tag_dir, model, stage, rank, world_size // tp) for rank in range(tp)]
     return merge_state_dicts(shards, model) if tp > 1 else shards[0]

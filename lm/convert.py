@@ -22,12 +22,17 @@ from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty, run_command
 from lm import checkpoint as ckpt
-from lm.config import RunConfig
+from lm.config import ModelConfig, RunConfig
 from lm.inference import load_model
+from lm.model import embedding_names
 
 
-def save_weights(weights: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, source: str) -> None:
-    weights = {k: v for k, v in weights.items() if k != "transformer.wte.weight"}  # tied to lm_head.weight
+def save_weights(
+    weights: dict[str, torch.Tensor], config: ModelConfig, path: Path, dtype: torch.dtype, source: str
+) -> None:
+    """safetensors of the weights, a tied embedding once (as lm_head.weight)."""
+    if config.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != embedding_names(config)[0]}
     save_file(
         {k: v.to(dtype).contiguous() for k, v in weights.items()},
         str(path),
@@ -59,14 +64,14 @@ def convert(
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     if to == "safetensors":
-        save_weights(weights, out / ckpt.WEIGHTS_FILE, dtype, str(source))
+        save_weights(weights, config.model, out / ckpt.WEIGHTS_FILE, dtype, str(source))
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return out
     # A run directory holding one weights-only checkpoint for the new layout.
     step = ckpt.read_marker(source)["step"] if (source / ckpt.COMPLETE_MARKER).is_file() else 0
     tag_dir = ckpt.checkpoint_root(out) / ckpt.tag_for_step(step)
     tag_dir.mkdir(parents=True)
-    save_weights(weights, tag_dir / ckpt.WEIGHTS_FILE, torch.float32, str(source))
+    save_weights(weights, config.model, tag_dir / ckpt.WEIGHTS_FILE, torch.float32, str(source))
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     ckpt.write_marker(
         tag_dir,

@@ -20,17 +20,27 @@ from lm.consolidate import load_model_weights, with_tied_names
 from lm.model import GPT
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, RunConfig, Path]:
-    """(model in eval mode, run config, source dir) from a run, checkpoint or converted directory."""
+def source_config(checkpoint: str | Path) -> tuple[RunConfig, Path]:
+    """(run config, source dir) of a run, checkpoint or converted directory, reading no weights."""
     path = Path(checkpoint)
     if ckpt.is_converted_dir(path):
         config_file = path / "config.yaml"
-        config = RunConfig.from_dict(yaml.safe_load(config_file.read_text()), source=str(config_file))
-        weights, source = with_tied_names(load_file(path / ckpt.WEIGHTS_FILE)), path
-    else:
-        source = ckpt.resolve_checkpoint(path)
-        config = RunConfig.from_dict(ckpt.read_marker(source)["config"], source=str(source / ckpt.COMPLETE_MARKER))
-        weights = load_model_weights(source)
+        return RunConfig.from_dict(yaml.safe_load(config_file.read_text()), source=str(config_file)), path
+    source = ckpt.resolve_checkpoint(path)
+    return RunConfig.from_dict(ckpt.read_marker(source)["config"], source=str(source / ckpt.COMPLETE_MARKER)), source
+
+
+def load_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, Path]:
+    """(full fp32 state dict, run config, source dir) of a run, checkpoint or converted directory."""
+    config, source = source_config(checkpoint)
+    if ckpt.is_converted_dir(source):
+        return with_tied_names(load_file(source / ckpt.WEIGHTS_FILE), config.model), config, source
+    return load_model_weights(source), config, source
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, RunConfig, Path]:
+    """(model in eval mode, run config, source dir) from a run, checkpoint or converted directory."""
+    weights, config, source = load_weights(checkpoint)
     model = GPT(config.model)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lm.config import ModelConfig, RunConfig
-from lm.model import GPT
+from lm.model import GPT, is_norm_parameter, writes_residual
 from lm.parallel import ParallelGroups, shard_model
 
 
@@ -27,13 +27,13 @@ def parameter_seed(seed: int, name: str) -> int:
 
 
 def initial_value(name: str, shape: torch.Size, config: ModelConfig, seed: int) -> torch.Tensor:
-    """The full fp32 initial value of parameter `name` (a GPT state-dict name)."""
+    """The full fp32 initial value of parameter `name` (a GPT state-dict name, of either layout)."""
     if name.endswith(".bias"):
         return torch.zeros(shape)
-    if ".ln_" in name or name.startswith("transformer.ln_f"):  # LayerNorm gains
+    if is_norm_parameter(name):  # LayerNorm and RMSNorm gains
         return torch.ones(shape)
     std = config.init_std
-    if name.endswith("c_proj.weight"):
+    if writes_residual(name):
         # GPT-2 scales the projections into the residual stream, so its variance does not grow with depth.
         std /= math.sqrt(2 * config.n_layer)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))

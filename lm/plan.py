@@ -24,17 +24,29 @@ import torch
 
 from core.errors import UserError, run_command
 from lm.attention import get_attention
-from lm.config import RunConfig, load_config
+from lm.config import ModelConfig, RunConfig, load_config
 from lm.ds_config import deepspeed_config, engine_stage, stage_name, weights_are_master
 from lm.initialization import parameter_count
 
 ADAM = 8  # exp_avg and exp_avg_sq, fp32
 RUNTIME = {"cpu": 450e6, "cuda": 600e6}  # peak RSS of an idle rank / a CUDA context, measured
-# Per block, in units of micro_batch x block_size x n_embd values: what backward keeps of a block
-# (LayerNorm inputs, the qkv projection, attention output, the MLP's 4d input and GELU output, the
-# projections' inputs), and for twicing the first pass's output and 2V - AV. Checked against
-# benchmarks/activation_memory.py (12 layers, d 768, T 1024).
-SAVED_PER_BLOCK = {False: 16, True: 18}
+# Per block, in units of micro_batch x block_size x n_embd values: what backward keeps of a block.
+# Besides the attention's projections and the MLP: the norms' inputs, the attention output and the
+# projections' inputs, and for twicing the first pass's output and 2V - AV. GPT-2's MLP keeps its
+# 4d input and GELU output (8 units), so a GPT-2 block keeps 16 (18 twicing), checked against
+# benchmarks/activation_memory.py (12 layers, d 768, T 1024). SwiGLU keeps gate, up, SiLU(gate)
+# and their product; grouped-query attention keeps smaller keys and values.
+SAVED_OUTSIDE_PROJECTIONS = 5
+TWICING_EXTRA = 2
+
+
+def saved_per_block(config: ModelConfig, twices: bool) -> float:
+    """What backward keeps of one block, in units of tokens x n_embd values."""
+    qkv = (config.n_head + 2 * config.n_kv_head) / config.n_head
+    mlp = (4 if config.mlp == "swiglu" else 2) * config.ffn_dim / config.n_embd
+    return SAVED_OUTSIDE_PROJECTIONS + qkv + mlp + (TWICING_EXTRA if twices else 0)
+
+
 BACKWARD_WORKSPACE = 4  # gradients of activations alive at once during a block's backward
 LOGIT_COPIES = 3  # the logits, cross-entropy's log-softmax, and their gradient
 # ZeRO 1-3's step holds two fp32 partitions beyond the model states: the flat gradient it hands
@@ -149,7 +161,7 @@ def activation_bytes(config: RunConfig) -> float:
     tokens = t.micro_batch_size * m.block_size
     value = 2.5 if t.precision != "fp32" else 4  # autocast: matmul outputs bf16, norms and residuals fp32
     unit = tokens * m.n_embd * value / t.tensor_parallel
-    saved = [SAVED_PER_BLOCK[get_attention(kind).twices] * unit for kind in m.layer_attention()]
+    saved = [saved_per_block(m, get_attention(kind).twices) * unit for kind in m.layer_attention()]
     recomputed = set(t.checkpointed_blocks(m.n_layer))
     kept = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(saved))
     logits = LOGIT_COPIES * tokens * m.vocab_size * 4 / t.tensor_parallel

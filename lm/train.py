@@ -55,6 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "PATH: a run or checkpoint directory",
     )
     p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start a new run from the weights of a run, checkpoint, converted directory or HF import "
+        "(fresh optimizer and schedule, step 0, any layout)",
+    )
+    p.add_argument(
         "--stop-at",
         type=int,
         default=None,
@@ -69,7 +76,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be positive, got {args.stop_at}")
-    train(load_config(args.config, args.set), resume=args.resume, stop_at=args.stop_at)
+    train(load_config(args.config, args.set), resume=args.resume, stop_at=args.stop_at, init_from=args.init_from)
     close_distributed()
     return 0
 
@@ -105,10 +112,12 @@ class Run:
         return Path(self.config.train.out_dir)
 
 
-def train(config: RunConfig, resume: str = "none", stop_at: int | None = None) -> TrainResult:
+def train(
+    config: RunConfig, resume: str = "none", stop_at: int | None = None, init_from: str | None = None
+) -> TrainResult:
     """Run (or continue) training; `stop_at` ends this invocation early, with a checkpoint, without
     changing the LR schedule."""
-    run = start_run(config, resume)
+    run = start_run(config, resume, init_from)
     try:
         return run_loop(run, stop_at)
     finally:
@@ -150,13 +159,13 @@ def build_model(
     return model, parameter_count(config.model)
 
 
-def start_run(config: RunConfig, resume: str = "none") -> Run:
+def start_run(config: RunConfig, resume: str = "none", init_from: str | None = None) -> Run:
     """Everything before the first step: data, resume point, process groups, engine, run directory."""
     t = config.train
     shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
     if t.compile:
         check_can_compile()
-    point = find_resume_point(config, resume)
+    point = find_resume_point(config, resume, init_from)
     if t.memory_check:  # before any process group: every rank refuses alike, nothing is built
         check_memory(config, launcher_world_size(), launcher_local_size())
     world = init_distributed()
@@ -196,7 +205,7 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     )
     twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
     if twicing is not None:
-        line += f", twicing on {twicing.runs_on(run.world.device, m.n_embd // m.n_head)}"
+        line += f", twicing on {twicing.runs_on(run.world.device, m.head_dim)}"
     return line + (f", resuming at step {run.start}" if run.start else "")
 
 

@@ -5,10 +5,14 @@ at TP = N is exactly the slice of the TP = 1 model with the same seed, and runs 
 across layouts. (For models too large to build whole per rank, build on the meta device and
 initialise the slices; not needed at the sizes this project trains on CPUs and single nodes.)
 
-What is split (Megatron's layout): per attention block the heads (c_attn column-parallel, its rows
-for Q, K and V of the local heads; c_proj row-parallel), per MLP the hidden units (c_fc column,
-c_proj row), and the vocabulary (embedding, tied output layer and cross-entropy). LayerNorms,
-position embeddings and the row-parallel biases are replicated.
+What is split (Megatron's layout): per attention block the query heads and the key/value heads,
+each over the TP group (GPT-2's c_attn column-parallel, its rows for Q, K and V of the local heads;
+Llama's q_proj, k_proj and v_proj column-parallel; the output projection row-parallel), per MLP the
+hidden units (c_fc or gate_proj and up_proj column, c_proj or down_proj row; a SwiGLU c_fc keeps the
+local units of both its halves), and the vocabulary (embedding, output layer and cross-entropy).
+Norms, position embeddings and the row-parallel biases are replicated. Under grouped-query
+attention a rank's query heads are exactly the groups of its kv heads, since both are split into
+tp contiguous ranges and n_head / n_kv_head is the same per range.
 
 Attention itself, softmax or twicing, runs on the local heads alone: twicing's second pass
 attn(Q, K, 2V - U) needs only the same heads' Q, K, V and U, so it adds no communication.
@@ -21,7 +25,7 @@ same on every rank of a TP group. No activation that is partitioned across TP ra
 import torch
 
 from lm.config import ModelConfig, check_tensor_parallel
-from lm.model import GPT
+from lm.model import GPT, embedding_names
 from lm.parallel.groups import ParallelGroups
 from lm.parallel.layers import (
     ColumnParallelLinear,
@@ -37,18 +41,37 @@ def _slice(size: int, tp: int, rank: int) -> torch.Tensor:
     return torch.arange(rank * part, (rank + 1) * part)
 
 
-def _indices(config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """Which heads' features, MLP units and vocabulary rows TP rank `rank` holds."""
-    head_dim = config.n_embd // config.n_head
-    heads = _slice(config.n_head, tp, rank)
-    # Feature indices of the local heads within one of Q, K, V (each n_embd wide, head by head).
-    head_features = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    return {
-        "qkv_rows": torch.cat([part * config.n_embd + head_features for part in range(3)]),
-        "head_features": head_features,
-        "hidden": _slice(config.ffn_dim, tp, rank),
-        "vocab": _slice(config.vocab_size, tp, rank),
+def _features(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _block_splits(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[str, torch.Tensor]]:
+    """For each split linear layer of a block (its path in the block): column or row, and the indices
+    of the full layer's output (column) or input (row) features that TP rank `rank` holds."""
+    q = _features(_slice(config.n_head, tp, rank), config.head_dim)
+    kv = _features(_slice(config.n_kv_head, tp, rank), config.head_dim)
+    hidden = _slice(config.ffn_dim, tp, rank)
+    if config.arch == "gpt2":
+        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        qkv_rows = torch.cat([q, q_dim + kv, q_dim + kv_dim + kv])
+        fc_rows = torch.cat([hidden, config.ffn_dim + hidden]) if config.mlp == "swiglu" else hidden
+        return {
+            "attn.c_attn": ("column", qkv_rows),
+            "attn.c_proj": ("row", q),
+            "mlp.c_fc": ("column", fc_rows),
+            "mlp.c_proj": ("row", hidden),
+        }
+    splits = {
+        "self_attn.q_proj": ("column", q),
+        "self_attn.k_proj": ("column", kv),
+        "self_attn.v_proj": ("column", kv),
+        "self_attn.o_proj": ("row", q),
+        "mlp.up_proj": ("column", hidden),
+        "mlp.down_proj": ("row", hidden),
     }
+    if config.mlp == "swiglu":
+        splits["mlp.gate_proj"] = ("column", hidden)
+    return splits
 
 
 def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, torch.Tensor]]:
@@ -58,17 +81,17 @@ def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, t
     Parameters not listed are replicated.
     """
     check_tensor_parallel(config, tp)
-    idx = _indices(config, tp, rank)
-    layout = {"transformer.wte.weight": (0, idx["vocab"]), "lm_head.weight": (0, idx["vocab"])}
+    vocab = _slice(config.vocab_size, tp, rank)
+    tokens, head = embedding_names(config)
+    layout = {tokens: (0, vocab), head: (0, vocab)}
+    blocks = {"gpt2": "transformer.h", "llama": "model.layers"}[config.arch]
+    splits = _block_splits(config, tp, rank)
     for i in range(config.n_layer):
-        block = f"transformer.h.{i}."
-        layout[block + "attn.c_attn.weight"] = (0, idx["qkv_rows"])
-        layout[block + "attn.c_proj.weight"] = (1, idx["head_features"])
-        layout[block + "mlp.c_fc.weight"] = (0, idx["hidden"])
-        layout[block + "mlp.c_proj.weight"] = (1, idx["hidden"])
-        if config.bias:  # column-parallel biases are split with their rows; row-parallel ones replicated
-            layout[block + "attn.c_attn.bias"] = (0, idx["qkv_rows"])
-            layout[block + "mlp.c_fc.bias"] = (0, idx["hidden"])
+        for path, (style, index) in splits.items():
+            name = f"{blocks}.{i}.{path}"
+            layout[name + ".weight"] = (0 if style == "column" else 1, index)
+            if config.bias and style == "column":  # column-parallel biases split with their rows
+                layout[name + ".bias"] = (0, index)
     return layout
 
 
@@ -99,15 +122,21 @@ def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
         return model
     config = model.config
     check_tensor_parallel(config, tp)
-    idx = _indices(config, tp, rank)
-    for block in model.transformer.h:
-        block.attn.c_attn = ColumnParallelLinear(block.attn.c_attn, idx["qkv_rows"], group)
-        block.attn.c_proj = RowParallelLinear(block.attn.c_proj, idx["head_features"], group)
-        block.attn.n_head = config.n_head // tp
-        block.mlp.c_fc = ColumnParallelLinear(block.mlp.c_fc, idx["hidden"], group)
-        block.mlp.c_proj = RowParallelLinear(block.mlp.c_proj, idx["hidden"], group)
-    vocab_start = int(idx["vocab"][0])
-    model.transformer.wte = VocabParallelEmbedding(model.transformer.wte, vocab_start, len(idx["vocab"]), group)
-    model.lm_head = VocabParallelLMHead(model.transformer.wte)
+    splits = _block_splits(config, tp, rank)
+    parallel = {"column": ColumnParallelLinear, "row": RowParallelLinear}
+    for block in model.blocks:
+        for path, (style, index) in splits.items():
+            parent, _, leaf = path.rpartition(".")
+            owner = block.get_submodule(parent)
+            setattr(owner, leaf, parallel[style](getattr(owner, leaf), index, group))
+        block.attention.n_head = config.n_head // tp
+        block.attention.n_kv_head = config.n_kv_head // tp
+    vocab = _slice(config.vocab_size, tp, rank)
+    vocab_start = int(vocab[0])
+    model.replace_token_embedding(VocabParallelEmbedding(model.token_embedding, vocab_start, len(vocab), group))
+    if config.tie_embeddings:
+        model.lm_head = VocabParallelLMHead(model.token_embedding)
+    else:  # an output layer of its own: a column-parallel layer over the vocabulary
+        model.lm_head = ColumnParallelLinear(model.lm_head, vocab, group)
     model.loss = VocabParallelCrossEntropy(vocab_start, group)
     return model
