@@ -11,9 +11,15 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import LargestTensorSeen, relative_error
-from lm.attention import twicing_attention, twicing_attention_reference, twicing_attention_sdpa
+from lm.attention import (
+    softmax_attention_reference,
+    twicing_attention,
+    twicing_attention_reference,
+    twicing_attention_sdpa,
+)
 
 pytest.importorskip("triton")  # scripts/bootstrap.sh installs it; only a bare environment lacks it
 GPU = torch.cuda.is_available()
@@ -34,9 +40,24 @@ def kernel():
         fn.configs = configs
 
 
-def random_qkv(b, h, t, d, seed=0, dtype=torch.float64):
+def random_qkv(b, h, t, d, seed=0, dtype=torch.float64, kv_heads=None):
+    """q with h heads; k and v with kv_heads (grouped-query attention), h if not given."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, t, d, generator=g, dtype=dtype) for _ in range(3)]
+    heads = [h, kv_heads or h, kv_heads or h]
+    return [torch.randn(b, n, t, d, generator=g, dtype=dtype) for n in heads]
+
+
+def with_kv_repeated(fn, group):
+    """fn on k and v repeated to one head per query head: the grouped-query meaning (tests only)."""
+    return lambda q, k, v: fn(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+
+
+def fused_qkv_views(b, t, h, kv_heads, d, requires_grad=False):
+    """q, k, v as the model makes them: split from one projection, heads transposed (strided)."""
+    qkv = torch.randn(b, t, (h + 2 * kv_heads) * d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    qkv.requires_grad_(requires_grad)
+    sizes, heads = [h * d, kv_heads * d, kv_heads * d], [h, kv_heads, kv_heads]
+    return [x.view(b, t, n, d).transpose(1, 2) for x, n in zip(qkv.split(sizes, dim=2), heads)]
 
 
 def output_and_grads(fn, q, k, v, dout):
@@ -89,6 +110,57 @@ def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode
         assert relative_error(got.double().cpu(), want) <= 1e-5, name
 
 
+class CopiesOf(TorchDispatchMode):
+    """Records the bytes of the largest tensor any aten op makes from the given tensors' storage."""
+
+    def __init__(self, *tensors):
+        super().__init__()
+        self.storages = {x.untyped_storage().data_ptr() for x in tensors}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in self.storages for x in inputs):
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    self.largest = max(self.largest, o.numel() * o.element_size())
+        return out
+
+
+# Grouped-query attention: 8 query heads over 2 kv heads, and multi-query (4 over 1). T = 40 and 33
+# leave the last block of every tiling ragged; two configurations keep the interpreter's time small.
+GQA_SHAPES = [(1, 8, 2, 40, 16), (2, 4, 1, 33, 32)]
+
+
+@pytest.mark.parametrize("b,h,kv_heads,t,d", GQA_SHAPES)
+def test_grouped_query_attention_equals_the_reference_on_repeated_kv_heads(kernel, dq_mode, b, h, kv_heads, t, d):
+    """Query head i attends with kv head i // (h / kv_heads); a kv head's dK and dV sum over its group."""
+    q, k, v = random_qkv(b, h, t, d, seed=t, kv_heads=kv_heads)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    group = h // kv_heads
+    exact = output_and_grads(with_kv_repeated(twicing_attention_reference, group), q, k, v, dout)
+    exact.append(with_kv_repeated(softmax_attention_reference, group)(q, k, v))  # U = A V
+    q, k, v, dout = (x.float().to(DEVICE) for x in (q, k, v, dout))
+    fused = output_and_grads(kernel.twicing_attention_triton, q, k, v, dout)
+    fused.append(kernel.twicing_attention_and_u(q, k, v)[1])
+    assert [x.shape for x in fused] == [q.shape, q.shape, k.shape, v.shape, q.shape]
+    for name, got, want in zip(["out", "dq", "dk", "dv", "U"], fused, exact):
+        assert relative_error(got.double().cpu(), want) <= 1e-5, name
+
+
+def test_reads_grouped_kv_heads_in_place_never_expanding_them(kernel, dq_mode):
+    """Forward and backward make nothing from K or V larger than K (no per-query-head copies).
+
+    Called below the custom op, whose inner aten ops a dispatch mode would not otherwise see. Under
+    the interpreter the only ones are its launches' host copies of each storage (as bytes)."""
+    q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 4, 16, 16, kv_heads=1))
+    with CopiesOf(k, v) as copies:
+        out, u, lse = kernel._forward(q, k, v)
+        kernel._backward(q, k, v, u, out, lse, torch.ones_like(q))
+    assert copies.largest <= k.numel() * k.element_size() < q.numel() * q.element_size()
+
+
 # Triton's interpreter (3.9) gets bf16 matmuls wrong, so on a CPU half precision is checked in fp16.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if GPU else [torch.float16])
 def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dq_mode, dtype):
@@ -102,11 +174,10 @@ def test_half_precision_is_as_accurate_as_the_two_sdpa_passes(kernel, dq_mode, d
         assert relative_error(got.double().cpu(), want) <= 1.5 * relative_error(sdpa.double().cpu(), want) + 1e-3, name
 
 
-def test_takes_the_strided_views_the_model_makes(kernel):
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["as many kv heads", "multi-query"])
+def test_takes_the_strided_views_the_model_makes(kernel, kv_heads):
     """The model splits one qkv projection and transposes heads: no copies needed, same result."""
-    b, t, h, d = 2, 24, 2, 16
-    qkv = torch.randn(b, t, 3 * h * d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+    q, k, v = fused_qkv_views(2, 24, 2, kv_heads, 16)
     assert not q.is_contiguous() and kernel.supports(q, k, v)
     strided = kernel.twicing_attention_triton(q, k, v)
     contiguous = kernel.twicing_attention_triton(q.contiguous(), k.contiguous(), v.contiguous())
@@ -126,13 +197,12 @@ def test_saves_no_t_by_t_tensor_for_backward(kernel):
     assert seen.largest <= t * d < t * t
 
 
-def test_declares_to_the_compiler_the_layouts_it_returns(kernel):
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["as many kv heads", "multi-query"])
+def test_declares_to_the_compiler_the_layouts_it_returns(kernel, kv_heads):
     """torch.compile plans with the fake (meta) outputs, so their shapes and strides must be the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    b, t, h, d = 2, 24, 2, 16
-    qkv = torch.randn(b, t, 3 * h * d).to(DEVICE).requires_grad_()
-    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))  # strided, as in the model
+    q, k, v = fused_qkv_views(2, 24, 2, kv_heads, 16, requires_grad=True)  # strided, as in the model
     out, u, lse = kernel._twicing_op(q, k, v)
     grads = kernel._twicing_backward_op(q, k, v, u, out, lse, torch.randn_like(out))
     with FakeTensorMode() as mode:
@@ -159,6 +229,20 @@ def test_declines_inputs_it_does_not_handle(kernel):
     q, k, v = (x.float().to(DEVICE) for x in random_qkv(1, 1, 8, 16))
     assert not kernel.supports(q, k[..., :4, :], v)  # keys of another length (cross attention)
     assert not kernel.supports(q.double(), k.double(), v.double())
+
+
+def test_takes_grouped_kv_heads_only_when_they_divide_the_query_heads(kernel):
+    q = torch.randn(2, 6, 8, 16).to(DEVICE)
+
+    def kv(b=2, heads=3, t=8):
+        return torch.randn(b, heads, t, 16).to(DEVICE)
+
+    assert kernel.supports(q, kv(), kv()) and kernel.supports(q, kv(heads=1), kv(heads=1))  # groups of 2; of 6
+    assert not kernel.supports(q, kv(heads=4), kv(heads=4))  # 6 query heads do not split into 4 groups
+    assert not kernel.supports(q, kv(heads=12), kv(heads=12))  # more kv heads than query heads
+    assert not kernel.supports(q, kv(heads=3), kv(heads=1))  # k and v with different heads
+    assert not kernel.supports(q, kv(b=1), kv(b=1))  # another batch
+    assert not kernel.supports(q, kv(t=4), kv(t=4))  # another length, as before
 
 
 def test_the_model_uses_it_on_a_gpu_and_two_passes_elsewhere(kernel, monkeypatch):

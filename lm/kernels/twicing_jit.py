@@ -13,6 +13,13 @@ Backward, with P = A, W = 2V - U and dO given (derivation in the docstring of `_
      dQ_i = scale sum_j dS_ij K_j       (added atomically by the same programs; or, under
                                          torch.use_deterministic_algorithms, query-block programs)
 
+Grouped-query attention: Q has Hq heads, K and V have Hkv, and query head h reads kv head
+h // GROUP (GROUP = Hq / Hkv) through that head's own base pointer and strides; K and V are never
+repeated. U, out, dW, L and delta are per query head. dK and dV of a kv head are sums over its
+GROUP query heads, so their program for a kv head loops over the group, accumulating in registers:
+no (batch, Hq, T, D) partials and no atomics. With GROUP = 1 every program computes what it did
+before GQA, in the same order.
+
 Tile shapes are autotuned per (T, D, precision): query-major programs (one query block each) and
 key-major ones (one key block each). lm.kernels.twicing_triton launches them as a torch op.
 """
@@ -71,10 +78,12 @@ def _probs(q, k, lse, offs_m, offs_n, qk_scale, on_diagonal, PRECISION: tl.const
 
 @triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
-def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, H, T, qk_scale,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, H, GROUP, T,
+               qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
     start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     b, h = bh // H, bh % H
+    kh = h // GROUP  # the kv head this query head reads
     offs_m, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, D)
     q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -83,8 +92,8 @@ def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub
     # Key blocks left of the diagonal need no mask; those on it do.
     for start_n in tl.range(0, start_m + BLOCK_M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(K, b, h, skb, skh, skt, offs_n, offs_d, T)
-        v = _tile(V, b, h, svb, svh, svt, offs_n, offs_d, T)
+        k = _tile(K, b, kh, skb, skh, skt, offs_n, offs_d, T)
+        v = _tile(V, b, kh, svb, svh, svt, offs_n, offs_d, T)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if start_n + BLOCK_N > start_m:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -100,19 +109,20 @@ def _pass1_fwd(Q, K, V, U, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub
 
 @triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
-def _pass2_fwd(Q, K, V, U, LSE, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, sob, soh, sot, H, T,
-               qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+def _pass2_fwd(Q, K, V, U, LSE, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut, sob, soh, sot, H,
+               GROUP, T, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                PRECISION: tl.constexpr):  # fmt: skip
     start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     b, h = bh // H, bh % H
+    kh = h // GROUP  # the kv head this query head reads
     offs_m, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, D)
     q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in tl.range(0, start_m + BLOCK_M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(K, b, h, skb, skh, skt, offs_n, offs_d, T)
-        v = _tile(V, b, h, svb, svh, svt, offs_n, offs_d, T)
+        k = _tile(K, b, kh, skb, skh, skt, offs_n, offs_d, T)
+        v = _tile(V, b, kh, svb, svh, svt, offs_n, offs_d, T)
         u = _tile(U, b, h, sub, suh, sut, offs_n, offs_d, T)
         w = (2.0 * v.to(tl.float32) - u.to(tl.float32)).to(v.dtype)
         p = _probs(q, k, lse, offs_m, offs_n, qk_scale, True, PRECISION)
@@ -122,13 +132,13 @@ def _pass2_fwd(Q, K, V, U, LSE, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, 
 
 @triton.autotune(KEY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
-def _bwd_dw(Q, K, DO, LSE, DW, sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt, swb, swh, swt, H, T, qk_scale,
+def _bwd_dw(Q, K, DO, LSE, DW, sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt, swb, swh, swt, H, GROUP, T, qk_scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dW = P^T dO, one key block per program, over the query blocks that see it."""
     start_n, bh = tl.program_id(0) * BLOCK_N, tl.program_id(1)
     b, h = bh // H, bh % H
     offs_n, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, D)
-    k = _tile(K, b, h, skb, skh, skt, offs_n, offs_d, T)
+    k = _tile(K, b, h // GROUP, skb, skh, skt, offs_n, offs_d, T)  # this query head's kv head
     dw = tl.zeros([BLOCK_N, D], tl.float32)
     for start_m in tl.range(start_n, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -157,52 +167,62 @@ def _bwd_delta(O, U, DO, DW, DELTA, sob, soh, sot, sub, suh, sut, sdb, sdh, sdt,
 @triton.autotune(KEY_MAJOR, key=["T", "D", "PRECISION"], reset_to_zero=["DQ32"])
 @triton.jit
 def _bwd_dkdv(Q, K, V, U, DO, DW, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
-              sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
+              sdb, sdh, sdt, sxb, sxh, sxt, syb, syh, syt, H, GROUP, T, qk_scale, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
               FUSE_DQ: tl.constexpr):  # fmt: skip
-    """dK and dV of one key block. DW, DK, DV (and DQ32) share the contiguous layout (sx*).
+    """dK and dV of one key block of one kv head, summed over the GROUP query heads that read it.
 
+    DW and DQ32 (query heads) share one contiguous layout (sx*), DK and DV (kv heads) another (sy*).
     With FUSE_DQ, each tile's share of dQ is also added into the fp32 buffer DQ32 atomically, which
     saves `_bwd_dq` recomputing P and dP, at the price of a summation order that varies run to run.
+    Programs of other kv heads never touch this group's dQ; the atomics are for its other key blocks.
     """
-    start_n, bh = tl.program_id(0) * BLOCK_N, tl.program_id(1)
-    b, h = bh // H, bh % H
+    start_n, bkh = tl.program_id(0) * BLOCK_N, tl.program_id(1)
+    HKV = H // GROUP
+    b, kh = bkh // HKV, bkh % HKV
     offs_n, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, D)
-    k = _tile(K, b, h, skb, skh, skt, offs_n, offs_d, T)
-    v = _tile(V, b, h, svb, svh, svt, offs_n, offs_d, T)
-    u = _tile(U, b, h, sub, suh, sut, offs_n, offs_d, T)
-    w = (2.0 * v.to(tl.float32) - u.to(tl.float32)).to(v.dtype)
+    k = _tile(K, b, kh, skb, skh, skt, offs_n, offs_d, T)
+    v = _tile(V, b, kh, svb, svh, svt, offs_n, offs_d, T)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for start_m in tl.range(start_n, T, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
-        do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T)
-        du = (-_tile(DW, b, h, sxb, sxh, sxt, offs_m, offs_d, T)).to(do.dtype)
-        lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        p = _probs(q, k, lse, offs_m, offs_n, qk_scale, start_m < start_n + BLOCK_N, PRECISION)
-        dp = tl.dot(do, tl.trans(w), input_precision=PRECISION) + tl.dot(du, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(p.to(du.dtype)), du, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if FUSE_DQ:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            ptrs = DQ32 + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_m[:, None] * sxt + offs_d[None, :]
-            tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < T, sem="relaxed")
-    dw = _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T).to(tl.float32)
-    _put(DV, dv + 2.0 * dw, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
-    _put(DK, dk * sm_scale, b, h, sxb, sxh, sxt, offs_n, offs_d, T)
+    # K and V stay in registers across the group; each query head brings its own U, so its own W.
+    for g in tl.range(0, GROUP):
+        h = kh * GROUP + g
+        bh = b * H + h
+        u = _tile(U, b, h, sub, suh, sut, offs_n, offs_d, T)
+        w = (2.0 * v.to(tl.float32) - u.to(tl.float32)).to(v.dtype)
+        for start_m in tl.range(start_n, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
+            do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T)
+            du = (-_tile(DW, b, h, sxb, sxh, sxt, offs_m, offs_d, T)).to(do.dtype)
+            lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+            p = _probs(q, k, lse, offs_m, offs_n, qk_scale, start_m < start_n + BLOCK_N, PRECISION)
+            dp = tl.dot(do, tl.trans(w), input_precision=PRECISION)
+            dp += tl.dot(du, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(p.to(du.dtype)), du, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if FUSE_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+                ptrs = DQ32 + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_m[:, None] * sxt + offs_d[None, :]
+                tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < T, sem="relaxed")
+        # This head's 2 dW after its P^T dU terms: with GROUP = 1, the order of the pre-GQA kernel.
+        dv += 2.0 * _tile(DW, b, h, sxb, sxh, sxt, offs_n, offs_d, T).to(tl.float32)
+    _put(DV, dv, b, kh, syb, syh, syt, offs_n, offs_d, T)
+    _put(DK, dk * sm_scale, b, kh, syb, syh, syt, offs_n, offs_d, T)
 
 
 @triton.autotune(QUERY_MAJOR, key=["T", "D", "PRECISION"])
 @triton.jit
 def _bwd_dq(Q, K, V, U, DO, DW, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sub, suh, sut,
-            sdb, sdh, sdt, sxb, sxh, sxt, H, T, qk_scale, sm_scale,
+            sdb, sdh, sdt, sxb, sxh, sxt, H, GROUP, T, qk_scale, sm_scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dQ of one query block. DW and DQ share the contiguous layout (sx*)."""
     start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     b, h = bh // H, bh % H
+    kh = h // GROUP  # the kv head this query head reads
     offs_m, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, D)
     q = _tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, T)
     do = _tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, T)
@@ -212,8 +232,8 @@ def _bwd_dq(Q, K, V, U, DO, DW, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, sv
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in tl.range(0, start_m + BLOCK_M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(K, b, h, skb, skh, skt, offs_n, offs_d, T)
-        v = _tile(V, b, h, svb, svh, svt, offs_n, offs_d, T)
+        k = _tile(K, b, kh, skb, skh, skt, offs_n, offs_d, T)
+        v = _tile(V, b, kh, svb, svh, svt, offs_n, offs_d, T)
         u = _tile(U, b, h, sub, suh, sut, offs_n, offs_d, T)
         w = (2.0 * v.to(tl.float32) - u.to(tl.float32)).to(v.dtype)
         p = _probs(q, k, lse, offs_m, offs_n, qk_scale, start_n + BLOCK_N > start_m, PRECISION)

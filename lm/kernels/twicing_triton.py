@@ -7,6 +7,10 @@ Nothing of size T x T is stored; saved for backward are Q, K, V, U, out and L, o
 more than flash attention. Exposed as a torch custom op (`twicing_lm::twicing_attention`) so that
 torch.compile treats it as one opaque, differentiable call. With TRITON_INTERPRET=1 set before
 Triton is first imported, it runs on CPU tensors in Triton's interpreter (the tests do).
+
+Grouped-query attention: q is (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv.
+Query head h reads kv head h // (Hq / Hkv) in place (the programs index it; nothing repeats K or
+V); U and out have Hq heads, dK and dV Hkv heads, each the sum over its group of query heads.
 """
 
 import contextlib
@@ -76,16 +80,24 @@ def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
 
 
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many query heads share each kv head (1 without GQA)."""
+    return q.size(1) // k.size(1)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     q, k, v = _unit_last(q, k, v)
     B, H, T, D = q.shape
+    group = _group(q, k)
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
     u, out = torch.empty_like(q, memory_format=torch.contiguous_format), _time_major(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     grid = _query_grid(B * H, T)
     common = dict(D=D, PRECISION=_precision(q.dtype))
-    _pass1_fwd[grid](q, k, v, u, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(u), H, T, qk_scale, **common)
+    _pass1_fwd[grid](
+        q, k, v, u, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(u), H, group, T, qk_scale, **common
+    )
     _pass2_fwd[grid](
         q,
         k,
@@ -99,6 +111,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         *_strides(u),
         *_strides(out),
         H,
+        group,
         T,
         qk_scale,
         **common,
@@ -112,31 +125,34 @@ def _backward(q, k, v, u, out, lse, dout):
     Pass 2 gives dW = P^T dO and dS2 = P * (dO W^T - delta2) with delta2_i = dO_i . out_i.
     Through W: dV += 2 dW and dU = -dW. Pass 1 gives dV += P^T dU and
     dS1 = P * (dU V^T - delta1) with delta1_i = dU_i . U_i. dS = dS1 + dS2 feeds dQ and dK.
+    Under GQA these hold per query head; a kv head's dK and dV sum its group's (one program each).
     """
     q, k, v, u, out, dout = _unit_last(q, k, v, u, out, dout)
     B, H, T, D = q.shape
+    group = _group(q, k)
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634
     common = dict(D=D, PRECISION=_precision(q.dtype))
     key_grid, query_grid = _key_grid(B * H, T), _query_grid(B * H, T)
+    kv_grid = _key_grid(B * (H // group), T)  # dK, dV: one program per kv head and key block
     # dW in the inputs' precision: it enters the dots as dU in that precision anyway, and the
     # backward's peak memory stays near flash attention's.
     dw = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     _bwd_dw[key_grid](
-        q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, T, qk_scale, **common
+        q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, group, T, qk_scale, **common
     )
     delta = torch.empty_like(lse)
     _bwd_delta[(triton.cdiv(T, 64), B * H)](
         out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout), *_strides(dw), H, T, BLOCK_M=64, D=D
     )
     # dU = -dW is never stored: the kernels negate dW as they load it.
-    dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(2))
+    dk, dv = (torch.empty(k.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(dout))
     fuse_dq = not torch.are_deterministic_algorithms_enabled()
     dq32 = (
         torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fuse_dq else lse.new_zeros(1)
     )  # (a stand-in)
-    _bwd_dkdv[key_grid](
+    _bwd_dkdv[kv_grid](
         q,
         k,
         v,
@@ -149,8 +165,10 @@ def _backward(q, k, v, u, out, lse, dout):
         dv,
         dq32,
         *strides,
+        *_strides(dw),
         *_strides(dk),
         H,
+        group,
         T,
         qk_scale,
         sm_scale,
@@ -160,9 +178,9 @@ def _backward(q, k, v, u, out, lse, dout):
     if fuse_dq:
         del dw, delta  # before the cast allocates dq
         return dq32.to(q.dtype), dk, dv
-    dq = torch.empty_like(dk)
+    dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     _bwd_dq[query_grid](
-        q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, T, qk_scale, sm_scale, **common
+        q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, group, T, qk_scale, sm_scale, **common
     )
     return dq, dk, dv
 
@@ -213,7 +231,7 @@ def _twicing_backward_op(
 @_twicing_backward_op.register_fake
 def _(q, k, v, u, out, lse, dout):
     # Contiguous like the real gradients, whatever the inputs' strides: compiled code trusts these.
-    return tuple(q.new_empty(q.shape) for _ in range(3))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -231,10 +249,14 @@ _twicing_op.register_autograd(_grads, setup_context=_setup_context)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these inputs (else the caller uses two SDPA passes)."""
+    """Whether the kernel takes these inputs (else the caller uses two SDPA passes): causal self
+    attention, k and v with Hq or (GQA) a divisor of Hq heads, and the same batch, time and dim."""
     return (
-        q.dim() == 4
-        and q.shape == k.shape == v.shape
+        q.dim() == k.dim() == 4
+        and k.shape == v.shape
+        and (q.size(0), *q.shape[2:]) == (k.size(0), *k.shape[2:])
+        and k.size(1) > 0
+        and q.size(1) % k.size(1) == 0
         and q.size(-1) in SUPPORTED_HEAD_DIMS
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.dtype == k.dtype == v.dtype
@@ -243,11 +265,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def twicing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal (2A - A^2) V for q, k, v shaped (batch, heads, time, head_dim)."""
+    """Causal (2A - A^2) V for q (batch, heads, time, head_dim); k and v may have fewer heads (GQA)."""
     return _twicing_op(q, k, v)[0]
 
 
 def twicing_attention_and_u(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, U = A V): what a generation cache keeps after the prompt, from the same two passes."""
+    """(out, U = A V): what a generation cache keeps after the prompt, from the same two passes.
+    Both have q's heads, also under GQA (U is per query head: each has its own A)."""
     out, u, _ = _twicing_op(q, k, v)
     return out, u
