@@ -23,9 +23,20 @@ from lm.config import ATTENTION_VARIANTS, ModelConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_qkv(b=2, h=3, t=17, d=8, dtype=torch.float64, seed=0, requires_grad=False):
+def random_qkv(b=2, h=3, t=17, d=8, dtype=torch.float64, seed=0, requires_grad=False, kv_heads=None):
+    """q of h heads; k and v of kv_heads heads (grouped-query attention), h by default."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, t, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+    heads = (h, kv_heads or h, kv_heads or h)
+    return [torch.randn(b, n, t, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for n in heads]
+
+
+def grouped_reference(name: str, q, k, v) -> torch.Tensor:
+    """What a variant must give under grouped-query attention: its math with every kv head repeated
+    for the query heads of its group (h reads h // group), materialised."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    a = causal_attention_matrix(q, k)
+    return (2 * a - a @ a) @ v if attention.ATTENTION[name].twices else a @ v
 
 
 def test_variants_are_registered_by_name():
@@ -118,10 +129,30 @@ def test_every_variant_computes_what_its_facts_say(name):
 
 
 @pytest.mark.parametrize("name", list(attention.ATTENTION))
-def test_cached_attention_equals_the_uncached_token_by_token(name):
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["multi-head", "grouped", "multi-query"])
+def test_every_variant_with_fewer_kv_heads_reads_kv_head_h_over_group(name, kv_heads):
+    q, k, v = random_qkv(h=4, kv_heads=kv_heads)
+    assert relative_error(attention.ATTENTION[name].attend(q, k, v), grouped_reference(name, q, k, v)) <= 1e-10
+
+
+def test_grouped_twicing_keeps_no_key_copy_per_query_head_for_backward():
+    """The second pass has keys per kv head and values 2V - U per query head; it runs on K itself."""
+    q, k, v = random_qkv(h=8, kv_heads=2, t=16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = attention.twicing_attention_sdpa(q, k, v)
+    expanded_k = k.detach().repeat_interleave(4, dim=1)
+    assert not any(x.shape == expanded_k.shape and torch.equal(x, expanded_k) for x in saved)
+    out.sum().backward()
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("name", list(attention.ATTENTION))
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "multi-query"])
+def test_cached_attention_equals_the_uncached_token_by_token(name, kv_heads):
     """A prompt into an empty cache, then one token per call, gives the rows of the whole sequence."""
     variant = attention.ATTENTION[name]
-    q, k, v = random_qkv(t=12)
+    q, k, v = random_qkv(t=12, kv_heads=kv_heads)
     whole = variant.attend(q, k, v)
     cache, prompt = attention.LayerCache(), 5
     rows = [variant.attend_cached(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache)]
@@ -129,8 +160,9 @@ def test_cached_attention_equals_the_uncached_token_by_token(name):
         rows.append(variant.attend_cached(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache))
     assert cache.length == 12
     assert relative_error(torch.cat(rows, dim=-2), whole) <= 1e-10
-    if variant.twices:  # U = A V of every token so far, the first pass that the cache keeps
+    if variant.twices:  # U = A V of every token so far, one row per query head: the first pass the cache keeps
         assert relative_error(cache.u, softmax_attention(q, k, v)) <= 1e-10
+        assert cache.u.shape == q.shape and cache.k.shape == k.shape
 
 
 @pytest.mark.parametrize("name", ["softmax", "twicing"])

@@ -207,6 +207,85 @@ def test_n_embd_must_be_divisible_by_n_head(tmp_path):
     assert message.startswith(str(tmp_path / "run.yaml") + ": ")
 
 
+# --------------------------------------------------------------------------- architectures
+
+
+def test_gpt2_is_the_default_architecture_with_its_options():
+    model = ModelConfig()
+    assert (model.arch, model.position, model.norm, model.mlp, model.bias, model.tie_embeddings) == (
+        "gpt2",
+        "learned",
+        "layernorm",
+        "gelu",
+        True,
+        True,
+    )
+    assert model.n_kv_head == model.n_head and model.ffn_dim == 4 * model.n_embd
+
+
+def test_the_llama_preset_sets_its_options_and_explicit_keys_override_it(tmp_path):
+    llama = load_config(write_yaml(tmp_path, with_value("model", "arch", "llama"))).model
+    assert (llama.position, llama.norm, llama.mlp, llama.bias, llama.tie_embeddings) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        False,
+        False,
+    )
+    overridden = load_config(
+        write_yaml(tmp_path, with_value("model", "arch", "llama")),
+        ["model.position=learned", "model.tie_embeddings=true", "model.n_kv_head=2"],
+    ).model
+    assert (overridden.position, overridden.tie_embeddings, overridden.norm, overridden.n_kv_head) == (
+        "learned",
+        True,
+        "rmsnorm",
+        2,
+    )
+
+
+def test_swiglu_defaults_to_two_thirds_of_four_n_embd_rounded_up_to_64():
+    assert ModelConfig(arch="llama", n_embd=768).ffn_dim == 2048  # 8/3 * 768 = 2048
+    assert ModelConfig(arch="llama", n_embd=64, n_head=4).ffn_dim == 192  # 170.7 rounded up
+    assert ModelConfig(arch="llama", n_embd=64, n_head=4, d_ff=100).ffn_dim == 100
+
+
+def test_a_saved_config_without_the_architecture_keys_reads_as_gpt2():
+    """Configs written before model.arch existed load as the GPT-2 they describe."""
+    saved = {k: v for k, v in RunConfig().to_dict()["model"].items()}
+    for key in ("arch", "position", "norm", "mlp", "n_kv_head", "tie_embeddings", "rope_theta"):
+        del saved[key]
+    assert RunConfig.from_dict({"model": saved}).model == ModelConfig()
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("n_kv_head", 3, "model.n_head (4) must be divisible by model.n_kv_head (3)"),
+        ("n_kv_head", 0, "model.n_kv_head must be positive, got 0"),
+        ("rope_theta", 1, "model.rope_theta must be greater than 1"),
+        ("arch", "mamba", "model.arch: expected one of 'gpt2', 'llama'"),
+        ("norm", "batchnorm", "model.norm: expected one of 'layernorm', 'rmsnorm'"),
+        ("mlp", "relu", "model.mlp: expected one of 'gelu', 'swiglu'"),
+    ],
+)
+def test_bad_architecture_values_are_one_line_naming_the_key(tmp_path, key, value, named):
+    assert named in load_error(tmp_path, with_value("model", key, value))
+
+
+def test_rotary_positions_need_an_even_head_size(tmp_path):
+    config = with_value("model", "position", "rope")
+    config["model"].update(n_embd=36, n_head=4)  # head size 9
+    assert "the head size (9) must be even" in load_error(tmp_path, config)
+
+
+def test_tensor_parallelism_must_divide_the_kv_heads(tmp_path):
+    config = with_value("model", "n_kv_head", 1)
+    assert "model.n_kv_head (1) is not divisible by train.tensor_parallel (2)" in load_error(
+        tmp_path, config, ["train.tensor_parallel=2"]
+    )
+
+
 @pytest.mark.parametrize(
     "section, key", [("model", "n_layer"), ("model", "vocab_size"), ("train", "steps"), ("train", "batch_size")]
 )

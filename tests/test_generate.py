@@ -8,31 +8,37 @@ from lm.config import ModelConfig
 from lm.generate import filter_logits, generate, generate_batch
 from lm.model import GPT
 
+# Llama's layout: rotary positions, RMSNorm, SwiGLU, and grouped-query attention (2 kv heads for 4).
+LLAMA_GQA = dict(arch="llama", n_head=4, n_kv_head=2)
 
-def tiny_model(twicing_layers: str, block_size: int = 24) -> GPT:
+
+def tiny_model(twicing_layers: str, block_size: int = 24, **options) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=50, block_size=block_size, n_layer=3, n_head=2, n_embd=16, twicing_layers=twicing_layers
-    )
+    sizes = dict(vocab_size=50, block_size=block_size, n_layer=3, n_head=2, n_embd=16)
+    config = ModelConfig(**{**sizes, **options}, twicing_layers=twicing_layers)
     return GPT(config).double().eval()
 
 
-@pytest.mark.parametrize("twicing_layers", ["none", "all", "last:1"])
-def test_cached_logits_equal_full_recomputation_token_by_token(twicing_layers):
-    model = tiny_model(twicing_layers)
+@pytest.mark.parametrize(
+    "twicing_layers,options",
+    [("none", {}), ("all", {}), ("last:1", {}), ("none", LLAMA_GQA), ("all", LLAMA_GQA), ("last:1", LLAMA_GQA)],
+    ids=["softmax", "twicing", "last:1", "llama-gqa-softmax", "llama-gqa-twicing", "llama-gqa-last:1"],
+)
+def test_cached_logits_equal_full_recomputation_token_by_token(twicing_layers, options):
+    model = tiny_model(twicing_layers, **options)
     ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _ = model(ids)
         cache = model.new_cache()
         steps = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, i : i + 1], cache=cache)[0] for i in range(7, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
-    if twicing_layers != "none":  # the U cache is kept where twicing runs
-        assert cache[-1].u.shape == cache[-1].v.shape
+    if twicing_layers != "none":  # the U cache is kept where twicing runs, a row per query head
+        assert cache[-1].u.shape == cache[-1].v.shape[:1] + (model.config.n_head,) + cache[-1].v.shape[2:]
 
 
-@pytest.mark.parametrize("twicing_layers", ["none", "all"])
-def test_cached_generation_equals_generation_without_cache(twicing_layers):
-    model = tiny_model(twicing_layers)
+@pytest.mark.parametrize("twicing_layers,options", [("none", {}), ("all", {}), ("all", LLAMA_GQA)])
+def test_cached_generation_equals_generation_without_cache(twicing_layers, options):
+    model = tiny_model(twicing_layers, **options)
     prompt = [3, 14, 15, 9, 2]
     assert generate(model, prompt, 15, temperature=0) == generate(model, prompt, 15, temperature=0, use_cache=False)
     sampled = [

@@ -314,3 +314,72 @@ def test_optimizer_groups_decay_matrices_only_and_partition_the_parameters(bias)
         assert (id(p) in decayed) == is_matrix, name
         assert (id(p) in not_decayed) == (not is_matrix), name
     torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)  # refuses a parameter in two groups
+
+
+# --------------------------------------------------------------------------- the Llama layout
+
+LLAMA = dict(arch="llama", vocab_size=97, block_size=16, n_layer=2, n_head=8, n_kv_head=2, n_embd=32, d_ff=48)
+
+
+def test_the_llama_layout_is_hugging_faces_llama_name_for_name_and_logit_for_logit():
+    """RoPE (rotate_half order), RMSNorm, SwiGLU and grouped-query attention as transformers computes them."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    model = GPT(ModelConfig(**LLAMA)).eval()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    model.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_count_every_matmul_weight_and_not_an_untied_embedding_lookup(tied):
+    """Grouped-query attention and SwiGLU show up through the weights; attention costs n_head heads."""
+    model = GPT(ModelConfig(**LLAMA, tie_embeddings=tied))
+    c = model.config
+    lookups = 0 if tied else c.vocab_size * c.n_embd
+    attention = c.n_layer * 2 * c.block_size * c.n_embd
+    assert model.flops_per_token() == 3 * (2 * (model.num_parameters() - lookups) + attention)
+    kv = 2 * c.n_embd * c.n_kv_head * c.head_dim
+    assert model.num_parameters() == (
+        c.vocab_size * c.n_embd * (1 if tied else 2)
+        + c.n_layer * (2 * c.n_embd * c.n_embd + kv + 3 * c.n_embd * c.ffn_dim + 2 * c.n_embd)
+        + c.n_embd
+    )
+
+
+def test_llama_norm_gains_are_not_decayed_and_start_at_one():
+    from lm.initialization import initialize
+
+    model = GPT(ModelConfig(**LLAMA))
+    initialize(model, model.config, seed=1)
+    _, no_decay = model.optimizer_groups(0.1)
+    names = {name for name, p in model.named_parameters() if any(p is q for q in no_decay["params"])}
+    assert names == {
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+    } | {"model.norm.weight"}
+    assert all(torch.equal(p, torch.ones_like(p)) for p in no_decay["params"])
+    # the projections that write into the residual stream start smaller, as in GPT-2
+    std = model.model.layers[0].mlp.down_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(4), rel=0.2)
+
+
+def test_swiglu_in_gpt2s_layout_gates_with_the_first_half_of_c_fc():
+    model = GPT(small_config(mlp="swiglu")).double()
+    mlp, x = model.transformer.h[0].mlp, torch.randn(2, 5, 32, dtype=torch.float64)
+    gate, up = F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias).chunk(2, dim=-1)
+    expected = F.linear(F.silu(gate) * up, mlp.c_proj.weight, mlp.c_proj.bias)
+    assert relative_error(mlp(x), expected) <= 1e-12

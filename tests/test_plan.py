@@ -9,9 +9,9 @@ import json
 import pytest
 
 from conftest import assert_one_error_line, tiny_run_config, write_config
-from lm.config import RunConfig
+from lm.config import ModelConfig, RunConfig
 from lm.initialization import parameter_count
-from lm.plan import MemoryPlan, parse_bytes, plan
+from lm.plan import MemoryPlan, parse_bytes, plan, saved_per_block
 
 MODEL = dict(vocab_size=2048, block_size=128, n_layer=4, n_head=8, n_embd=512, twicing_layers="all")
 
@@ -59,6 +59,27 @@ def test_activation_checkpointing_keeps_less():
     every2 = plan(config_for(micro_batch_size=8, activation_checkpointing="every:2"), 1).activations
     full = plan(config_for(micro_batch_size=8, activation_checkpointing="full"), 1).activations
     assert full < every2 < none
+
+
+def test_a_block_keeps_what_its_projections_and_mlp_save_for_backward():
+    """In units of tokens x n_embd: GPT-2's 16 (18 twicing), calibrated on benchmarks/activation_memory.py;
+    grouped-query attention saves smaller keys and values, SwiGLU four hidden tensors instead of two."""
+    gpt2 = ModelConfig(n_embd=512, n_head=8)
+    assert saved_per_block(gpt2, twices=False) == 16 and saved_per_block(gpt2, twices=True) == 18
+    llama = ModelConfig(arch="llama", n_embd=512, n_head=8, n_kv_head=2, d_ff=1536)
+    assert saved_per_block(llama, twices=True) == 5 + (1 + 2 * 2 / 8) + 4 * 1536 / 512 + 2
+
+
+def test_grouped_query_attention_plans_fewer_weights_and_activations():
+    full = plan(config_for(zero_stage=0), 1)
+    grouped = RunConfig.from_dict(
+        {
+            "model": {**MODEL, "n_kv_head": 2},
+            "data": {"path": "unused"},
+            "train": {"batch_size": 8, "micro_batch_size": 1},
+        }
+    )
+    assert plan(grouped, 1).weights < full.weights and plan(grouped, 1).activations < full.activations
 
 
 def test_offload_moves_adams_state_and_then_the_weights_off_a_gpu():

@@ -40,11 +40,13 @@ def torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess
 def test_tp2_logits_loss_and_gradients_equal_the_full_model(tmp_path):
     torchrun(2, "tp_equivalence_run.py", str(tmp_path / "tp.json"))
     results = json.loads((tmp_path / "tp.json").read_text())
-    for attention in ("none", "all"):  # softmax everywhere, twicing everywhere
-        errors = results[attention]["errors"]
-        assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, (attention, errors)
-        assert results[attention]["parameters_checked"] == 3 * 12 + 4  # every parameter's gradient
-        assert results[attention]["init_is_exact_slice"]  # TP=2 starts as the exact slice of TP=1
+    # softmax everywhere, twicing everywhere; twicing with grouped-query attention in either layout
+    parameters = {"none": 3 * 12 + 4, "all": 3 * 12 + 4, "llama-gqa": 3 * 9 + 3, "gpt2-gqa-rope-swiglu": 3 * 10 + 3}
+    for model, count in parameters.items():
+        errors = results[model]["errors"]
+        assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, (model, errors)
+        assert results[model]["parameters_checked"] == count  # every parameter's gradient
+        assert results[model]["init_is_exact_slice"]  # TP=2 starts as the exact slice of TP=1
     # Twicing adds no communication: its second pass needs only the local heads.
     assert results["all"]["all_reduces"] == results["none"]["all_reduces"]
 
@@ -55,12 +57,20 @@ def run_stages(config: dict, tmp_path, nproc: int, *extra: str) -> dict:
     return json.loads((tmp_path / "losses.json").read_text())
 
 
+# Llama's layout with grouped-query attention (one kv head per TP rank at TP2) and twicing in every layer.
+LLAMA_GQA = dict(arch="llama", n_head=4, n_kv_head=2, twicing_layers="all")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,nproc", [(2, 2), (1, 2), (2, 4)], ids=["TP2xDP1", "TP1xDP2", "TP2xDP2"])
+@pytest.mark.parametrize(
+    "tp,nproc,model",
+    [(2, 2, LLAMA_GQA), (1, 2, LLAMA_GQA), (2, 4, {})],
+    ids=["TP2xDP1-llama-gqa", "TP1xDP2-llama-gqa", "TP2xDP2-gpt2"],
+)
 def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_zero_stage(
-    tiny_shards, tmp_path, plain_losses, tp, nproc
+    tiny_shards, tmp_path, plain_losses, tp, nproc, model
 ):
-    config = tiny_run_config(tiny_shards, tmp_path / "runs", train={"steps": 10, "tensor_parallel": tp})
+    config = tiny_run_config(tiny_shards, tmp_path / "runs", model, {"steps": 10, "tensor_parallel": tp})
     reference = plain_losses(config)
     # With two data-parallel ranks also ZeRO-Offload: Adam's state and step, then the weights, on the CPU.
     offloaded = ["2:optimizer", "3:optimizer+params"] if tp == 1 else []

@@ -2,7 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/tp_equivalence_run.py OUT.json
 
-For softmax and twicing models: logits (gathered over the vocabulary slices), loss and gradients
+For softmax and twicing models of GPT-2's layout, and twicing models with grouped-query attention
+(2 kv heads for 4 query heads) in Llama's layout and in GPT-2's (with rotary positions, RMSNorm,
+SwiGLU and an untied output layer): logits (gathered over the vocabulary slices), loss and gradients
 (each rank's slice against the same slice of the full gradient), as worst relative errors; and
 the number of collectives one forward+backward issues. Rank 0 writes OUT.json.
 """
@@ -20,6 +22,14 @@ from lm.model import GPT
 from lm.parallel import build_groups, shard_model
 
 CONFIG = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=64)
+MODELS = {
+    "none": dict(twicing_layers="none"),
+    "all": dict(twicing_layers="all"),
+    "llama-gqa": dict(arch="llama", n_kv_head=2, twicing_layers="all"),
+    "gpt2-gqa-rope-swiglu": dict(
+        n_kv_head=2, position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, twicing_layers="all"
+    ),
+}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,8 +42,8 @@ def gathered_logits(logits: torch.Tensor, group, tp: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def compare(twicing_layers: str, groups) -> dict:
-    config = ModelConfig(**CONFIG, twicing_layers=twicing_layers)
+def compare(options: dict, groups) -> dict:
+    config = ModelConfig(**CONFIG, **options)
     torch.manual_seed(0)
     full = GPT(config)
     torch.manual_seed(0)
@@ -78,7 +88,7 @@ def compare(twicing_layers: str, groups) -> dict:
 def main(out_path: str) -> None:
     init_distributed()
     groups = build_groups(dist.get_world_size())
-    results = {name: compare(name, groups) for name in ("none", "all")}
+    results = {name: compare(options, groups) for name, options in MODELS.items()}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
