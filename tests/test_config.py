@@ -103,6 +103,18 @@ def test_shipped_demo_config_loads():
     assert config.model.layer_attention()[-2:] == ["twicing", "twicing"]
 
 
+def test_the_llama_1b_configs_are_twins_that_differ_in_their_last_two_layers_only():
+    from pathlib import Path
+
+    from lm.initialization import parameter_count
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    twicing, softmax = (load_config(configs / f"llama-1b-{kind}.yaml").model for kind in ("twicing", "softmax"))
+    assert twicing.arch == "llama" and (twicing.n_head, twicing.n_kv_head) == (32, 4)
+    assert twicing.layer_kinds() == ["softmax"] * 20 + ["twicing"] * 2 and softmax.layer_kinds() == ["softmax"] * 22
+    assert parameter_count(twicing) == parameter_count(softmax) == 1_100_048_384  # TinyLlama's 1.1B
+
+
 # --------------------------------------------------------------------------- unknown names
 
 
