@@ -6,10 +6,12 @@ A model with softmax attention in every layer and biases is GPT-2, so it is writ
 `GPT2LMHeadModel` (config.json of model_type "gpt2", GPT-2 parameter names with the Conv1D matrices
 transposed) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code.
 
-A model with twicing layers (or without biases, which GPT-2 cannot express) is written with the
-remote code in `lm/hf_twicing/` (config model_type "twicing_gpt", `TwicingGPTForCausalLM`), copied
-into the directory and named in config.json's `auto_map`, so it loads with
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Its weights keep our names.
+Any other model (twicing layers, or options GPT-2 cannot express: no biases, rotary positions,
+RMSNorm, SwiGLU, grouped-query attention, an untied output layer, the Llama layout) is written with
+the remote code in `lm/hf_twicing/` (config model_type "twicing_gpt", `TwicingGPTForCausalLM`, which
+implements every option of `ModelConfig` in either layout), copied into the directory and named in
+config.json's `auto_map`, so it loads with `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`. Its weights keep our names.
 
 The sentencepiece tokenizer is written as `tokenizer.model` plus `tokenizer.json`, loaded by
 transformers' generic `TokenizersBackend`, which follows the sentencepiece model's own settings
@@ -28,8 +30,8 @@ from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty
 from data_prep.tokenizer import Tokenizer
-from lm.config import ModelConfig
-from lm.model import GPT
+from lm.config import ARCH_PRESETS, ModelConfig
+from lm.model import GPT, embedding_names
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_twicing"
 REMOTE_CODE_FILES = ("configuration_twicing_gpt.py", "modeling_twicing_gpt.py")
@@ -46,8 +48,14 @@ DEFAULT_SPECIAL_IDS = {"bos": 1, "eos": 2, "pad": 3}
 
 
 def is_native_gpt2(config: ModelConfig) -> bool:
-    """Whether transformers' own GPT-2 computes this model: softmax everywhere, with biases."""
-    return not config.twicing_layer_indices() and config.bias
+    """Whether transformers' own GPT-2 computes this model: GPT-2's layout and options, softmax everywhere."""
+    gpt2_options = all(getattr(config, key) == value for key, value in ARCH_PRESETS["gpt2"].items())
+    return (
+        config.arch == "gpt2"
+        and gpt2_options
+        and config.n_kv_head == config.n_head
+        and not config.twicing_layer_indices()
+    )
 
 
 def export_hf(
@@ -59,8 +67,8 @@ def export_hf(
 ) -> Path:
     """Write a transformers model directory to `out_dir` (new or empty); return it.
 
-    `weights` is the full state dict of `lm.model.GPT(config)`; the tied `transformer.wte.weight`
-    may be missing (then `lm_head.weight` is the embedding). All tensors are written in `dtype`.
+    `weights` is the full state dict of `lm.model.GPT(config)`; a tied token embedding may be
+    missing (then `lm_head.weight` is the embedding). All tensors are written in `dtype`.
     """
     out_dir = Path(out_dir)
     refuse_non_empty(out_dir)
@@ -95,21 +103,23 @@ def export_hf(
 
 
 def checked_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights to write, under our names, with the tied embedding once as `transformer.wte.weight`.
+    """The weights to write, under our names; a tied embedding once, as the token embedding.
 
     Refuses weights that are not those of `GPT(config)` (missing, unexpected or misshapen tensors).
     """
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    del expected["lm_head.weight"]
-    state = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-    head = weights.get("lm_head.weight")
-    if "transformer.wte.weight" not in state:
-        if head is None:
-            raise UserError("the weights have neither transformer.wte.weight nor the tied lm_head.weight")
-        state["transformer.wte.weight"] = head
-    elif head is not None and not torch.equal(head, state["transformer.wte.weight"]):
-        raise UserError("lm_head.weight differs from transformer.wte.weight, but the model ties them")
+    tokens, output = embedding_names(config)
+    state = dict(weights)
+    if config.tie_embeddings:  # untied: both tensors are required like any other
+        del expected[output]
+        head = state.pop(output, None)
+        if tokens not in state:
+            if head is None:
+                raise UserError(f"the weights have neither {tokens} nor the tied {output}")
+            state[tokens] = head
+        elif head is not None and not torch.equal(head, state[tokens]):
+            raise UserError(f"{output} differs from {tokens}, but the model ties them")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -158,11 +168,18 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
         block_size=config.block_size,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        n_kv_head=config.n_kv_head,
         n_embd=config.n_embd,
         d_ff=config.ffn_dim,
+        arch=config.arch,
+        position=config.position,
+        rope_theta=config.rope_theta,
+        norm=config.norm,
+        mlp=config.mlp,
         bias=config.bias,
         layer_norm_epsilon=config.layer_norm_epsilon,
         layer_attention=config.layer_kinds(),  # the math of each layer, not how it runs here
+        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=ids["bos"],
         eos_token_id=ids["eos"],
         pad_token_id=ids["pad"],

@@ -7,23 +7,22 @@ The exported tokenizer encodes and decodes like data_prep.tokenizer.Tokenizer.
 """
 
 import json
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
+from conftest import SMALL, hf_logits, load, logits_of, make_model, tokens  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
 from lm.generate import generate  # noqa: E402
 from lm.hf_export import export_hf  # noqa: E402
-from lm.model import GPT  # noqa: E402
 
-SMALL = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=48)
+pytestmark = pytest.mark.usefixtures("private_modules_cache")  # fresh remote-code modules per test
 REMOTE_CODE = {"configuration_twicing_gpt.py", "modeling_twicing_gpt.py"}
 DOCS = [
     "the cat sat on the mat. the dog sat on the log.",
@@ -42,63 +41,9 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def private_modules_cache(tmp_path, monkeypatch):
-    """transformers copies remote code into HF_MODULES_CACHE and imports it as `transformers_modules.*`;
-    give every test a fresh cache and module namespace, and restore the caller's afterwards."""
-    import transformers.dynamic_module_utils as dynamic
-
-    cache = tmp_path / "hf_modules"
-    monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-
-    def is_remote(name):
-        return name.split(".")[0] == "transformers_modules"
-
-    saved = {name: module for name, module in sys.modules.items() if is_remote(name)}
-    for name in saved:
-        del sys.modules[name]
-    yield cache
-    for name in [name for name in sys.modules if is_remote(name)]:
-        del sys.modules[name]
-    sys.modules.update(saved)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory):
     return train_sentencepiece(DOCS, tmp_path_factory.mktemp("tok") / "tok", vocab_size=300)
-
-
-def make_model(seed=0, **overrides) -> GPT:
-    """A float32 model in eval mode with every parameter perturbed, so that LayerNorm gains and biases
-    are not their trivial 1 and 0 and a mix-up of any of them would show."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def tokens(batch=2, t=16, seed=0, vocab=SMALL["vocab_size"]) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_of(model, idx) -> torch.Tensor:
-    with torch.no_grad():
-        return model(idx)[0]
-
-
-def hf_logits(hf, idx, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(input_ids=idx, **kwargs).logits
-
-
-def load(out, **kwargs):
-    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **kwargs)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    return hf.eval()
 
 
 # --------------------------------------------------------------------------- native GPT-2
