@@ -1,8 +1,9 @@
 """Specification of `lm convert --from-hf` (lm.hf_import) and the native Llama export.
 
 A transformers GPT-2 or Llama directory becomes a converted directory whose model computes what
-transformers computes; a softmax Llama-layout model exports back as transformers' own
-LlamaForCausalLM. Every model here is small, random and made locally; nothing is downloaded.
+transformers computes; exported back with `--to hf` it is transformers' own LlamaForCausalLM
+(or GPT2LMHeadModel) again, tensor for tensor. Every model here is small, random and made
+locally; nothing is downloaded.
 """
 
 import json
@@ -70,6 +71,8 @@ def hf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     models = {"gpt2": perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)))}
+    untied_gpt2 = transformers.GPT2Config(**GPT2, tie_word_embeddings=False)
+    models["gpt2-untied"] = perturbed(transformers.GPT2LMHeadModel(untied_gpt2))
     for kind, extra in LLAMA_KINDS.items():
         models[kind] = perturbed(LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, **extra)))
     return {kind: (model, save_hf(model, root / kind)) for kind, model in models.items()}
@@ -153,22 +156,25 @@ def test_other_weight_files_import_alike(hf_models, files, tmp_path, lm_in_proce
     assert (ours(imported(lm_in_process, copy, tmp_path / "run"), idx) - theirs(hf, idx)).abs().max() <= 1e-5
 
 
-# --------------------------------------------------------------------------- native Llama export
+# --------------------------------------------------------------------------- native export back
+
+TIED = {"gpt2", "tied"}
 
 
-@pytest.mark.parametrize("kind", sorted(LLAMA_KINDS))
-def test_llama_exports_back_as_native_llama(hf_models, kind, tmp_path, lm_in_process):
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", *sorted(LLAMA_KINDS)])
+def test_import_exports_back_as_the_native_model(hf_models, kind, tmp_path, lm_in_process):
+    """Llama (and GPT-2) out again with --to hf: transformers' own class, the same tensors, the same logits."""
     hf, hf_dir = hf_models[kind]
     run = imported(lm_in_process, hf_dir, tmp_path / "run")
     result = lm_in_process("convert", "--checkpoint", str(run), "--out", str(tmp_path / "hf2"), "--to", "hf")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "hf2" / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["architectures"] == [type(hf).__name__] and config["model_type"] == hf.config.model_type
     assert "auto_map" not in config and not list((tmp_path / "hf2").glob("*.py"))
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", output_loading_info=True)  # no remote code
-    assert type(back) is LlamaForCausalLM
+    assert type(back) is type(hf)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert (back.lm_head.weight is back.model.embed_tokens.weight) is (kind == "tied")
+    assert (back.get_output_embeddings().weight is back.get_input_embeddings().weight) is (kind in TIED)
     original, round_trip = hf.state_dict(), back.state_dict()
     assert original.keys() == round_trip.keys()
     assert all(torch.equal(original[k], round_trip[k]) for k in original)
