@@ -3,13 +3,22 @@
     lm convert --checkpoint RUN --out DIR                          # DIR/model.safetensors (+ config, tokenizer)
     lm convert --checkpoint RUN --out DIR --to hf                  # a Hugging Face transformers model
     lm convert --checkpoint RUN --out NEWRUN --to checkpoint --tensor-parallel M
+    lm convert --from-hf HF_DIR --out DIR [--twicing-layers SEL] [--vocab-multiple N]
 
 The source is any checkpoint `lm train` writes (every ZeRO stage, every TP size) or a converted
-directory. `--to checkpoint` writes a new run directory whose weights-only checkpoint
+directory. `--to hf` writes a softmax GPT-2 model as transformers' GPT2LMHeadModel, a softmax
+Llama-layout model as its LlamaForCausalLM, anything else with remote code (lm.hf_export).
+`--to checkpoint` writes a new run directory whose weights-only checkpoint
 `lm train --resume NEWRUN` continues under any TP layout: the weights, the step, the data position
 and the learning-rate schedule carry over; the optimizer's moments do not (DeepSpeed keeps them
 flattened and partitioned per TP and DP rank; re-splitting them is not implemented), so Adam
 rebuilds them, which takes on the order of 1 / (1 - beta2) steps.
+
+`--from-hf` reads a local transformers GPT-2 or Llama directory instead (lm.hf_import) and writes a
+converted directory (model.safetensors, config.yaml, the tokenizer.json it came with) that
+`lm eval`, `lm generate`, `lm convert --checkpoint` and `lm train --init-from` read.
+`--twicing-layers` turns chosen layers to twicing attention over the same weights;
+`--vocab-multiple N` pads the vocabulary with zero rows to a multiple of N for tensor parallelism.
 """
 
 import argparse
@@ -80,6 +89,34 @@ def convert(
     return out
 
 
+def convert_from_hf(
+    hf_dir: str | Path,
+    out: Path,
+    twicing_layers: str | list[int] = "none",
+    vocab_multiple: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A converted directory from a transformers GPT-2 or Llama directory; every check before anything is written."""
+    from lm.hf_import import import_hf
+
+    refuse_non_empty(out)
+    weights, config, tokenizer_files = import_hf(hf_dir, twicing_layers, vocab_multiple)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tokenizer_files:
+        shutil.copyfile(path, out / path.name)
+    save_weights(weights, config.model, out / ckpt.WEIGHTS_FILE, dtype, str(hf_dir))
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return out
+
+
+def layer_selector(text: str) -> str | list[int]:
+    """--twicing-layers: none, all, last:K, or layer indices such as 0,3 (or [0, 3])."""
+    parts = text.strip().strip("[]").split(",")
+    if all(part.strip().isascii() and part.strip().isdigit() for part in parts):
+        return [int(part) for part in parts]
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lm convert",
@@ -87,23 +124,49 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--checkpoint",
-        required=True,
         help="run directory (newest complete checkpoint), checkpoint or converted directory",
     )
+    source.add_argument("--from-hf", metavar="HF_DIR", help="a local transformers GPT-2 or Llama model directory")
     p.add_argument("--out", required=True, help="new directory for the converted files")
     p.add_argument("--to", choices=["safetensors", "hf", "checkpoint"], default="safetensors", help="output format")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype (safetensors, hf)")
     p.add_argument("--tensor-parallel", type=int, default=None, help="with --to checkpoint: the new TP size")
+    p.add_argument(
+        "--twicing-layers",
+        type=layer_selector,
+        default=None,
+        help="with --from-hf: layers to twice, none (default), all, last:K or indices 0,3",
+    )
+    p.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=None,
+        help="with --from-hf: pad the vocabulary with zero rows to a multiple of N (default 1)",
+    )
     args = p.parse_args(argv)
     if args.tensor_parallel is not None and (args.to != "checkpoint" or args.tensor_parallel < 1):
         raise UserError("--tensor-parallel takes a positive size, with --to checkpoint")
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    if args.from_hf is None and (args.twicing_layers is not None or args.vocab_multiple is not None):
+        raise UserError("--twicing-layers and --vocab-multiple go with --from-hf")
+    if args.from_hf is not None:
+        if args.to != "safetensors":
+            raise UserError(f"--from-hf writes a converted directory; --to {args.to} takes it as --checkpoint")
+        twicing = "none" if args.twicing_layers is None else args.twicing_layers
+        multiple = 1 if args.vocab_multiple is None else args.vocab_multiple
+        out = convert_from_hf(args.from_hf, Path(args.out), twicing, multiple, dtype)
+        print(f"wrote {out}")
+        if not (out / "tokenizer.json").is_file():
+            print(f"note: {args.from_hf} has no tokenizer.json, so {out} has no tokenizer")
+        return 0
     out = convert(
         args.checkpoint,
         Path(args.out),
         args.to,
-        torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+        dtype,
         args.tensor_parallel,
     )
     print(f"wrote {out}")

@@ -4,7 +4,10 @@
 
 A model with softmax attention in every layer and biases is GPT-2, so it is written as a native
 `GPT2LMHeadModel` (config.json of model_type "gpt2", GPT-2 parameter names with the Conv1D matrices
-transposed) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code.
+transposed) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code. A softmax
+model of the Llama layout (rotary positions, RMSNorm, SwiGLU; biases in every linear layer or in
+none) is a native `LlamaForCausalLM` (model_type "llama"), its tensors under our names, which are
+Llama's; so are grouped-query attention and tied or untied embeddings, in either.
 
 Any other model (twicing layers, or options GPT-2 cannot express: no biases, rotary positions,
 RMSNorm, SwiGLU, grouped-query attention, an untied output layer, the Llama layout) is written with
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty
 from data_prep.tokenizer import Tokenizer
-from lm.config import ARCH_PRESETS, ModelConfig
+from lm.config import ModelConfig
 from lm.model import GPT, embedding_names
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "hf_twicing"
@@ -48,14 +51,21 @@ DEFAULT_SPECIAL_IDS = {"bos": 1, "eos": 2, "pad": 3}
 
 
 def is_native_gpt2(config: ModelConfig) -> bool:
-    """Whether transformers' own GPT-2 computes this model: GPT-2's layout and options, softmax everywhere."""
-    gpt2_options = all(getattr(config, key) == value for key, value in ARCH_PRESETS["gpt2"].items())
+    """Whether transformers' own GPT-2 computes this model: softmax everywhere, GPT-2's parts, with biases."""
+    gpt2_parts = (config.position, config.norm, config.mlp) == ("learned", "layernorm", "gelu")
     return (
-        config.arch == "gpt2"
-        and gpt2_options
-        and config.n_kv_head == config.n_head
-        and not config.twicing_layer_indices()
+        not config.twicing_layer_indices()
+        and config.arch == "gpt2"
+        and gpt2_parts
+        and config.bias
+        and (config.n_kv_head == config.n_head)
     )
+
+
+def is_native_llama(config: ModelConfig) -> bool:
+    """Whether transformers' own Llama computes this model: softmax everywhere, Llama's names and parts."""
+    llama_parts = (config.position, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
+    return not config.twicing_layer_indices() and config.arch == "llama" and llama_parts
 
 
 def export_hf(
@@ -89,6 +99,8 @@ def export_hf(
     if is_native_gpt2(config):
         state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}
         hf_config = gpt2_config(config, ids, dtype)
+    elif is_native_llama(config):
+        hf_config = llama_config(config, ids, dtype)
     else:
         hf_config = twicing_config(config, ids, dtype)
         for name in REMOTE_CODE_FILES:
@@ -107,19 +119,19 @@ def checked_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> di
 
     Refuses weights that are not those of `GPT(config)` (missing, unexpected or misshapen tensors).
     """
+    token, head = embedding_names(config)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    tokens, output = embedding_names(config)
     state = dict(weights)
-    if config.tie_embeddings:  # untied: both tensors are required like any other
-        del expected[output]
-        head = state.pop(output, None)
-        if tokens not in state:
-            if head is None:
-                raise UserError(f"the weights have neither {tokens} nor the tied {output}")
-            state[tokens] = head
-        elif head is not None and not torch.equal(head, state[tokens]):
-            raise UserError(f"{output} differs from {tokens}, but the model ties them")
+    if config.tie_embeddings:  # one tensor under two names: keep the token embedding's, as transformers does
+        del expected[head]
+        tied = state.pop(head, None)
+        if token not in state:
+            if tied is None:
+                raise UserError(f"the weights have neither {token} nor the tied {head}")
+            state[token] = tied
+        elif tied is not None and not torch.equal(tied, state[token]):
+            raise UserError(f"{head} differs from {token}, but the model ties them")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -150,12 +162,41 @@ def gpt2_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
         summary_first_dropout=0.0,
         layer_norm_epsilon=config.layer_norm_epsilon,
         initializer_range=config.init_std,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=ids["bos"],
         eos_token_id=ids["eos"],
         pad_token_id=ids["pad"],
     )
     hf.architectures = ["GPT2LMHeadModel"]
+    hf.dtype = dtype
+    return hf
+
+
+def llama_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.layer_norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        attention_dropout=0.0,
+        initializer_range=config.init_std,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+    )
+    hf.architectures = ["LlamaForCausalLM"]
     hf.dtype = dtype
     return hf
 
