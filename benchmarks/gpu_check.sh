@@ -37,7 +37,7 @@ TRAIN=(--config configs/gpt2-small.yaml --set train.batch_size=16 --set train.mi
 LAYERS=(none all)
 TRAIN_TIMEOUT=170
 if [ "$SMOKE" = 1 ]; then
-  TESTS=(tests/test_twicing_kernel.py -k strided)
+  TESTS=(tests/test_twicing_kernel.py -k "strided and multi")  # one test: a GQA kernel on strided views
   ATTENTION=(--dtype fp32 --lengths 64 --repeats 1)
   SHARDS=${GPU_CHECK_SHARDS:-$RESULTS/shards}  # tests pass shards they already have
   TRAIN=(--set model.n_layer=1 --set train.precision=bf16 --steps 2 --stages 0 --two-process-stages 2 --compile off)
