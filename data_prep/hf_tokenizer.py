@@ -5,9 +5,10 @@ token: the one asked for (`lm prep --eod-token`), else `eos_token` of the tokeni
 beside the file, else the first of KNOWN_EOD among its added tokens. A tokenizer naming none is
 refused: shards without a separator would run documents into each other unnoticed.
 
-Text is always encoded as plain text: no special tokens are added (a post-processor's BOS, say),
-and special tokens spelled inside a document are not matched, so no document can forge an eod.
-Decoding skips special tokens, as sentencepiece skips its control pieces.
+Text is always encoded whole and as plain text: no saved truncation or padding applies, no special
+tokens are added (a post-processor's BOS, say), and special tokens spelled inside a document are not
+matched, so no document can forge an eod. Decoding skips special tokens, as sentencepiece skips
+its control pieces.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class HFTokenizer:
         except Exception as e:  # the Rust side raises plain Exception, for bad JSON as for a bad model
             raise UserError(f"{self.path} is not a valid Hugging Face tokenizer file: {_one_line(e)}") from None
         self.hf.encode_special_tokens = True  # see the module docstring: documents are plain text
+        # A saved file may carry a model's truncation (say to 512 ids) or padding: a document is
+        # encoded whole and as it is.
+        self.hf.no_truncation()
+        self.hf.no_padding()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.config = read_config(self.path)
         ids = self.hf.get_vocab(with_added_tokens=True).values()

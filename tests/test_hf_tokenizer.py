@@ -89,6 +89,20 @@ def test_end_of_document_token_from_config_else_known_added_token_else_asked(hf_
     assert load_tokenizer(bare, eod_token=HF_EOD).eod_id == EOD_ID
 
 
+def test_a_saved_truncation_or_padding_does_not_cut_documents(hf_tokenizer_file, tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer.from_file(str(hf_tokenizer_file))
+    raw.enable_truncation(8)
+    raw.enable_padding(length=16)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    text = "\n\n".join(DOCS[:8])
+    assert len(RawTokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids) == 16  # cut to 8, padded
+    whole = load_tokenizer(hf_tokenizer_file).encode(text)
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode(text) == whole and len(whole) > 16
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode("a") == load_tokenizer(hf_tokenizer_file).encode("a")
+
+
 def test_sentencepiece_loading_is_unchanged(tmp_path):
     model = train_sentencepiece(embedded_corpus()[:4], tmp_path / "sp", 400)
     tok = load_tokenizer(model)
