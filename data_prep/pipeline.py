@@ -28,9 +28,16 @@ from core.errors import UserError
 from data_prep import shards, units
 from data_prep.ranks import Ranks
 from data_prep.sources import Corpus
-from data_prep.tokenizer import Tokenizer, train_sentencepiece
+from data_prep.tokenizer import (
+    SP_NAME,
+    canonical_name,
+    copy_tokenizer,
+    load_tokenizer,
+    tokenizer_file,
+    train_sentencepiece,
+)
 
-TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_NAME = SP_NAME  # a trained tokenizer's; a given one keeps its kind's name (tokenizer.json)
 WORK_DIR = ".prep"  # parts and settings of an unfinished prep; removed once it is done
 STATE = "state.json"
 
@@ -44,7 +51,8 @@ class PrepOptions:
     character_coverage: float = 0.9995
     max_sentences: int | None = None  # tokenizer training sample cap (shuffled, seeded)
     seed: int = 0
-    tokenizer: str | None = None  # an existing model to use instead of training one
+    tokenizer: str | None = None  # an existing tokenizer (.model, tokenizer.json or a directory) to use
+    eod_token: str | None = None  # the end-of-document token of a given tokenizer.json
     tokens_per_shard: int = 50_000_000
     docs_per_unit: int = 1024
     unit_chars: int = 1 << 22
@@ -65,7 +73,10 @@ def _settings(corpus: Corpus, opts: PrepOptions) -> dict:
         "docs_per_unit",
         "unit_chars",
     )
-    return {"corpus": corpus.description, **{k: v for k, v in asdict(opts).items() if k in keep}}
+    settings = {"corpus": corpus.description, **{k: v for k, v in asdict(opts).items() if k in keep}}
+    if opts.eod_token is not None:  # only when set: preps recorded before the option still match
+        settings["eod_token"] = opts.eod_token
+    return settings
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -163,14 +174,15 @@ def _start(corpus: Corpus, out: Path, opts: PrepOptions, settings: dict, mode: s
             "old_files": sorted(_old_shard_files(out)) if opts.overwrite else [],
         }
     # The new tokenizer waits in the work dir too; it replaces the old one at assembly.
-    model = work / TOKENIZER_NAME
+    name = canonical_name(tokenizer_file(opts.tokenizer)) if opts.tokenizer else TOKENIZER_NAME
+    model = work / name
     if not (model.is_file() and state.get("tokenizer_sha256") == shards.sha256_file(model)):
         state["tokenizer_sha256"] = None
         _write_json(state_path, state)
         if opts.tokenizer:
-            tmp = model.with_name(f".{model.name}.tmp-{os.getpid()}")
-            shutil.copyfile(Tokenizer(opts.tokenizer).path, tmp)
-            os.replace(tmp, model)
+            given = load_tokenizer(opts.tokenizer, opts.eod_token)  # a bad file or no eod: refused here
+            # With --eod-token the copy's tokenizer_config.json names it: every worker reads the same.
+            copy_tokenizer(given.path, work, opts.eod_token)
         else:
             train_sentencepiece(
                 corpus.documents("train"),
@@ -184,7 +196,7 @@ def _start(corpus: Corpus, out: Path, opts: PrepOptions, settings: dict, mode: s
     state["tokenizer_sha256"] = sha = shards.sha256_file(model)
     _write_json(state_path, state)
     corpus.prepare()  # e.g. download a hub dataset once, before the other ranks read it
-    return {"mode": mode, "tokenizer_sha256": sha, "old_files": state.get("old_files", [])}
+    return {"mode": mode, "tokenizer_sha256": sha, "tokenizer_name": name, "old_files": state.get("old_files", [])}
 
 
 def _pool(workers: int, model: Path, under_mpi: bool) -> ProcessPoolExecutor | None:
@@ -243,14 +255,14 @@ def _tokenize_split(
     return n_units
 
 
-def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: dict, old_files: list[str]) -> None:
+def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: dict, plan: dict) -> None:
     """Rank 0: concatenate every split's parts in unit order into shards; manifest last."""
     parts = out / WORK_DIR / "parts"
     # From here an earlier manifest no longer describes the directory.
     (out / shards.MANIFEST).unlink(missing_ok=True)
-    if (out / WORK_DIR / TOKENIZER_NAME).is_file():  # absent if an earlier assembly moved it
-        os.replace(out / WORK_DIR / TOKENIZER_NAME, out / TOKENIZER_NAME)
-    tok = Tokenizer(out / TOKENIZER_NAME)
+    name = plan["tokenizer_name"]
+    copy_tokenizer(out / WORK_DIR / name, out)  # again after a crash here: the work dir goes last
+    tok = load_tokenizer(out / name)
     dtype = shards.dtype_for_vocab(tok.vocab_size)
     entries: dict[str, list[dict]] = {}
     for split, n_units in splits.items():
@@ -265,12 +277,13 @@ def _assemble(out: Path, splits: dict[str, int], opts: PrepOptions, settings: di
         eod_id=tok.eod_id,
         pad_id=tok.pad_id,
         tokenizer_path=tok.path,
+        tokenizer_kind=tok.kind,
         splits=entries,
         extra={"prep": prep_record},
     )
     new_files = {e[key] for es in entries.values() for e in es for key in ("file", "index")}
-    for name in set(old_files) - new_files:
-        (out / name).unlink(missing_ok=True)
+    for stale in set(plan["old_files"]) - new_files:
+        (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
 
@@ -284,6 +297,10 @@ def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions, ranks: Ra
         raise UserError("docs per unit and unit chars must be positive")
     if "train" not in corpus.splits:
         raise UserError("the corpus has no train split")
+    if opts.eod_token is not None and not opts.tokenizer:
+        raise UserError(
+            "--eod-token needs --tokenizer (a Hugging Face tokenizer.json); a trained tokenizer has its eos"
+        )
     settings = _settings(corpus, opts)
     plan = ranks.on_rank0(lambda: _setup(corpus, out, opts, settings))
     if plan["mode"] == "done":
@@ -292,7 +309,7 @@ def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions, ranks: Ra
         return out
 
     def tokenize() -> dict[str, int]:
-        tok = Tokenizer(out / WORK_DIR / TOKENIZER_NAME)
+        tok = load_tokenizer(out / WORK_DIR / plan["tokenizer_name"])
         if tok.sha256 != plan["tokenizer_sha256"]:
             raise UserError(
                 f"rank {ranks.rank} sees a different {tok.path}: "
@@ -311,5 +328,5 @@ def run(corpus: Corpus, out_dir: str | os.PathLike, opts: PrepOptions, ranks: Ra
                 pool.shutdown(cancel_futures=True)
 
     counts = ranks.on_all(tokenize)  # also the barrier: every rank's parts are written
-    ranks.on_rank0(lambda: _assemble(out, counts, opts, settings, plan["old_files"]))
+    ranks.on_rank0(lambda: _assemble(out, counts, opts, settings, plan))
     return out

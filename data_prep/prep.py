@@ -1,4 +1,4 @@
-"""`lm prep`: train a sentencepiece tokenizer and write token shards, in parallel.
+"""`lm prep`: train a sentencepiece tokenizer (or take a given one) and write token shards, in parallel.
 
 The command line picks a corpus source (`--input`, `--dataset`, `--wikitext-dir`,
 `--hf-dataset`) and options, then hands over to `data_prep.pipeline`. Started by `mpirun`
@@ -46,6 +46,13 @@ parallelism: each split is cut into work units of --docs-per-unit documents (few
   filesystem. Example:
     mpirun -np 4 python -m data_prep.prep --dataset wikitext-103-raw --out data/wt103
 
+tokenizer: without --tokenizer a sentencepiece model is trained on the train split. --tokenizer
+  takes a sentencepiece .model, a Hugging Face tokenizer.json, or a directory holding either
+  (tokenizer.model first). The end of a document is the tokenizer's eos: for a tokenizer.json,
+  --eod-token, else eos_token of the tokenizer_config.json beside it, else <|endoftext|>, </s> or
+  <eos> if it has one as an added token. DIR gets a copy (tokenizer.model, or tokenizer.json with
+  its tokenizer_config.json, which then names the chosen eos).
+
 resuming: an interrupted run leaves DIR/.prep; rerun the same command with --resume and
   finished units (checksum-verified) are skipped. --out must otherwise be empty or new
   (--overwrite replaces an earlier prep; other files there are left alone).
@@ -57,7 +64,9 @@ def prepare_shards(
     val_docs: Sequence[str],
     out_dir: str | os.PathLike,
     *,
-    vocab_size: int,
+    vocab_size: int = 8000,
+    tokenizer: str | os.PathLike | None = None,
+    eod_token: str | None = None,
     workers: int = 1,
     tokens_per_shard: int = 50_000_000,
     model_type: str = "bpe",
@@ -68,7 +77,8 @@ def prepare_shards(
     docs_per_unit: int = 1024,
     character_coverage: float = 0.9995,
 ) -> Path:
-    """Train `out_dir/tokenizer.model` on train_docs, then tokenise both splits into shards.
+    """Train `out_dir/tokenizer.model` on train_docs (or copy `tokenizer`, see lm prep --tokenizer,
+    --eod-token), then tokenise both splits into shards.
 
     Returns out_dir. The manifest is written last, so an interrupted run leaves no manifest.
     """
@@ -76,6 +86,8 @@ def prepare_shards(
         raise UserError("no training documents to prepare")
     opts = PrepOptions(
         vocab_size=vocab_size,
+        tokenizer=str(Path(tokenizer).resolve()) if tokenizer is not None else None,
+        eod_token=eod_token,
         workers=workers,
         tokens_per_shard=tokens_per_shard,
         model_type=model_type,
@@ -131,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lm prep",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a sentencepiece tokenizer and write token shards (manifest.json,\n"
-        "tokenizer.model, {split}-NNNNN.bin/.idx) to --out.",
+        description="Train a sentencepiece tokenizer (or take --tokenizer) and write token shards\n"
+        "(manifest.json, tokenizer.model or tokenizer.json, {split}-NNNNN.bin/.idx) to --out.",
     )
     src = p.add_argument_group("source (one of)")
     src.add_argument("--input", nargs="+", metavar="FILE", help="text/jsonl/parquet/arrow files or globs")
@@ -161,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of documents held out as val, for sources without a val split (default: %(default)s)",
     )
-    tok = p.add_argument_group("tokenizer (sentencepiece, byte fallback: no input is unknown)")
+    tok = p.add_argument_group("tokenizer (trained: sentencepiece, byte fallback: no input is unknown)")
     tok.add_argument(
         "--vocab-size", type=_positive_int, default=8000, metavar="N", help="vocabulary size (default: %(default)s)"
     )
@@ -185,7 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train on a seeded random sample of N lines (default: %(default)s)",
     )
-    tok.add_argument("--tokenizer", metavar="MODEL", help="use this sentencepiece model instead of training one")
+    tok.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="use this tokenizer instead of training one: a sentencepiece .model, a Hugging Face tokenizer.json, "
+        "or a directory holding either",
+    )
+    tok.add_argument(
+        "--eod-token",
+        metavar="TOKEN",
+        help="end-of-document token of a --tokenizer tokenizer.json (default: its eos_token, see below)",
+    )
     tok.add_argument(
         "--seed",
         type=int,
@@ -274,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sentences=args.max_sentences,
         seed=args.seed,
         tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+        eod_token=args.eod_token,
         tokens_per_shard=args.tokens_per_shard,
         docs_per_unit=args.docs_per_unit,
         unit_chars=args.unit_chars,

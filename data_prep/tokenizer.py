@@ -1,9 +1,14 @@
-"""Sentencepiece training and the tokenizer used everywhere else.
+"""Sentencepiece training, and the tokenizers used everywhere else.
 
-Ids 0-3 are fixed: unk=0, bos=1, eos=2, pad=3. The eos id is the end-of-document (eod) token
-that the shards put after every document. By default training is lossless: no Unicode
+Trained models fix ids 0-3: unk=0, bos=1, eos=2, pad=3. The eos id is the end-of-document (eod)
+token that the shards put after every document. By default training is lossless: no Unicode
 normalisation, whitespace kept as is, and unknown characters spelled as UTF-8 bytes
 (byte fallback), so decode(encode(text)) == text for any text.
+
+`load_tokenizer(path)` is the one way in for a tokenizer file: a sentencepiece model (`Tokenizer`)
+or a Hugging Face tokenizer.json (`data_prep.hf_tokenizer.HFTokenizer`), both with encode,
+encode_batch, decode, vocab_size, eod_id, pad_id, sha256 and path. Copies in shard, run and
+converted directories go by fixed names, SP_NAME or HF_NAME (with its tokenizer_config.json).
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from core.errors import UserError
+from data_prep.hf_tokenizer import CONFIG_NAME, HF_NAME, HFTokenizer, read_config
 
+SP_NAME = "tokenizer.model"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Longest training line in bytes; sentencepiece skips longer lines (its default is 4192,
 # shorter than many WikiText paragraphs).
@@ -113,6 +122,8 @@ def train_sentencepiece(
 class Tokenizer:
     """A trained sentencepiece model: text <-> token ids."""
 
+    kind = "sentencepiece"
+
     def __init__(self, model_path: str | os.PathLike):
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -134,8 +145,100 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)
 
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        # One call, one thread: the prep pool provides the parallelism.
+        return self.sp.encode(list(texts), out_type=int, num_threads=1)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """A file as it is; for a directory, its tokenizer.model, else its tokenizer.json."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (SP_NAME, HF_NAME):
+        if (path / name).is_file():
+            return path / name
+    raise UserError(f"tokenizer directory {path} holds no {SP_NAME} or {HF_NAME}")
+
+
+def tokenizer_kind(path: Path) -> str:
+    """HFTokenizer.kind for a .json file (or another that reads as a JSON object), else Tokenizer.kind."""
+    if path.suffix in (".json", ".model"):
+        return HFTokenizer.kind if path.suffix == ".json" else Tokenizer.kind
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        head = b""
+    return HFTokenizer.kind if head.startswith(b"{") else Tokenizer.kind
+
+
+def canonical_name(path: Path) -> str:
+    """The name a copy of this tokenizer file goes by: tokenizer.model or tokenizer.json."""
+    return HF_NAME if tokenizer_kind(path) == HFTokenizer.kind else SP_NAME
+
+
+def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> Tokenizer | HFTokenizer:
+    """The tokenizer of a sentencepiece model, a tokenizer.json, or a directory holding either.
+
+    `eod_token` names the end-of-document token of a tokenizer.json (see data_prep.hf_tokenizer);
+    a sentencepiece model's is always its eos piece.
+    """
+    path = tokenizer_file(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist")
+    if tokenizer_kind(path) == HFTokenizer.kind:
+        return HFTokenizer(path, eod_token)
+    if eod_token is not None:
+        raise UserError(
+            f"--eod-token is for a Hugging Face tokenizer.json; the sentencepiece model {path} ends documents "
+            "with its eos piece"
+        )
+    try:
+        return Tokenizer(path)
+    except UserError as e:
+        if path.suffix == ".model":
+            raise
+        raise UserError(f"{path} is neither a sentencepiece model nor a Hugging Face tokenizer.json ({e})") from None
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def copy_tokenizer(path: str | os.PathLike, dest_dir: str | os.PathLike, eod_token: str | None = None) -> Path:
+    """Copy a tokenizer file into dest_dir under its canonical name; returns the copy's path.
+
+    A tokenizer.json takes its tokenizer_config.json along (it may name the eod token); with
+    `eod_token`, the copy's config names that one, so the copy alone says where documents end.
+    dest_dir (a shard, run or work directory of ours) is left with this tokenizer only: the other
+    kind's file (a tokenizer.model would win directory lookups) and a stale config are removed.
+    """
+    path, dest_dir = Path(path), Path(dest_dir)
+    dest = dest_dir / canonical_name(path)
+    config, dest_config = path.with_name(CONFIG_NAME), dest_dir / CONFIG_NAME
+    stale = [dest_dir / SP_NAME] if dest.name == HF_NAME else [dest_dir / HF_NAME, dest_config]
+    if dest.name == HF_NAME:
+        if eod_token is not None:
+            tmp = dest_config.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
+            merged = {**read_config(path), "eos_token": eod_token}
+            tmp.write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, dest_config)
+        elif not config.is_file():
+            dest_config.unlink(missing_ok=True)
+        elif config.resolve() != dest_config.resolve():
+            _copy_atomic(config, dest_config)
+    if path.resolve() != dest.resolve():
+        _copy_atomic(path, dest)
+    for other in stale:
+        if other.resolve() != path.resolve():
+            other.unlink(missing_ok=True)
+    return dest

@@ -31,7 +31,7 @@ _U64 = np.dtype("<u8")
 # (DATA_PREP_FAIL_MODE=kill: SIGKILL ourselves, as the OOM killer would; else raise).
 FAIL_AFTER_ENV, FAIL_MODE_ENV = "DATA_PREP_FAIL_AFTER_UNITS", "DATA_PREP_FAIL_MODE"
 
-_tokenizer = None  # the worker's sentencepiece model, loaded once per process
+_tokenizer = None  # the worker's tokenizer (sentencepiece or tokenizer.json), loaded once per process
 _units_done_here = 0
 
 
@@ -101,9 +101,9 @@ def read_part(parts_dir: Path, split: str, unit: int, dtype: np.dtype) -> tuple[
 def init_worker(model_path: str) -> None:
     """Pool initializer (and the inline path): load the tokenizer once per process."""
     global _tokenizer
-    from data_prep.tokenizer import Tokenizer
+    from data_prep.tokenizer import load_tokenizer
 
-    _tokenizer = Tokenizer(model_path)
+    _tokenizer = load_tokenizer(model_path)
 
 
 def _maybe_fail(part: Path, data: bytes) -> None:
@@ -123,8 +123,7 @@ def encode_unit(
     """Tokenise one unit and write its part; returns (split, unit, documents, tokens)."""
     global _units_done_here
     tok = _tokenizer
-    # One call for the unit's documents; one thread, since the pool provides the parallelism.
-    ids = tok.sp.encode(docs, out_type=int, num_threads=1)
+    ids = tok.encode_batch(docs)  # in this thread: the pool provides the parallelism
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=_U64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=np.dtype(dtype))
     ends = np.cumsum(lengths, dtype=np.int64)

@@ -3,7 +3,8 @@
 A run directory, as written by `lm train` and `lm demo`:
 
     RUN/config.yaml                  the resolved run config
-    RUN/tokenizer.model              the sentencepiece model the shards were made with
+    RUN/tokenizer.model              the sentencepiece model the shards were made with, or instead
+    RUN/tokenizer.json               their Hugging Face tokenizer (beside its tokenizer_config.json)
     RUN/tensorboard/                 scalars
     RUN/checkpoints/latest           DeepSpeed's pointer to the newest tag
     RUN/checkpoints/step00000100/    one DeepSpeed checkpoint (per-rank files), plus
@@ -33,6 +34,8 @@ from core.errors import UserError
 
 COMPLETE_MARKER = "complete.json"
 WEIGHTS_FILE = "model.safetensors"
+# A run's or converted directory's tokenizer, first found wins: data_prep.tokenizer's SP_NAME, HF_NAME.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def tag_for_step(step: int) -> str:
@@ -150,5 +153,10 @@ def is_converted_dir(path: Path) -> bool:
 
 
 def tokenizer_path_for(source: Path) -> Path:
-    """A converted directory carries its tokenizer; a checkpoint's is in its run directory."""
-    return source / "tokenizer.model" if is_converted_dir(source) else run_dir_of(source) / "tokenizer.model"
+    """A converted directory carries its tokenizer; a checkpoint's is in its run directory.
+
+    Its tokenizer.model, else its tokenizer.json; tokenizer.model (missing) when it has neither.
+    """
+    directory = source if is_converted_dir(source) else run_dir_of(source)
+    found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    return (found or [directory / TOKENIZER_FILES[0]])[0]

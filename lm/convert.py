@@ -30,6 +30,7 @@ import yaml
 from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty, run_command
+from data_prep.tokenizer import copy_tokenizer
 from lm import checkpoint as ckpt
 from lm.config import ModelConfig, RunConfig
 from lm.inference import load_model
@@ -71,7 +72,7 @@ def convert(
         config = RunConfig.from_dict(raw, source="--tensor-parallel")
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer.is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        copy_tokenizer(tokenizer, out)  # tokenizer.model, or tokenizer.json with its config
     if to == "safetensors":
         save_weights(weights, config.model, out / ckpt.WEIGHTS_FILE, dtype, str(source))
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty
-from data_prep.tokenizer import Tokenizer
+from data_prep.hf_tokenizer import token_text
+from data_prep.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_kind
 from lm.config import ModelConfig
 from lm.model import GPT, embedding_names
 
@@ -89,12 +90,19 @@ def export_hf(
     except ImportError:
         raise UserError("the Hugging Face export needs transformers: pip install 'transformers>=5'") from None
     state = checked_weights(weights, config)
-    special = tokenizer_special_tokens(tokenizer_path, config) if tokenizer_path is not None else None
-    ids = {k: v[0] for k, v in special.items()} if special else DEFAULT_SPECIAL_IDS
+    hf_tokenizer = tokenizer_path is not None and tokenizer_kind(Path(tokenizer_path)) == "hf-tokenizers"
+    special = None
+    if hf_tokenizer:
+        ids = hf_tokenizer_ids(Path(tokenizer_path), config)
+    else:
+        special = tokenizer_special_tokens(tokenizer_path, config) if tokenizer_path is not None else None
+        ids = {k: v[0] for k, v in special.items()} if special else DEFAULT_SPECIAL_IDS
     ids = {k: (i if i is not None and i < config.vocab_size else None) for k, i in ids.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_path is not None:
+    if hf_tokenizer:  # already transformers' own format: the file and its config as they are
+        copy_tokenizer(tokenizer_path, out_dir)
+    elif tokenizer_path is not None:
         write_tokenizer(Path(tokenizer_path), special, config.block_size, out_dir)
     if is_native_gpt2(config):
         state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}
@@ -229,6 +237,17 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
     hf.auto_map = dict(AUTO_MAP)
     hf.dtype = dtype
     return hf
+
+
+def hf_tokenizer_ids(path: Path, config: ModelConfig) -> dict[str, int | None]:
+    """bos, eos and pad ids of a tokenizer.json (eos: the end-of-document token our shards use)."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {tokenizer.vocab_size} ids, more than the model's vocab_size {config.vocab_size}"
+        )
+    bos = token_text(tokenizer.config.get("bos_token"))
+    return {"bos": tokenizer.hf.token_to_id(bos) if bos else None, "eos": tokenizer.eod_id, "pad": tokenizer.pad_id}
 
 
 def tokenizer_special_tokens(path: Path, config: ModelConfig) -> dict[str, tuple[int | None, str | None]]:

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from core.errors import UserError
-from data_prep.tokenizer import Tokenizer
+from data_prep.hf_tokenizer import HFTokenizer
+from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lm import checkpoint as ckpt
 from lm.config import RunConfig
 from lm.consolidate import load_model_weights, with_tied_names
@@ -48,13 +49,18 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), config, source
 
 
-def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Path]:
-    """(model, tokenizer, checkpoint dir): the model and the tokenizer its run was trained with."""
+def load_for_inference(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer | HFTokenizer, Path]:
+    """(model, tokenizer, checkpoint dir): the model and the tokenizer its run was trained with
+    (sentencepiece or a tokenizer.json, data_prep.tokenizer.load_tokenizer)."""
     model, _, tag_dir = load_model(checkpoint, device)
     tokenizer_path = ckpt.tokenizer_path_for(tag_dir)
     if not tokenizer_path.is_file():
-        raise UserError(f"{tokenizer_path} is missing: the run directory has no tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+        raise UserError(
+            f"{tokenizer_path} is missing: the run directory has no tokenizer ({' or '.join(ckpt.TOKENIZER_FILES)})"
+        )
+    tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"tokenizer/model vocabulary mismatch: {tokenizer_path} has {tokenizer.vocab_size} ids, "

@@ -25,6 +25,7 @@ import yaml
 
 from core.errors import UserError
 from core.ranks import launcher_world_size
+from data_prep.tokenizer import copy_tokenizer
 from lm import checkpoint as ckpt
 from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.consolidate import load_model_weights
@@ -172,8 +173,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, tokenizer: Path, world: Wo
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        if tokenizer.is_file():
-            (run_dir / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        if tokenizer.is_file():  # tokenizer.model, or tokenizer.json with its tokenizer_config.json
+            copy_tokenizer(tokenizer, run_dir)
         for partial in ckpt.remove_incomplete(run_dir):
             print(f"removed {partial}: an interrupted checkpoint", flush=True)
     dist.barrier()

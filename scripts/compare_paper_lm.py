@@ -77,11 +77,11 @@ def toy_shards(out: Path) -> tuple[Path, list[str]]:
 def decoded_val_documents(shards_dir: Path) -> list[str]:
     """The val split's documents, decoded from the shards (documents are separated by eod)."""
     from data_prep.shards import ShardSet
-    from data_prep.tokenizer import Tokenizer
+    from data_prep.tokenizer import load_tokenizer
 
     shards = ShardSet.open(shards_dir, verify=False)
     tokens = np.concatenate([np.asarray(t) for t in shards.tokens("val")])
-    tokenizer = Tokenizer(shards.tokenizer_path)
+    tokenizer = load_tokenizer(shards.tokenizer_path)
     pieces = np.split(tokens, np.flatnonzero(tokens == shards.eod_id))
     docs = [tokenizer.decode(p[p != shards.eod_id].tolist()) for p in pieces]
     return [d for d in docs if d.strip()]

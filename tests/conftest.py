@@ -1,6 +1,7 @@
 """Shared helpers and fixtures of the test suite.
 
 - tiny worlds: token shards, run configs, a 2-step run and a 120-step trained run (session-wide);
+- a small Hugging Face tokenizer.json with its tokenizer_config.json (`hf_tokenizer_file`);
 - running `lm`: in a fresh process (`run_lm`), under torchrun (`torchrun_command`, `run_torchrun`),
   or in this process for the mistakes that fail before anything global is touched (`lm_in_process`);
 - checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes;
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
+from data_prep.tokenizer import copy_tokenizer, tokenizer_file
 from lm.config import ModelConfig, RunConfig
 from lm.model import GPT
 
@@ -65,6 +67,36 @@ def tiny_shards(tmp_path_factory) -> Path:
     docs = embedded_corpus()[:24]
     train, val = split_train_val(docs, val_fraction=0.2, seed=0)
     return prepare_shards(train, val, tmp_path_factory.mktemp("shards"), vocab_size=TINY_MODEL["vocab_size"])
+
+
+HF_EOD = "<|endoftext|>"  # the end-of-document token of hf_tokenizer_file
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_file(tmp_path_factory) -> Path:
+    """tokenizer.json of a GPT-2-style byte-level BPE trained on the embedded corpus (a fraction of a
+    second), in a directory that also holds its tokenizer_config.json (eos_token HF_EOD). Read-only.
+
+    TINY_MODEL's vocabulary: 256 bytes, 127 merges, and HF_EOD added last (id 383), as GPT-2 adds it.
+    Byte-level without a normalizer, it is lossless: decode(encode(text)) == text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("hf-tokenizer")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_MODEL["vocab_size"] - 1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(embedded_corpus(), trainer)
+    tokenizer.add_special_tokens([HF_EOD])
+    tokenizer.save(str(root / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_EOD, "bos_token": HF_EOD}
+    (root / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": TINY_MODEL["block_size"]}))
+    return root / "tokenizer.json"
 
 
 def tiny_run_config(shards: Path, out_dir: Path, model: dict | None = None, train: dict | None = None) -> dict:
@@ -291,7 +323,7 @@ def token_ids(n: int) -> list[int]:
 
 
 def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
-    """A directory like `lm convert` writes (weights + config + tokenizer) for a seeded tiny model."""
+    """A directory like `lm convert` writes (weights + config + the shards' tokenizer) for a seeded tiny model."""
     config = RunConfig.from_dict(tiny_run_config(shards, path / "unused", model))
     torch.manual_seed(3)
     weights = GPT(config.model).state_dict()
@@ -301,7 +333,7 @@ def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
         str(path / "model.safetensors"),
     )
     (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
+    copy_tokenizer(tokenizer_file(shards), path)  # tokenizer.model, or tokenizer.json and its config
     return path
 
 

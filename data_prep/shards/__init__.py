@@ -2,7 +2,7 @@
 
 A shard directory holds
 
-    manifest.json          what is here: format version, vocab, tokenizer checksum, shard list
+    manifest.json          what is here: format version, vocab, tokenizer (path, checksum, kind), shards
     train-00000.bin        flat little-endian token ids (uint16 if the vocab fits, else uint32)
     train-00000.idx        little-endian uint64 document start offsets, documents + 1 entries
     ...                    (the last entry is the shard's token count)

@@ -17,6 +17,9 @@ MANIFEST = "manifest.json"
 INDEX_DTYPE = np.dtype("<u8")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# How to read the tokenizer file (manifest "tokenizer"."kind"); manifests without the field
+# predate Hugging Face tokenizers and are sentencepiece.
+TOKENIZER_KINDS = ("sentencepiece", "hf-tokenizers")
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

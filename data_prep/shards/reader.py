@@ -15,6 +15,7 @@ from data_prep.shards.format import (
     FORMAT,
     INDEX_DTYPE,
     MANIFEST,
+    TOKENIZER_KINDS,
     VERSION,
     sha256_file,
 )
@@ -31,6 +32,7 @@ class ShardSet:
         self.pad_id: int = manifest["pad_id"]
         self.dtype: np.dtype = DTYPES[manifest["dtype"]]
         self.tokenizer_path: Path = (path / manifest["tokenizer"]["path"]).resolve()
+        self.tokenizer_kind: str = manifest["tokenizer"].get("kind", TOKENIZER_KINDS[0])
         self._offsets = offsets
         self._tokens: dict[str, list[np.memmap]] = {}
 
@@ -115,6 +117,8 @@ def _read_manifest(mpath: Path) -> dict:
             raise UserError(f"{mpath}: {key} {manifest[key]} is outside the vocabulary of {vocab}")
     if not all(isinstance(manifest["tokenizer"].get(k), str) for k in ("path", "sha256")):
         raise UserError(f"{mpath}: tokenizer needs string fields 'path' and 'sha256'")
+    if manifest["tokenizer"].get("kind", TOKENIZER_KINDS[0]) not in TOKENIZER_KINDS:
+        raise UserError(f"{mpath}: tokenizer kind {manifest['tokenizer']['kind']!r} is not one of {TOKENIZER_KINDS}")
     for split, entries in manifest["splits"].items():
         if not isinstance(entries, list):
             raise UserError(f"{mpath}: split {split!r} is not a list of shards")

@@ -17,6 +17,7 @@ from data_prep.shards.format import (
     INDEX_DTYPE,
     MANIFEST,
     SPLIT_NAME,
+    TOKENIZER_KINDS,
     VERSION,
     dtype_for_vocab,
     dtype_name,
@@ -173,13 +174,17 @@ def write_manifest(
     tokenizer_path: str | os.PathLike,
     splits: dict[str, list[dict]],
     extra: dict[str, Any] | None = None,
+    tokenizer_kind: str = "sentencepiece",
 ) -> Path:
     """Write manifest.json atomically; call it after every ShardWriter is closed.
 
-    `extra` adds fields (e.g. how the data was prepared); it cannot replace the format's own.
+    `tokenizer_kind` says how to read the tokenizer file: one of TOKENIZER_KINDS. `extra` adds
+    fields (e.g. how the data was prepared); it cannot replace the format's own.
     """
     out_dir = Path(out_dir)
     tokenizer_path = Path(tokenizer_path)
+    if tokenizer_kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {tokenizer_kind!r}")
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer model {tokenizer_path} does not exist")
     # Stored relative when it lives in the shard dir, so the directory can be moved as a whole.
@@ -194,7 +199,7 @@ def write_manifest(
         "vocab_size": int(vocab_size),
         "eod_id": int(eod_id),
         "pad_id": int(pad_id),
-        "tokenizer": {"path": stored, "sha256": sha256_file(tokenizer_path)},
+        "tokenizer": {"path": stored, "sha256": sha256_file(tokenizer_path), "kind": tokenizer_kind},
         "splits": {name: list(entries) for name, entries in splits.items()},
     }
     for key, value in (extra or {}).items():
