@@ -26,8 +26,12 @@ def generate_batch(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Extend every prompt by `max_new_tokens` ids (temperature 0: greedy); returns the new ids.
+
+    With `vocab_size` (the tokenizer's), only ids below it are drawn: a model's vocabulary may be
+    padded (for TP, or for round sizes), and a padded id is no token.
 
     Prompts of equal token length are decoded together as one batch (no padding needed). With
     `use_cache`, the prompt is encoded once and each step feeds only the newest token (keeping K, V
@@ -50,7 +54,7 @@ def generate_batch(
         cache = model.new_cache() if use_cache else None
         logits, _ = model(ids, cache=cache)
         for step in range(max_new_tokens):
-            next_ids = sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            next_ids = sample(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p, generator)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             if step == max_new_tokens - 1:
                 break
@@ -143,6 +147,7 @@ def main(argv=None) -> int:
         args.top_p,
         generator,
         use_cache=not args.no_cache,
+        vocab_size=tokenizer.vocab_size,
     )
     outputs = [
         {"prompt": prompt, "completion": continuation_text(tokenizer, ids, new_ids)}

@@ -78,3 +78,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_a_prompt_longer_than_the_context_is_refused():
     with pytest.raises(UserError, match="25 tokens, longer than the model's context of 24"):
         generate(tiny_model("none"), list(range(25)), 3)
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_drawn():
+    """A padded vocabulary (rows no token uses) stays out of the draw, even where it scores highest."""
+    model = tiny_model("all")
+    with torch.no_grad():
+        model.lm_head.weight[40:] = 0.0
+        model.lm_head.weight[45, 0] = 1e4  # would win every greedy step and most draws
+    prompt = [3, 14, 15]
+    assert 45 in generate(model, prompt, 5, temperature=0)
+    for temperature in (0, 1.0):
+        new = generate_batch(
+            model, [prompt], 10, temperature, generator=torch.Generator().manual_seed(0), vocab_size=40
+        )
+        assert max(new[0]) < 40
