@@ -48,8 +48,8 @@ def lm_ok(*args: str, nproc: int = 0):
 
 
 def test_import_twice_the_last_two_layers_fine_tune_and_evaluate(pretrained_llama, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(embedded_corpus()))
+    corpus = tmp_path / "corpus.jsonl"  # a document per line, so that some are held out as val
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in embedded_corpus()))
     shards, softmax, twicing = tmp_path / "shards", tmp_path / "softmax", tmp_path / "twicing"
     lm_ok("prep", "--input", str(corpus), "--tokenizer", str(pretrained_llama / "tokenizer.json"), "--out", str(shards))
     lm_ok("convert", "--from-hf", str(pretrained_llama), "--out", str(softmax))
