@@ -14,7 +14,6 @@ its control pieces.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import tokenizers
 
 from core.errors import UserError
+from core.json_files import read_json_object
 
 HF_NAME = "tokenizer.json"
 CONFIG_NAME = "tokenizer_config.json"
@@ -45,13 +45,7 @@ def read_config(tokenizer_file: Path) -> dict:
     path = tokenizer_file.with_name(CONFIG_NAME)
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {_one_line(e)}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 class HFTokenizer:

@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty
-from data_prep.hf_tokenizer import token_text
-from data_prep.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_kind
+from data_prep.hf_tokenizer import read_config, token_text
+from data_prep.tokenizer import Tokenizer, copy_tokenizer, tokenizer_kind
 from lm.config import ModelConfig
 from lm.model import GPT, embedding_names
 
@@ -240,14 +240,16 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
 
 
 def hf_tokenizer_ids(path: Path, config: ModelConfig) -> dict[str, int | None]:
-    """bos, eos and pad ids of a tokenizer.json (eos: the end-of-document token our shards use)."""
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"tokenizer {path} has {tokenizer.vocab_size} ids, more than the model's vocab_size {config.vocab_size}"
-        )
-    bos = token_text(tokenizer.config.get("bos_token"))
-    return {"bos": tokenizer.hf.token_to_id(bos) if bos else None, "eos": tokenizer.eod_id, "pad": tokenizer.pad_id}
+    """bos, eos and pad ids that a tokenizer.json's config names (None where it names none)."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if size > config.vocab_size:
+        raise UserError(f"tokenizer {path} has {size} ids, more than the model's vocab_size {config.vocab_size}")
+    settings = read_config(path)
+    names = {kind: token_text(settings.get(f"{kind}_token")) for kind in ("bos", "eos", "pad")}
+    return {kind: tokenizer.token_to_id(name) if name else None for kind, name in names.items()}
 
 
 def tokenizer_special_tokens(path: Path, config: ModelConfig) -> dict[str, tuple[int | None, str | None]]:

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from core.errors import UserError
+from core.json_files import read_json_object
 from lm.config import ModelConfig, RunConfig
 from lm.hf_export import CONV1D_WEIGHTS
 from lm.model import GPT, embedding_names
@@ -75,12 +76,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         what = "is not a directory" if not hf_dir.is_dir() else "has no config.json"
         raise UserError(f"{hf_dir} {what}: --from-hf takes a local transformers model directory")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not readable as JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    hf = read_json_object(path)
     model_type, architectures = hf.get("model_type"), hf.get("architectures") or []
     supported = ", ".join(f"{cls} ({kind})" for kind, cls in SUPPORTED.items())
     if model_type not in SUPPORTED or any(a != SUPPORTED[model_type] for a in architectures):

@@ -180,6 +180,8 @@ def test_import_exports_back_as_the_native_model(hf_models, kind, tmp_path, lm_i
     assert all(torch.equal(original[k], round_trip[k]) for k in original)
     idx = ids()
     assert (theirs(back.eval(), idx) - theirs(hf, idx)).abs().max() <= 1e-5
+    # The tokenizer goes back out as it came in: transformers' own files, byte for byte.
+    assert (tmp_path / "hf2" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
 
 
 # --------------------------------------------------------------------------- options
