@@ -48,6 +48,20 @@ def read_config(tokenizer_file: Path) -> dict:
     return read_json_object(path)
 
 
+def parse_tokenizer(data: bytes, path: Path) -> tokenizers.Tokenizer:
+    """The tokenizer in `data` (the bytes of `path`); a file that is none is a UserError naming it."""
+    try:
+        return tokenizers.Tokenizer.from_buffer(data)
+    except Exception as e:  # the Rust side raises plain Exception, for bad JSON as for a bad model
+        raise UserError(f"{path} is not a valid Hugging Face tokenizer file: {_one_line(e)}") from None
+
+
+def ids_needed(tokenizer: tokenizers.Tokenizer) -> int:
+    """Rows a model's vocabulary needs for this tokenizer: ids may leave gaps, so the largest one + 1."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(tokenizer.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+
+
 class HFTokenizer:
     """A tokenizer.json: text <-> token ids, with an end-of-document id like Tokenizer's."""
 
@@ -58,10 +72,7 @@ class HFTokenizer:
         if not self.path.is_file():
             raise UserError(f"tokenizer {self.path} does not exist")
         data = self.path.read_bytes()
-        try:
-            self.hf = tokenizers.Tokenizer.from_buffer(data)
-        except Exception as e:  # the Rust side raises plain Exception, for bad JSON as for a bad model
-            raise UserError(f"{self.path} is not a valid Hugging Face tokenizer file: {_one_line(e)}") from None
+        self.hf = parse_tokenizer(data, self.path)
         self.hf.encode_special_tokens = True  # see the module docstring: documents are plain text
         # A saved file may carry a model's truncation (say to 512 ids) or padding: a document is
         # encoded whole and as it is.
@@ -69,9 +80,7 @@ class HFTokenizer:
         self.hf.no_padding()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.config = read_config(self.path)
-        ids = self.hf.get_vocab(with_added_tokens=True).values()
-        # Ids may leave gaps; the model needs a row for the largest one.
-        self.vocab_size: int = max(self.hf.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+        self.vocab_size: int = ids_needed(self.hf)
         self.eod_token, self.eod_id = self._end_of_document(eod_token)
         pad = token_text(self.config.get("pad_token"))
         pad_id = self.hf.token_to_id(pad) if pad else None

@@ -2,20 +2,22 @@
 
     export_hf(weights, config, tokenizer_path, out_dir)
 
-A model with softmax attention in every layer and biases is GPT-2, so it is written as a native
-`GPT2LMHeadModel` (config.json of model_type "gpt2", GPT-2 parameter names with the Conv1D matrices
-transposed) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code. A softmax
-model of the Llama layout (rotary positions, RMSNorm, SwiGLU; biases in every linear layer or in
-none) is a native `LlamaForCausalLM` (model_type "llama"), its tensors under our names, which are
-Llama's; so are grouped-query attention and tied or untied embeddings, in either.
+A softmax model of GPT-2's layout and parts (learned positions, LayerNorm, GELU, biases, full
+multi-head attention) is GPT-2, so it is written as a native `GPT2LMHeadModel` (config.json of
+model_type "gpt2", GPT-2 parameter names with the Conv1D matrices transposed, tied or untied
+output layer) and loads with `AutoModelForCausalLM.from_pretrained(dir)`, no custom code. A softmax
+model of the Llama layout with Llama's parts (rotary positions, RMSNorm, SwiGLU; biases in every
+linear layer or in none) is a native `LlamaForCausalLM` (model_type "llama"), its tensors under our
+names, which are Llama's; grouped-query attention and tied or untied embeddings included.
 
-Any other model (twicing layers, or options GPT-2 cannot express: no biases, rotary positions,
-RMSNorm, SwiGLU, grouped-query attention, an untied output layer, the Llama layout) is written with
-the remote code in `lm/hf_twicing/` (config model_type "twicing_gpt", `TwicingGPTForCausalLM`, which
-implements every option of `ModelConfig` in either layout), copied into the directory and named in
-config.json's `auto_map`, so it loads with `AutoModelForCausalLM.from_pretrained(dir,
+Any other model (twicing layers, or a mix of layout and parts neither class computes) is written
+with the remote code in `lm/hf_twicing/` (config model_type "twicing_gpt", `TwicingGPTForCausalLM`,
+which implements every option of `ModelConfig` in either layout), copied into the directory and
+named in config.json's `auto_map`, so it loads with `AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`. Its weights keep our names.
 
+A tokenizer.json (from `lm prep --tokenizer`) is transformers' own format and is shipped as it is,
+with its tokenizer_config.json; the special-token ids in config.json are those its config names.
 The sentencepiece tokenizer is written as `tokenizer.model` plus `tokenizer.json`, loaded by
 transformers' generic `TokenizersBackend`, which follows the sentencepiece model's own settings
 (identity normalisation, whitespace kept, the dummy prefix sentencepiece adds, byte fallback).
@@ -32,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import UserError, refuse_non_empty
-from data_prep.hf_tokenizer import read_config, token_text
+from data_prep.hf_tokenizer import ids_needed, parse_tokenizer, read_config, token_text
 from data_prep.tokenizer import Tokenizer, copy_tokenizer, tokenizer_kind
 from lm.config import ModelConfig
 from lm.model import GPT, embedding_names
@@ -241,10 +243,8 @@ def twicing_config(config: ModelConfig, ids: dict, dtype: torch.dtype):
 
 def hf_tokenizer_ids(path: Path, config: ModelConfig) -> dict[str, int | None]:
     """bos, eos and pad ids that a tokenizer.json's config names (None where it names none)."""
-    import tokenizers
-
-    tokenizer = tokenizers.Tokenizer.from_file(str(path))
-    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    tokenizer = parse_tokenizer(path.read_bytes(), path)  # no end-of-document lookup: export refuses none
+    size = ids_needed(tokenizer)
     if size > config.vocab_size:
         raise UserError(f"tokenizer {path} has {size} ids, more than the model's vocab_size {config.vocab_size}")
     settings = read_config(path)

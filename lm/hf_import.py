@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from core.errors import UserError
 from core.json_files import read_json_object
+from data_prep.hf_tokenizer import ids_needed, parse_tokenizer
 from lm.config import ModelConfig, RunConfig
 from lm.hf_export import CONV1D_WEIGHTS
 from lm.model import GPT, embedding_names
@@ -248,15 +249,7 @@ def tokenizer_files(hf_dir: Path, vocab_size: int) -> list[Path]:
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         return []
-    try:
-        tokenizer = json.loads(path.read_text(encoding="utf-8"))
-        vocab = tokenizer["model"].get("vocab") or {}
-        # BPE, WordPiece and WordLevel map pieces to ids; Unigram lists (piece, score) by id
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [token["id"] for token in tokenizer.get("added_tokens") or []]
-        size = max(ids, default=-1) + 1
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{path}: not a tokenizers file (JSON with a model and its vocab)") from None
+    size = ids_needed(parse_tokenizer(path.read_bytes(), path))
     if size > vocab_size:
         raise UserError(f"{path} has ids up to {size - 1}, beyond the model's vocab_size {vocab_size}")
     return [hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]

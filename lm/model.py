@@ -199,6 +199,12 @@ def writes_residual(name: str) -> bool:
     return name.endswith(RESIDUAL_PROJECTIONS)
 
 
+def block_prefix(config: ModelConfig) -> str:
+    """Where the blocks' state-dict names start: `transformer.h` or `model.layers` (then `.{i}.`)."""
+    layout = LAYOUTS[config.arch]
+    return f"{layout['body']}.{layout['blocks']}"
+
+
 def embedding_names(config: ModelConfig) -> tuple[str, str]:
     """(token embedding, output layer): the state-dict names that are one tensor when they are tied."""
     layout = LAYOUTS[config.arch]

@@ -25,7 +25,7 @@ same on every rank of a TP group. No activation that is partitioned across TP ra
 import torch
 
 from lm.config import ModelConfig, check_tensor_parallel
-from lm.model import GPT, embedding_names
+from lm.model import GPT, block_prefix, embedding_names
 from lm.parallel.groups import ParallelGroups
 from lm.parallel.layers import (
     ColumnParallelLinear,
@@ -84,11 +84,10 @@ def tp_layout(config: ModelConfig, tp: int, rank: int) -> dict[str, tuple[int, t
     vocab = _slice(config.vocab_size, tp, rank)
     tokens, head = embedding_names(config)
     layout = {tokens: (0, vocab), head: (0, vocab)}
-    blocks = {"gpt2": "transformer.h", "llama": "model.layers"}[config.arch]
     splits = _block_splits(config, tp, rank)
     for i in range(config.n_layer):
         for path, (style, index) in splits.items():
-            name = f"{blocks}.{i}.{path}"
+            name = f"{block_prefix(config)}.{i}.{path}"
             layout[name + ".weight"] = (0 if style == "column" else 1, index)
             if config.bias and style == "column":  # column-parallel biases split with their rows
                 layout[name + ".bias"] = (0, index)
