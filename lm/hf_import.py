@@ -37,6 +37,7 @@ from core.errors import UserError
 from core.json_files import read_json_object
 from data_prep.hf_tokenizer import ids_needed, parse_tokenizer
 from lm.config import ModelConfig, RunConfig
+from lm.consolidate import with_tied_names
 from lm.hf_export import CONV1D_WEIGHTS
 from lm.model import GPT, embedding_names
 
@@ -217,12 +218,9 @@ def our_weights(hf_weights: dict[str, torch.Tensor], config: ModelConfig, hf_dir
             name = "transformer." + name  # saved from GPT2Model, as the original GPT-2 files are
         state[name] = tensor
     token, head = embedding_names(config)
-    if config.tie_embeddings:
-        if token in state and head in state and not torch.equal(state[token], state[head]):
-            raise UserError(f"{hf_dir}: {head} differs from {token}, but config.json ties them")
-        tied = state.get(token, state.get(head))
-        if tied is not None:
-            state[token] = state[head] = tied
+    if config.tie_embeddings and token in state and head in state and not torch.equal(state[token], state[head]):
+        raise UserError(f"{hf_dir}: {head} differs from {token}, but config.json ties them")
+    state = with_tied_names(state, config)  # files keep one name of a tied pair, or both
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     unexpected = sorted(set(state) - set(expected))
