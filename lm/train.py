@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
 from core.errors import UserError, run_command
 from core.ranks import launcher_local_size, launcher_world_size
 from data_prep.shards import ShardSet
-from lm import checkpoint as ckpt
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
 from lm.data import WindowBatches, eval_windows, rank_rows
@@ -34,10 +32,11 @@ from lm.ds_config import stage_name
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
 from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, means_over_ranks, memory_mib, progress_line, validation_loss
-from lm.numerics import NonFinitePolicy, SkippableAdamW, weights_are_finite
+from lm.numerics import NonFinitePolicy, SkippableAdamW
 from lm.parallel import ParallelGroups, build_groups
 from lm.plan import check_memory
 from lm.resume import ResumePoint, find_resume_point, last_checkpoint_hint, prepare_run_dir, restore_rng_state
+from lm.saving import save_checkpoint
 from lm.schedule import build_optimizer, build_scheduler
 
 
@@ -272,31 +271,6 @@ def log_steps(run: Run, records: list[StepRecord], seconds: float, result: Train
             values["train/grad_norm"] = grad_norm
         shown = done % t.log_interval == 0 or done == t.steps
         run.log.record(done, progress_line(done, t.steps, values) if shown else None, **values)
-
-
-def save_checkpoint(
-    engine: Engine, run_dir: Path, step: int, config: RunConfig, world: World, skipped_steps: int = 0
-) -> Path:
-    """Checkpoint `step` on every rank; marked complete only once every rank's files are on disk."""
-    if not weights_are_finite(engine.local_weights(), world.device):  # the last line of defence
-        raise UserError(f"non-finite weights at step {step}: checkpoint not saved ({last_checkpoint_hint(run_dir)})")
-    tag_dir = ckpt.checkpoint_root(run_dir) / ckpt.tag_for_step(step)
-    engine.save(tag_dir, {"step": step, "skipped_steps": skipped_steps})
-    ckpt.save_rng_state(tag_dir, world.rank)
-    ckpt.sync_directory(tag_dir)
-    dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
-    if world.is_main:
-        info = {
-            "step": step,
-            "batches_consumed": step,
-            "world_size": world.world_size,
-            "zero_layout": engine.stage,  # whose files these are (lm.checkpoint.layout_stage)
-            "config": config.to_dict(),
-        }
-        ckpt.write_marker(tag_dir, info)
-        ckpt.apply_retention(run_dir, config.train.keep_last)
-    dist.barrier()
-    return tag_dir
 
 
 def validate(run: Run, step: int, result: TrainResult) -> None:

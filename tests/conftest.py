@@ -7,6 +7,8 @@
 - checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes;
 - references: the plain PyTorch loop's losses, computed once per configuration (`plain_losses`);
 - tiny float64 models and converted checkpoints for evaluation and analysis.
+
+The Hugging Face export tests' helpers are in hf_support (its fixture is imported here).
 """
 
 import hashlib
@@ -26,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
 from data_prep.tokenizer import copy_tokenizer, tokenizer_file
+from hf_support import private_modules_cache  # noqa: F401  (a fixture, visible to every test module)
 from lm.config import ModelConfig, RunConfig
 from lm.model import GPT
 
@@ -335,65 +338,3 @@ def converted_dir(path: Path, shards: Path, model: dict | None = None) -> Path:
     (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     copy_tokenizer(tokenizer_file(shards), path)  # tokenizer.model, or tokenizer.json and its config
     return path
-
-
-# --------------------------------------------------------------------------- Hugging Face export
-
-SMALL = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=48)  # of the exported models
-
-
-@pytest.fixture
-def private_modules_cache(tmp_path, monkeypatch):
-    """transformers copies remote code into HF_MODULES_CACHE and imports it as `transformers_modules.*`;
-    give a test a fresh cache and module namespace, and restore the caller's afterwards."""
-    import transformers.dynamic_module_utils as dynamic
-
-    cache = tmp_path / "hf_modules"
-    monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-
-    def is_remote(name):
-        return name.split(".")[0] == "transformers_modules"
-
-    saved = {name: module for name, module in sys.modules.items() if is_remote(name)}
-    for name in saved:
-        del sys.modules[name]
-    yield cache
-    for name in [name for name in sys.modules if is_remote(name)]:
-        del sys.modules[name]
-    sys.modules.update(saved)
-
-
-def make_model(seed=0, **overrides) -> GPT:
-    """A float32 SMALL model in eval mode with every parameter perturbed, so that norm gains and biases
-    are not their trivial 1 and 0 and a mix-up of any of them would show."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def tokens(batch=2, t=16, seed=0, vocab=SMALL["vocab_size"]) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_of(model, idx) -> torch.Tensor:
-    with torch.no_grad():
-        return model(idx)[0]
-
-
-def hf_logits(hf, idx, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(input_ids=idx, **kwargs).logits
-
-
-def load(out, **kwargs):
-    """An exported directory as a transformers causal LM in eval mode, every weight matched by name."""
-    from transformers import AutoModelForCausalLM
-
-    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **kwargs)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    return hf.eval()

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
-from conftest import SMALL, hf_logits, load, logits_of, make_model, tokens  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from data_prep.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from hf_support import SMALL, hf_logits, load, logits_of, make_model, tokens  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
 from lm.generate import generate  # noqa: E402
 from lm.hf_export import export_hf  # noqa: E402

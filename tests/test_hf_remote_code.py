@@ -14,8 +14,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel  # noqa: E402
 
-from conftest import REPO, hf_logits, load, logits_of, make_model, tokens  # noqa: E402
+from conftest import REPO  # noqa: E402
 from core.errors import UserError  # noqa: E402
+from hf_support import hf_logits, load, logits_of, make_model, tokens  # noqa: E402
 from lm.generate import generate  # noqa: E402
 from lm.hf_export import AUTO_MAP, REMOTE_CODE_FILES, export_hf  # noqa: E402
 from lm.hf_twicing.configuration_twicing_gpt import TwicingGPTConfig  # noqa: E402
