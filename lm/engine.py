@@ -16,6 +16,8 @@ saves and loads its own checkpoint files. Around it, we:
   DeepSpeed classes they contain), for resuming and for lm.consolidate;
 - partition ZeRO-3 parameters one at a time as they are first drawn (sharded initialisation);
 - reach each rank's share of a ZeRO-3 parameter (`ds_tensor`);
+- place Adam's state re-split for this layout (resuming on another layout, lm.resume) into
+  whatever holds it under each stage, and read it back whole;
 - keep its logger to warnings.
 Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
 """
@@ -98,6 +100,15 @@ def share_master_weights(zero_optimizer) -> None:
             master.data = weights.data
 
 
+def zero3_partition(value: torch.Tensor, piece: int, rank: int) -> torch.Tensor:
+    """Data-parallel rank `rank`'s `piece` values of `value` flattened, zero padded past its end."""
+    flat = value.flatten()
+    out = torch.zeros(piece, dtype=flat.dtype, device=flat.device)
+    mine = flat[rank * piece : (rank + 1) * piece]
+    out[: mine.numel()] = mine
+    return out
+
+
 class Engine:
     """A DeepSpeed engine over one rank's model, and the calls training makes on it."""
 
@@ -121,6 +132,7 @@ class Engine:
             dist_init_required=False,
         )
         self.optimizer = optimizer
+        self.dp_rank = groups.dp_rank
         self.stage = engine_stage(train, groups.dp_size)  # the stage DeepSpeed runs, and saves files of
         self.clip = train.grad_clip if clips_itself(train, groups.dp_size) else 0.0
         self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
@@ -195,3 +207,69 @@ class Engine:
         """Weights, optimizer and schedule from DeepSpeed's files of `tag_dir`; returns the client state."""
         _, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return client_state
+
+    def _flat_groups(self) -> list[tuple[torch.Tensor, list[torch.nn.Parameter]]]:
+        """ZeRO-1/2/3: per flat group, this rank's fp32 partition (what Adam steps on) and the
+        model parameters flattened into it."""
+        zero = self.ds.optimizer
+        if self.stage in (1, 2):
+            return list(zip(zero.single_partition_of_fp32_groups, zero.bit16_groups))
+        return list(zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups))
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-1/2: point each parameter's fragment of the flat state at Adam's state tensors.
+
+        DeepSpeed links them once, after its first group's first update, when the other groups'
+        state does not exist yet: their parameters never get a fragment (safe_get_full_optimizer_state
+        fails on them). Linking again, once every group has state, is what it meant to do."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        if self.stage in (1, 2):
+            for flat, params in self._flat_groups():
+                lazy_init_hp_params_optimizer_state(params, flat, self.optimizer.state)
+
+    @torch.no_grad()
+    def set_optimizer_state(self, moments: dict[str, dict[str, torch.Tensor]], steps: dict[str, torch.Tensor]) -> None:
+        """Adam's state for a freshly built engine, before its first step: `moments[key][name]` is
+        this TP rank's slice of parameter `name`, whole over the data-parallel ranks; each keeps its
+        own partition. `steps[name]` is Adam's step count (all of a flat group's parameters share
+        one). The weights are the model's already (its initial weights are the checkpoint's)."""
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+
+        names = {id(p): name for name, p in self.ds.module.named_parameters()}
+        state = self.optimizer.state  # Adam's own state, under every stage: DeepSpeed steps this optimizer
+        if self.stage == 0:
+            for p in self.ds.module.parameters():
+                name = names[id(p)]
+                state[p] = {"step": steps[name].to(p.device, torch.float32).clone()}
+                state[p].update({key: moments[key][name].to(p.device, p.dtype).clone() for key in moments})
+            return
+        for flat, params in self._flat_groups():
+            step = steps[names[id(params[0])]].to(flat.device, torch.float32).clone()
+            state[flat] = {"step": step, **{key: torch.zeros_like(flat) for key in moments}}
+        self._link_optimizer_state()
+        for p in self.ds.module.parameters():
+            for key, values in moments.items():
+                value = values[names[id(p)]]
+                if self.stage in (1, 2):
+                    safe_set_full_optimizer_state(p, value, key)
+                else:  # its partition, cut as ZeRO-3 cuts the weights: ceil(n / dp) values each, zero padded
+                    safe_set_local_optimizer_state(p, zero3_partition(value, p.ds_tensor.numel(), self.dp_rank), key)
+
+    @torch.no_grad()
+    def full_optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """This TP rank's Adam state as set_optimizer_state takes it: each moment whole over the
+        data-parallel ranks (a collective under ZeRO-1/2/3), and the step counts."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        steps = {}
+        self._link_optimizer_state()
+        flat_of = {id(p): flat for flat, params in (self._flat_groups() if self.stage else []) for p in params}
+        for name, p in self.ds.module.named_parameters():
+            state = self.optimizer.state[p] if self.stage == 0 else self.optimizer.state[flat_of[id(p)]]
+            steps[name] = state["step"].cpu().clone()
+            for key in moments:
+                value = state[key] if self.stage == 0 else safe_get_full_optimizer_state(p, key)
+                moments[key][name] = value.cpu().clone()
+        return moments, steps

@@ -9,9 +9,16 @@
                        own continues from them instead
 
 A checkpoint must be of the same model (`attention_impl` may change: it says how attention runs,
-not what it computes). DeepSpeed's files also need the same tensor-parallel layout, ZeRO stage (as
-DeepSpeed ran it) and weight dtype; a weights-only checkpoint (`lm convert --to checkpoint`) fits
-any layout, and the run continues from its step with a fresh optimizer. Weights to start from
+not what it computes). Under the layout it was written in (TP size, data-parallel size and the
+ZeRO stage DeepSpeed ran, lm.ds_config.engine_stage) DeepSpeed loads its own files, and the run
+continues bitwise, RNG streams included. Under another layout the checkpoint is re-split instead:
+its full weights, Adam's moments and step counts (lm.consolidate) are cut for this rank's TP slice
+and placed into this stage's partitions (lm.engine.Engine.set_optimizer_state); the step, and with
+it the LR schedule and the data position, and the skip counter carry over. Only the dropout RNG
+streams cannot (they are per data-parallel rank): they are reseeded from (train.seed, step,
+data-parallel rank), and the startup line says so. DeepSpeed's bf16-weights files resume only in
+their own layout, and only in that mode. A weights-only checkpoint (`lm convert --to checkpoint`)
+fits any layout, and the run continues from its step with a fresh optimizer. Weights to start from
 (`--init-from`) must have the shapes of the config's model; what the layers compute may differ
 (twicing some layers of a softmax model is the point).
 """
@@ -28,38 +35,68 @@ from core.ranks import launcher_world_size
 from data_prep.tokenizer import copy_tokenizer
 from lm import checkpoint as ckpt
 from lm.config import ModelConfig, RunConfig, TrainConfig
-from lm.consolidate import load_model_weights
+from lm.consolidate import MOMENTS, load_model_weights, load_optimizer_state, saved_skip_count
 from lm.distributed import World
 from lm.ds_config import engine_stage
 from lm.inference import load_weights, source_config
-from lm.initialization import full_shapes
+from lm.initialization import full_shapes, parameter_seed
+from lm.parallel import slice_state_dict
 from lm.safe_load import load_tensors
 
 
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a run continues from; `tag_dir` None for a fresh run, which starts from the
-    weights of `init_from` if given, else from the seeded init."""
+    weights of `init_from` if given, else from the seeded init. `layout_change` (e.g.
+    "TP1xDP2 ZeRO-2 -> TP2xDP1 ZeRO-3") when DeepSpeed's files are re-split for another layout."""
 
     tag_dir: Path | None = None
     init_from: Path | None = None
+    layout_change: str | None = None
 
     @property
     def weights_only(self) -> bool:
         return self.tag_dir is not None and ckpt.is_weights_only(self.tag_dir)
 
+    @property
+    def resharded(self) -> bool:
+        return self.layout_change is not None
+
+    @property
+    def loads_deepspeed_files(self) -> bool:
+        """Whether DeepSpeed loads its own files of the checkpoint (the same layout)."""
+        return self.tag_dir is not None and not self.weights_only and not self.resharded
+
     def initial_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full weights the engine starts from instead of the seeded init: a weights-only
-        checkpoint's, or those of `init_from` for a fresh run."""
-        if self.weights_only:
+        """The full weights the engine starts from instead of the seeded init: a weights-only or
+        re-split checkpoint's, or those of `init_from` for a fresh run."""
+        if self.weights_only or self.resharded:
             return load_model_weights(self.tag_dir)
         if self.tag_dir is None and self.init_from is not None:
             return load_weights(self.init_from)[0]
         return None
 
     def initial_step(self) -> int:
-        """The step a weights-only checkpoint was written at; DeepSpeed's files say theirs on load."""
-        return ckpt.read_marker(self.tag_dir)["step"] if self.weights_only else 0
+        """The step a weights-only or re-split checkpoint was written at; DeepSpeed's files say
+        theirs on load."""
+        return ckpt.read_marker(self.tag_dir)["step"] if self.weights_only or self.resharded else 0
+
+    def skipped_steps(self) -> int:
+        """The skipped-update count of a checkpoint of DeepSpeed's files (0 for anything else)."""
+        if self.tag_dir is None or self.weights_only:
+            return 0
+        return saved_skip_count(self.tag_dir, ckpt.layout_stage(ckpt.read_marker(self.tag_dir)))
+
+    def optimizer_state(
+        self, model: ModelConfig, tp: int, tp_rank: int
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """A re-split checkpoint's Adam moments, cut to TP rank `tp_rank`'s slices, and step counts.
+
+        Every rank reads the full state (the full weights and both moments pass through memory once,
+        one tensor kind at a time), as --init-from reads full weights."""
+        state = load_optimizer_state(self.tag_dir)
+        moments = {key: slice_state_dict(state.moments.pop(key), model, tp, tp_rank) for key in MOMENTS}
+        return moments, state.steps
 
 
 def find_resume_point(config: RunConfig, resume: str, init_from: str | None = None) -> ResumePoint:
@@ -84,10 +121,11 @@ def find_resume_point(config: RunConfig, resume: str, init_from: str | None = No
         tag_dir = ckpt.resolve_checkpoint(resume)
     if tag_dir is not None:
         check_same_model(tag_dir, config.model)
-        if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
-            check_same_layout(tag_dir, config.train, launcher_world_size())
-            check_same_weights_dtype(tag_dir, config.train.precision)
-    return ResumePoint(tag_dir, init_from=start)
+    change = None
+    if tag_dir is not None and not ckpt.is_weights_only(tag_dir):  # full weights fit any layout anyway
+        check_same_weights_dtype(tag_dir, config.train.precision)
+        change = layout_change(tag_dir, config.train, launcher_world_size())
+    return ResumePoint(tag_dir, init_from=start, layout_change=change)
 
 
 def check_fits_model(source: Path, model: ModelConfig) -> None:
@@ -121,23 +159,32 @@ def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
             )
 
 
-def check_same_layout(tag_dir: Path, train: TrainConfig, world: int) -> None:
-    """Resuming DeepSpeed's files needs the tensor-parallel layout and the ZeRO stage they were
-    written with (the stage DeepSpeed ran: see lm.ds_config.engine_stage)."""
+def layout_name(tp: int, dp: int, stage: int) -> str:
+    return f"TP{tp}xDP{dp} ZeRO-{stage}"
+
+
+def layout_change(tag_dir: Path, train: TrainConfig, world: int) -> str | None:
+    """None when this run of `world` ranks has the layout DeepSpeed's files of `tag_dir` were
+    written in (TP size, data-parallel size, the stage DeepSpeed ran: lm.ds_config.engine_stage),
+    else "SAVED -> THIS" (e.g. "TP1xDP2 ZeRO-2 -> TP2xDP1 ZeRO-3"); refuses what cannot be re-split."""
     info = ckpt.read_marker(tag_dir)
-    saved = info["config"]["train"].get("tensor_parallel", 1)
-    if saved != train.tensor_parallel:
+    saved_tp = info["config"]["train"].get("tensor_parallel", 1)
+    saved = layout_name(saved_tp, info["world_size"] // saved_tp, ckpt.layout_stage(info))
+    dp = max(1, world // train.tensor_parallel)
+    ours = layout_name(train.tensor_parallel, dp, engine_stage(train, dp))
+    if saved == ours:
+        return None
+    if train.precision == "bf16-weights":  # its fp32 master lives in DeepSpeed's bf16 optimizer
         raise UserError(
-            f"checkpoint {tag_dir} was written with train.tensor_parallel={saved}, not {train.tensor_parallel}; "
-            "resume with the same layout"
+            f"checkpoint {tag_dir} holds bf16-weights files of {saved}, which resume only in that layout, "
+            f"not {ours}; resume with it, or start from its weights (lm convert --to checkpoint)"
         )
-    saved_stage, stage = ckpt.layout_stage(info), engine_stage(train, max(1, world // train.tensor_parallel))
-    if saved_stage != stage:
-        raise UserError(
-            f"checkpoint {tag_dir} holds ZeRO-{saved_stage} files ({info['world_size']} ranks), and this run of "
-            f"{world} rank(s) runs ZeRO-{stage}; resume with the stage and ranks it was written with, or start "
-            "from its weights (lm convert --to checkpoint)"
-        )
+    return f"{saved} -> {ours}"
+
+
+def dropout_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The dropout stream of a run re-split at `step`: the saved streams belong to the old ranks."""
+    return parameter_seed(seed, f"dropout/step{step}/dp{dp_rank}")
 
 
 def check_same_weights_dtype(tag_dir: Path, precision: str) -> None:

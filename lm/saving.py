@@ -35,6 +35,8 @@ def save_checkpoint(
             "batches_consumed": step,
             "world_size": world.world_size,
             "zero_layout": engine.stage,  # whose files these are (lm.checkpoint.layout_stage)
+            # DeepSpeed keeps a client state key of this name for itself on load: the marker holds ours.
+            "skipped_steps": skipped_steps,
             "config": config.to_dict(),
         }
         ckpt.write_marker(tag_dir, info)

@@ -35,7 +35,14 @@ from lm.metrics import RunLog, means_over_ranks, memory_mib, progress_line, vali
 from lm.numerics import NonFinitePolicy, SkippableAdamW
 from lm.parallel import ParallelGroups, build_groups
 from lm.plan import check_memory
-from lm.resume import ResumePoint, find_resume_point, last_checkpoint_hint, prepare_run_dir, restore_rng_state
+from lm.resume import (
+    ResumePoint,
+    dropout_seed,
+    find_resume_point,
+    last_checkpoint_hint,
+    prepare_run_dir,
+    restore_rng_state,
+)
 from lm.saving import save_checkpoint
 from lm.schedule import build_optimizer, build_scheduler
 
@@ -181,11 +188,13 @@ def start_run(config: RunConfig, resume: str = "none", init_from: str | None = N
     # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
     # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
     torch.manual_seed(t.seed + 1 + groups.dp_rank)
-    skipped = 0
-    if point.tag_dir is not None and not point.weights_only:
-        client = engine.load(point.tag_dir)
-        start, skipped = client["step"], client.get("skipped_steps", 0)
+    if point.loads_deepspeed_files:  # the same layout: DeepSpeed's own load, bitwise
+        start = engine.load(point.tag_dir)["step"]
         restore_rng_state(point.tag_dir, world.rank)
+    elif point.resharded:  # weights came in as initial weights; Adam's state goes into the partitions
+        engine.set_optimizer_state(*point.optimizer_state(config.model, groups.tp_size, groups.tp_rank))
+        torch.manual_seed(dropout_seed(t.seed, start, groups.dp_rank))  # the saved streams were other ranks'
+    skipped = point.skipped_steps()
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, shards.tokenizer_path, world)
     policy = NonFinitePolicy(t, engine.module, world.device, lambda: last_checkpoint_hint(run_dir), skipped)
@@ -205,6 +214,11 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
     twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
     if twicing is not None:
         line += f", twicing on {twicing.runs_on(run.world.device, m.head_dim)}"
+    if point.resharded:
+        return line + (
+            f", resuming at step {run.start} on a new layout ({point.layout_change}): "
+            "optimizer state re-split, dropout streams reseeded"
+        )
     return line + (f", resuming at step {run.start}" if run.start else "")
 
 

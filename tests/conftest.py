@@ -168,6 +168,8 @@ def cpu_env(threads: int = 1) -> dict:
     dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    # A script under tests/ imports this checkout's lm, not that of the editable install (a worktree's).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
 

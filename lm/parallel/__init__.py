@@ -6,6 +6,6 @@ turns a (full, identically seeded) GPT into this rank's slice, built from the la
 """
 
 from lm.parallel.groups import ParallelGroups, build_groups
-from lm.parallel.shard import merge_state_dicts, shard_model, tp_layout
+from lm.parallel.shard import merge_state_dicts, shard_model, slice_state_dict, tp_layout
 
-__all__ = ["ParallelGroups", "build_groups", "merge_state_dicts", "shard_model", "tp_layout"]
+__all__ = ["ParallelGroups", "build_groups", "merge_state_dicts", "shard_model", "slice_state_dict", "tp_layout"]

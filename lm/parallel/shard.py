@@ -113,6 +113,18 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig
     return full
 
 
+def slice_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """TP rank `rank`'s part of a full state dict (of weights or of Adam's moments): the inverse of
+    merge_state_dicts."""
+    if tp == 1:
+        return dict(full)
+    layout = tp_layout(config, tp, rank)
+    return {
+        name: value.index_select(layout[name][0], layout[name][1]) if name in layout else value
+        for name, value in full.items()
+    }
+
+
 @torch.no_grad()
 def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
     """Replace the split layers of `model` (in place) by this rank's tensor-parallel slices."""
