@@ -12,8 +12,8 @@ A run directory, as written by `lm train` and `lm demo`:
         complete.json                written last, by rank 0, after every rank has finished
 
 A checkpoint without `complete.json` was interrupted and is never resumed from. `complete.json`
-also records the step, the data position and the config, so a checkpoint can be inspected and
-checked against a model without unpickling anything.
+also records the step, the data position, the skipped-update count and the config, so a
+checkpoint can be inspected and checked against a model without unpickling anything.
 
 `lm convert --to checkpoint` writes a weights-only checkpoint instead of DeepSpeed's files:
 `model.safetensors` (the full weights, for any TP layout) beside `complete.json`.
