@@ -168,6 +168,8 @@ def cpu_env(threads: int = 1) -> dict:
     dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    # A script (tests/*_run.py) imports this checkout's packages, not those the editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
