@@ -45,7 +45,7 @@ class Ended:
 
 def run_owned(command: list[str], env: dict[str, str], label: str = "lm", grace: float = GRACE_SECONDS) -> Ended:
     """Run a launcher `command` as the owned head of its process tree (see the module's docstring)."""
-    tree = OwnedTree(label, grace)
+    tree = OwnedTree(label, grace, others={p.pid for p in safe_children(psutil.Process())})
     previous = {sig: signal.signal(sig, tree.note) for sig in STOP_SIGNALS}  # before the start: none is missed
     was_subreaper = set_child_subreaper(True)
     try:
@@ -62,8 +62,9 @@ def run_owned(command: list[str], env: dict[str, str], label: str = "lm", grace:
 class OwnedTree:
     """The launcher, and everything under it, until all of it has ended."""
 
-    def __init__(self, label: str, grace: float):
+    def __init__(self, label: str, grace: float, others: set[int]):
         self.label, self.grace = label, grace
+        self.others = others  # this process's children from before: not of the tree, not ours to reap
         self.runner: subprocess.Popen | None = None
         self.noted: list[signal.Signals] = []  # by the handler; acted on by the loop, outside it
         self.received: signal.Signals | None = None  # the first stop signal this process got
@@ -82,12 +83,12 @@ class OwnedTree:
             if self.status is None and self.runner.poll() is not None:
                 code = self.runner.returncode
                 self.status = 128 - code if code < 0 else code
-                left = descendants()
+                left = self.descendants()
                 if left:
                     self.say(f"the launcher ended (status {self.status}) with {len(left)} process(es) left")
-                    self.stop(signal.SIGTERM, rank_processes() or left)
-            reap_adopted(self.runner.pid)
-            left = descendants()
+                    self.stop(signal.SIGTERM, self.rank_processes() or left)
+            self.reap_adopted()
+            left = self.descendants()
             if self.status is not None and not left:
                 return Ended(self.status, self.received)
             if self.stop_began is not None and time.monotonic() - self.stop_began > self.grace:
@@ -97,7 +98,7 @@ class OwnedTree:
     def stop(self, sig: signal.Signals, targets: list[psutil.Process] | None = None) -> None:
         """Send `sig` to the ranks (or `targets`); before any rank exists, to the launcher."""
         if targets is None:
-            targets = rank_processes() or ([psutil.Process(self.runner.pid)] if self.status is None else [])
+            targets = self.rank_processes() or ([psutil.Process(self.runner.pid)] if self.status is None else [])
         sent = [p.pid for p in targets if send(p, sig)]
         if sent:
             self.say(f"{sig.name} to process(es) {', '.join(map(str, sent))}; waiting for them to end")
@@ -113,45 +114,43 @@ class OwnedTree:
     def say(self, line: str) -> None:
         print(f"{self.label}: {line}", file=sys.stderr, flush=True)
 
+    def children(self) -> list[psutil.Process]:
+        """This process's children of the tree: the launcher and the orphans adopted from under it."""
+        return [p for p in safe_children(psutil.Process()) if p.pid not in self.others]
 
-def descendants() -> list[psutil.Process]:
-    """Every living process under this one (zombies awaiting their parent included: not gone yet)."""
+    def descendants(self) -> list[psutil.Process]:
+        """Every process of the tree still there (zombies awaiting their parent included: not gone yet)."""
+        return [q for p in self.children() for q in [p, *safe_children(p, recursive=True)]]
+
+    def rank_processes(self) -> list[psutil.Process]:
+        """The topmost processes of the tree whose environment has LOCAL_RANK: the ranks a launcher
+        started (their own children, data loader workers say, inherit it and are theirs to stop)."""
+        found, level = [], self.children()
+        while level:
+            below = []
+            for p in level:
+                try:
+                    (found if "LOCAL_RANK" in p.environ() else below).append(p)
+                except psutil.Error:  # gone, a zombie, or not ours to read
+                    continue
+            level = [c for p in below for c in safe_children(p)]
+        return found
+
+    def reap_adopted(self) -> None:
+        """Collect the exit status of orphans that re-parented to this process (the runner is Popen's)."""
+        for child in self.children():
+            if child.pid != self.runner.pid:
+                try:
+                    os.waitpid(child.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+
+def safe_children(p: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
     try:
-        return psutil.Process().children(recursive=True)
+        return p.children(recursive=recursive)
     except psutil.Error:
         return []
-
-
-def rank_processes() -> list[psutil.Process]:
-    """The topmost processes under this one whose environment has LOCAL_RANK: the ranks a launcher
-    started (their own children, data loader workers say, inherit it and are theirs to stop)."""
-    found, level = [], psutil.Process().children()
-    while level:
-        below = []
-        for p in level:
-            try:
-                (found if "LOCAL_RANK" in p.environ() else below).append(p)
-            except psutil.Error:  # gone, a zombie, or not ours to read
-                continue
-        level = [c for p in below for c in safe_children(p)]
-    return found
-
-
-def safe_children(p: psutil.Process) -> list[psutil.Process]:
-    try:
-        return p.children()
-    except psutil.Error:
-        return []
-
-
-def reap_adopted(runner_pid: int) -> None:
-    """Collect the exit status of orphans that re-parented to this process (the runner is Popen's)."""
-    for child in safe_children(psutil.Process()):
-        if child.pid != runner_pid:
-            try:
-                os.waitpid(child.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
 
 
 def send(p: psutil.Process, sig: signal.Signals) -> bool:
