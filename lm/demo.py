@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     command = deepspeed_local_command(args.procs, "lm.train", ["--config", str(config_path)])
     ended = run_owned(command, local_environment(args.procs), label="lm demo")
     if ended.signal is not None:
-        raise UserError(f"demo stopped by {ended.signal.name} during training (its checkpoint is in {out})")
+        raise UserError(f"demo stopped by {ended.signal.name} during training (checkpoints saved: {out}/checkpoints)")
     if ended.status != 0:
         raise UserError("demo training failed (see the output above)")
 
