@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "python-hostlist>=1.23",
+        "psutil>=5.9",  # launch.processes (DeepSpeed needs it too)
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -11,18 +11,20 @@ Before anything starts, lm.launcher validates the run config against the allocat
 size must split into TP groups, and train.batch_size into micro batches x accumulation x
 data-parallel ranks. The hostfile and the environment every rank needs (`.deepspeed_env`: threads, sockets, accelerator,
 master address) are written to TRAIN_OUT_DIR/launch/, then the deepspeed launcher runs
-`lm.train`. --dry-run prints the files and the exact command and starts nothing.
+`lm.train`. --dry-run prints the files and the exact command and starts nothing. SIGINT, SIGTERM
+and SIGUSR1 go to this node's ranks, and `lm launch` returns once none of them is left
+(launch.processes): a SIGTERM ends the run with a checkpoint and status 0.
 """
 
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 from core.errors import UserError
 from launch.hosts import Allocation, from_hostfile, from_mpi, from_nodes, from_slurm
+from launch.processes import run_owned
 
 LAUNCHERS = ("pdsh", "openmpi", "mpich", "slurm")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", os.uname().nodename}
@@ -159,4 +161,4 @@ def start(args, allocation: Allocation, launch_dir: Path, summary: str) -> int:
     env_file.write_text(env_text)
     print(f"lm launch: {summary}", flush=True)
     # The launcher exports .deepspeed_env to remote ranks; local ones inherit it directly.
-    return subprocess.run(command, env={**os.environ, **env, "DS_ENV_FILE": str(env_file)}).returncode
+    return run_owned(command, {**os.environ, **env, "DS_ENV_FILE": str(env_file)}, label="lm launch").status

@@ -10,6 +10,7 @@ attention_impl) in `ATTENTION_VARIANTS`; what a variant computes and costs is lm
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,8 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"  # a step with a non-finite loss or gradient (see lm.numerics)
     skip_limit: int = 10  # with nonfinite: skip, this many skipped steps in a row stop the run
     tensorboard: bool = True
+    # Signals that end the run with a checkpoint and exit 0 (lm.stopping), as SIGTERM or TERM; [] for none.
+    save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
 
     def __post_init__(self):
@@ -213,6 +216,7 @@ class TrainConfig:
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
         self.checkpointed_blocks(1)  # validates the value
+        self.save_on_signal = [stop_signal_name(name) for name in self.save_on_signal]
         if self.offload != "none" and self.zero_stage == 0:
             raise UserError(f"train.offload={self.offload} needs ZeRO stage 1, 2 or 3 (train.zero_stage is 0)")
         if self.offload == "optimizer+params" and self.zero_stage != 3:
@@ -244,6 +248,16 @@ class TrainConfig:
                 f"x data-parallel size ({data_parallel_size})"
             )
         return self.batch_size // per_step
+
+
+def stop_signal_name(name: str) -> str:
+    """The canonical name ("SIGTERM") of a signal a run may stop on, given as "SIGTERM", "TERM" or "term"."""
+    canonical = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    if canonical in ("SIGKILL", "SIGSTOP"):
+        raise UserError(f"train.save_on_signal: {canonical} cannot be caught, so no run can save on it")
+    if canonical not in signal.Signals.__members__:
+        raise UserError(f"train.save_on_signal: {name!r} is not a signal name (such as SIGTERM or USR1)")
+    return canonical
 
 
 @dataclass

@@ -14,7 +14,6 @@ Afterwards `lm eval|convert|generate --checkpoint DIR` work on what the demo lef
 import argparse
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from core.errors import UserError, refuse_non_empty, run_command
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
 from launch.local import deepspeed_local_command, local_environment
+from launch.processes import run_owned
 from lm.evaluate import evaluate_text
 from lm.generate import continuation_text, generate
 from lm.inference import load_for_inference
@@ -78,7 +78,10 @@ def main(argv=None) -> int:
     config_path = data_dir / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = deepspeed_local_command(args.procs, "lm.train", ["--config", str(config_path)])
-    if subprocess.run(command, env=local_environment(args.procs)).returncode != 0:
+    ended = run_owned(command, local_environment(args.procs), label="lm demo")
+    if ended.signal is not None:
+        raise UserError(f"demo stopped by {ended.signal.name} during training (checkpoints saved: {out}/checkpoints)")
+    if ended.status != 0:
         raise UserError("demo training failed (see the output above)")
 
     print("== eval and generate", flush=True)

@@ -94,6 +94,13 @@ class RunLog:
         if console:
             print(console, flush=True)
 
+    def event(self, step: int, line: str) -> None:
+        """A line that is no measurement (how the run ended): the console and metrics.jsonl, no scalar."""
+        if self.enabled:
+            self.metrics.write(json.dumps({"step": step, "event": line}) + "\n")
+            self.metrics.flush()
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.enabled:
             self.metrics.close()

@@ -45,6 +45,7 @@ from lm.resume import (
 )
 from lm.saving import save_checkpoint
 from lm.schedule import build_optimizer, build_scheduler
+from lm.stopping import StopAgreement, StopSignals, stop_with_parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    stop_with_parent()  # a rank whose launcher dies stops as on SIGTERM, instead of training on alone
     args = parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be positive, got {args.stop_at}")
@@ -112,6 +114,7 @@ class Run:
     val_windows: list[torch.Tensor]
     grad_accum: int
     start: int
+    stop: StopAgreement
 
     @property
     def run_dir(self) -> Path:
@@ -122,12 +125,13 @@ def train(
     config: RunConfig, resume: str = "none", stop_at: int | None = None, init_from: str | None = None
 ) -> TrainResult:
     """Run (or continue) training; `stop_at` ends this invocation early, with a checkpoint, without
-    changing the LR schedule."""
-    run = start_run(config, resume, init_from)
-    try:
-        return run_loop(run, stop_at)
-    finally:
-        run.log.close()
+    changing the LR schedule, and so does a signal of train.save_on_signal (lm.stopping)."""
+    with StopSignals(config.train.save_on_signal) as signals:  # from the start: a signal during set-up counts
+        run = start_run(config, resume, init_from, signals)
+        try:
+            return run_loop(run, stop_at)
+        finally:
+            run.log.close()
 
 
 # ---- set-up ----------------------------------------------------------------------------------
@@ -165,8 +169,11 @@ def build_model(
     return model, parameter_count(config.model)
 
 
-def start_run(config: RunConfig, resume: str = "none", init_from: str | None = None) -> Run:
-    """Everything before the first step: data, resume point, process groups, engine, run directory."""
+def start_run(
+    config: RunConfig, resume: str = "none", init_from: str | None = None, signals: StopSignals | None = None
+) -> Run:
+    """Everything before the first step: data, resume point, process groups, engine, run directory.
+    The loop stops on the `signals` noted (none: it never stops on a signal)."""
     t = config.train
     shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
     if t.compile:
@@ -177,6 +184,7 @@ def start_run(config: RunConfig, resume: str = "none", init_from: str | None = N
     world = init_distributed()
     quiet_deepspeed()
     groups = build_groups(t.tensor_parallel)
+    stop = StopAgreement(signals)
     seq_len = config.model.block_size
     batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
     val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
@@ -198,7 +206,8 @@ def start_run(config: RunConfig, resume: str = "none", init_from: str | None = N
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, shards.tokenizer_path, world)
     policy = NonFinitePolicy(t, engine.module, world.device, lambda: last_checkpoint_hint(run_dir), skipped)
-    run = Run(config, world, groups, engine, policy, RunLog(run_dir, config, world), batches, val, grad_accum, start)
+    log = RunLog(run_dir, config, world)
+    run = Run(config, world, groups, engine, policy, log, batches, val, grad_accum, start, stop)
     run.log.say(startup_line(run, n_params, point))
     return run
 
@@ -294,8 +303,10 @@ def validate(run: Run, step: int, result: TrainResult) -> None:
 
 
 def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
-    """Steps from run.start to train.steps (or `stop_at`). The host waits for the device only where
-    the log is written (every train.log_interval steps), before validation and before a checkpoint."""
+    """Steps from run.start to train.steps (or `stop_at`, or the step the ranks agree a stop signal
+    ends, see lm.stopping: its checkpoint is saved, once, after the validation due there if any).
+    The host waits for the device only where the log is written (every train.log_interval steps),
+    before validation and before a checkpoint."""
     t = run.config.train
     result = TrainResult(step=run.start, run_dir=run.run_dir)
     if run.val_windows and run.start == 0:
@@ -308,8 +319,9 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
         loss_sum, applied = optimizer_step(run, step)
         done = result.step = step + 1
         records.append(StepRecord(done, lr, loss_sum, run.engine.grad_norm(), applied))
+        stop_signal = run.stop.at_boundary()  # the same on every rank
         evaluate = run.val_windows and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps)
-        save = (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last
+        save = (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last or stop_signal
         if not (evaluate or save or done % t.log_interval == 0):
             continue
         log_steps(run, records, time.perf_counter() - clock, result)  # ends a run that must stop, unsaved
@@ -320,7 +332,11 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
             result.checkpoint = save_checkpoint(
                 run.engine, run.run_dir, done, run.config, run.world, run.policy.skipped
             )
+        if stop_signal:
+            run.log.event(done, f"stopped by {stop_signal.name} at step {done}, checkpoint {result.checkpoint}")
+            return result
         clock = time.perf_counter()
+    run.stop.finish()
     return result
 
 

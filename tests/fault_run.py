@@ -2,7 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fault_run.py FAULT STEP RANK -- --config C ...
 
-FAULT is `kill-in-step` (SIGKILL rank RANK once it has run its STEP-th optimizer step), `nan-in-step`
+FAULT is `kill-in-step` (SIGKILL rank RANK once it has run its STEP-th optimizer step), `term-in-step`
+(a real SIGTERM to rank RANK once it has run its STEP-th optimizer step, and a second one while it
+writes its next checkpoint), `nan-in-step`
 (rank RANK's loss of its STEP-th training forward pass becomes NaN; with STEP written `N+`, of
 every pass from the N-th on), `nan-in-weights` (rank RANK's first weight becomes NaN just before
 the step-STEP checkpoint is saved) or `kill-in-save`
@@ -41,6 +43,22 @@ def main() -> None:
             return result
 
         lm.train.optimizer_step = optimizer_step
+    elif fault == "term-in-step":
+        real, real_save, calls = lm.train.optimizer_step, checkpoint.save_rng_state, {"n": 0}
+
+        def optimizer_step(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == step and dist.get_rank() == rank:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        def save_rng_state(tag_dir, r):
+            if calls["n"] >= step and r == rank:  # the checkpoint the first signal asked for
+                os.kill(os.getpid(), signal.SIGTERM)
+            real_save(tag_dir, r)
+
+        lm.train.optimizer_step, checkpoint.save_rng_state = optimizer_step, save_rng_state
     elif fault == "nan-in-step":
         from lm.model import CrossEntropy
 

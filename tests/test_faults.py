@@ -19,7 +19,7 @@ from conftest import (
     tiny_run_config,
     write_config,
 )
-from lm.checkpoint import tag_for_step
+from lm.checkpoint import complete_checkpoints, tag_for_step
 from lm.config import RunConfig
 from lm.inference import load_model
 from lm.schedule import lr_at
@@ -59,6 +59,21 @@ def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tm
     resumed = run_lm("lm.train", "--config", str(faulty), "--resume", "auto", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "twicing on two SDPA passes, resuming at step 5" in resumed.stdout  # a CPU keeps the two-pass path
+    assert losses_from(tmp_path / "faulty") == straight_losses
+
+
+def test_sigterm_to_one_rank_checkpoints_the_next_step_exits_0_and_resume_continues_bitwise(
+    tiny_shards, tmp_path, straight_losses
+):
+    """The rank gets a second SIGTERM while it writes that checkpoint: the save just finishes."""
+    faulty = faulty_config(tiny_shards, tmp_path)
+    result, seconds = run_with_fault("term-in-step", 6, 1, faulty)  # after its 6th step
+    assert result.returncode == 0 and seconds < 60, result.stderr[-2000:]
+    newest = complete_checkpoints(tmp_path / "faulty")[-1]
+    assert newest.name == "step00000007"  # agreed one step later, on every rank alike
+    assert f"stopped by SIGTERM at step 7, checkpoint {newest}" in result.stdout
+    resumed = run_lm("lm.train", "--config", str(faulty), "--resume", "auto", nproc=2)
+    assert resumed.returncode == 0 and "resuming at step 7" in resumed.stdout, resumed.stderr[-2000:]
     assert losses_from(tmp_path / "faulty") == straight_losses
 
 
