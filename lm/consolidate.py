@@ -18,7 +18,6 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from core.errors import UserError
 from lm import checkpoint as ckpt
@@ -26,6 +25,7 @@ from lm.config import ModelConfig, RunConfig
 from lm.engine import read_checkpoint_file
 from lm.model import embedding_names
 from lm.parallel import merge_state_dicts
+from lm.safe_load import load_safetensors
 
 
 def with_tied_names(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -43,8 +43,9 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
     info = ckpt.read_marker(tag_dir)
     config = RunConfig.from_dict(info["config"], source=str(tag_dir / ckpt.COMPLETE_MARKER))
+    ckpt.check_files(tag_dir, info)  # truncated or missing files, before anything is read
     if ckpt.is_weights_only(tag_dir):
-        return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE), config.model)
+        return with_tied_names(load_safetensors(tag_dir / ckpt.WEIGHTS_FILE), config.model)
     return consolidate(tag_dir, config.model, ckpt.layout_stage(info), config.train.tensor_parallel, info["world_size"])
 
 

@@ -83,6 +83,7 @@ def find_resume_point(config: RunConfig, resume: str, init_from: str | None = No
     else:
         tag_dir = ckpt.resolve_checkpoint(resume)
     if tag_dir is not None:
+        ckpt.check_files(tag_dir, ckpt.read_marker(tag_dir))  # truncated or missing files, before any process group
         check_same_model(tag_dir, config.model)
         if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
             check_same_layout(tag_dir, config.train, launcher_world_size())
@@ -156,7 +157,9 @@ def restore_rng_state(tag_dir: Path, rank: int) -> None:
     path = ckpt.rng_file(tag_dir, rank)
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint was written by a different number of ranks")
-    state = load_tensors(path)
+    state = ckpt.check_stamp(path, load_tensors(path))
+    if not isinstance(state.get("torch"), torch.Tensor):
+        raise UserError(f"{path}: not an RNG state file (no 'torch' generator state)")
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

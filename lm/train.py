@@ -36,7 +36,7 @@ from lm.numerics import NonFinitePolicy, SkippableAdamW
 from lm.parallel import ParallelGroups, build_groups
 from lm.plan import check_memory
 from lm.resume import ResumePoint, find_resume_point, last_checkpoint_hint, prepare_run_dir, restore_rng_state
-from lm.saving import save_checkpoint
+from lm.saving import save_checkpoint, warn_if_short_of_space
 from lm.schedule import build_optimizer, build_scheduler
 
 
@@ -188,6 +188,7 @@ def start_run(config: RunConfig, resume: str = "none", init_from: str | None = N
         restore_rng_state(point.tag_dir, world.rank)
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, shards.tokenizer_path, world)
+    warn_if_short_of_space(run_dir, config, world)
     policy = NonFinitePolicy(t, engine.module, world.device, lambda: last_checkpoint_hint(run_dir), skipped)
     run = Run(config, world, groups, engine, policy, RunLog(run_dir, config, world), batches, val, grad_accum, start)
     run.log.say(startup_line(run, n_params, point))
