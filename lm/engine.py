@@ -66,6 +66,14 @@ def read_checkpoint_file(path: Path) -> dict:
     return ckpt.check_stamp(path, load_tensors(path, checkpoint_classes()))
 
 
+def check_checkpoint_files(tag_dir: Path) -> None:
+    """Every .pt file of `tag_dir` is of its checkpoint's save, checked cheaply (tensors mapped, not
+    read) on every rank before any is loaded: a bad file a single rank loads would end that rank
+    alone, and only rank 0 reports errors."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        ckpt.check_stamp(path, load_tensors(path, checkpoint_classes(), mmap=True))
+
+
 class GuardedWrites:
     """What DeepSpeed's save writes, through lm.checkpoint.write_tensors, each file stamped with
     the save; the first failed write is kept in `error` (and nothing more is written) instead of

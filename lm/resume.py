@@ -31,6 +31,7 @@ from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.consolidate import load_model_weights
 from lm.distributed import World
 from lm.ds_config import engine_stage
+from lm.engine import check_checkpoint_files
 from lm.inference import load_weights, source_config
 from lm.initialization import full_shapes
 from lm.safe_load import load_tensors
@@ -86,6 +87,7 @@ def find_resume_point(config: RunConfig, resume: str, init_from: str | None = No
         ckpt.check_files(tag_dir, ckpt.read_marker(tag_dir))  # truncated or missing files, before any process group
         check_same_model(tag_dir, config.model)
         if not ckpt.is_weights_only(tag_dir):  # full weights fit any layout; DeepSpeed's files only theirs
+            check_checkpoint_files(tag_dir)  # files of another save
             check_same_layout(tag_dir, config.train, launcher_world_size())
             check_same_weights_dtype(tag_dir, config.train.precision)
     return ResumePoint(tag_dir, init_from=start)

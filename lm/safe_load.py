@@ -17,14 +17,15 @@ from safetensors import safe_open
 from core.errors import UserError
 
 
-def load_tensors(path: Path, allowed: Iterable[type] = ()) -> dict:
-    """torch.load that runs no code from the file: tensors, containers and the `allowed` classes."""
+def load_tensors(path: Path, allowed: Iterable[type] = (), mmap: bool = False) -> dict:
+    """torch.load that runs no code from the file: tensors, containers and the `allowed` classes.
+    With `mmap` the tensors stay on disk until touched (only the small pickle is read)."""
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint is incomplete")
     try:
         with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols is not the user's business
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a corrupt or foreign file, whatever the unpickler says
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = f"it asks to run {found.group(1)}" if found else str(exc).splitlines()[0][:100]
