@@ -170,6 +170,8 @@ def cpu_env(threads: int = 1) -> dict:
     dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    # tests/*_run.py scripts import `lm` from this checkout, not from wherever the package is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
 
 
