@@ -179,8 +179,8 @@ def activation_bytes(config: RunConfig) -> float:
 
 
 # DeepSpeed's files beside the tensors (its config, the ZeRO bookkeeping) and the RNG state, per
-# rank; measured on the tiny test model at ZeRO-0, 2 and 3 (60 to 80 kB).
-CHECKPOINT_OVERHEAD_PER_RANK = 100_000
+# rank; measured on the tiny test model at ZeRO-0, 2 and 3 (20 to 80 kB).
+CHECKPOINT_OVERHEAD_PER_RANK = 50_000
 
 
 def checkpoint_size(config: RunConfig, world: int) -> int:
