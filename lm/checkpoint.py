@@ -93,8 +93,9 @@ def marker_problem(info: Any) -> str | None:
     if not isinstance(info.get("config"), dict):
         return "no 'config' object"
     files = info.get("files", {})
-    if not (isinstance(files, dict) and all(isinstance(k, str) and whole(v) for k, v in files.items())):
-        return "'files' is not an object of byte sizes"
+    plain = lambda name: isinstance(name, str) and Path(name).name == name  # a file of this directory
+    if not (isinstance(files, dict) and all(plain(k) and whole(v) for k, v in files.items())):
+        return "'files' is not an object of this directory's file names and byte sizes"
     if not isinstance(info.get("save_id", ""), str):
         return "'save_id' is not a string"
     return None
