@@ -6,14 +6,18 @@ A run directory, as written by `lm train` and `lm demo`:
     RUN/tokenizer.model              the sentencepiece model the shards were made with, or instead
     RUN/tokenizer.json               their Hugging Face tokenizer (beside its tokenizer_config.json)
     RUN/tensorboard/                 scalars
-    RUN/checkpoints/latest           DeepSpeed's pointer to the newest tag
+    RUN/checkpoints/latest           the newest complete tag (for DeepSpeed's own tools)
     RUN/checkpoints/step00000100/    one DeepSpeed checkpoint (per-rank files), plus
         rng_rank{R}.pt               each rank's RNG state (tensors only: loads with weights_only)
         complete.json                written last, by rank 0, after every rank has finished
 
-A checkpoint without `complete.json` was interrupted and is never resumed from. `complete.json`
-also records the step, the data position, the skipped-update count and the config, so a
-checkpoint can be inspected and checked against a model without unpickling anything.
+A checkpoint without `complete.json` was interrupted and is never resumed from; `latest` is
+written only after it. `complete.json` also records the step, the data position, the
+skipped-update count and the config, so a checkpoint can be inspected and checked against a
+model without unpickling anything, and the byte size of every other file of the checkpoint
+(`files`: a truncated or replaced file is found before anything is read) and the save's
+`save_id`, which every file written through `write_tensors` carries too (its STAMP_KEY): a file
+of another save is refused (`check_stamp`).
 
 `lm convert --to checkpoint` writes a weights-only checkpoint instead of DeepSpeed's files:
 `model.safetensors` (the full weights, for any TP layout) beside `complete.json`.
@@ -27,12 +31,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from core.errors import UserError
 
 COMPLETE_MARKER = "complete.json"
+LATEST = "latest"
+STAMP_KEY = "lm_checkpoint"  # in every file a save writes: {"step": N, "save_id": ...} of that save
 WEIGHTS_FILE = "model.safetensors"
 # A run's or converted directory's tokenizer, first found wins: data_prep.tokenizer's SP_NAME, HF_NAME.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -55,11 +62,44 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda d: read_marker(d)["step"])
 
 
+def remove_checkpoint(tag_dir: Path) -> None:
+    """Delete a checkpoint directory, its marker first: a crash mid-delete leaves it incomplete."""
+    (tag_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
+
+
 def read_marker(tag_dir: Path) -> dict:
+    """A checkpoint's marker, checked to be one; anything else is one line naming the file."""
+    path = tag_dir / COMPLETE_MARKER
     try:
-        return json.loads((tag_dir / COMPLETE_MARKER).read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{tag_dir / COMPLETE_MARKER}: unreadable checkpoint marker ({exc})") from None
+        raise UserError(f"{path}: unreadable checkpoint marker ({str(exc).splitlines()[0][:100]})") from None
+    problem = marker_problem(info)
+    if problem:
+        raise UserError(f"{path}: not a checkpoint marker ({problem})")
+    return info
+
+
+def marker_problem(info: Any) -> str | None:
+    """What makes `info` no checkpoint marker, or None: a JSON object with an integer step, the
+    world size (null for a weights-only checkpoint) and a config object; files and save_id if there."""
+    if not isinstance(info, dict):
+        return "not a JSON object"
+    whole = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not whole(info.get("step")):
+        return "no integer 'step'"
+    if not (whole(info.get("world_size")) or (info.get("weights_only") and info.get("world_size") is None)):
+        return "no integer 'world_size'"
+    if not isinstance(info.get("config"), dict):
+        return "no 'config' object"
+    files = info.get("files", {})
+    plain = lambda name: isinstance(name, str) and Path(name).name == name  # a file of this directory
+    if not (isinstance(files, dict) and all(plain(k) and whole(v) for k, v in files.items())):
+        return "'files' is not an object of this directory's file names and byte sizes"
+    if not isinstance(info.get("save_id", ""), str):
+        return "'save_id' is not a string"
+    return None
 
 
 def layout_stage(info: dict) -> int:
@@ -73,12 +113,109 @@ def layout_stage(info: dict) -> int:
 
 
 def write_marker(tag_dir: Path, info: dict) -> None:
-    tmp = tag_dir / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, tag_dir / COMPLETE_MARKER)
+    """Mark `tag_dir` complete, recording the byte size of each of its files (`files`)."""
+    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER}
+    write_atomically(tag_dir / COMPLETE_MARKER, json.dumps({**info, "files": files}, indent=2))
+
+
+def write_latest(run_dir: str | Path, tag: str) -> None:
+    """Point `latest` at a complete checkpoint (DeepSpeed's zero_to_fp32.py reads it)."""
+    write_atomically(checkpoint_root(run_dir) / LATEST, tag)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or keeps what it held (a failed write leaves no temporary file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_files(tag_dir: Path, info: dict) -> None:
+    """Every file the marker `info` lists is there with its recorded size: a truncated, missing or
+    replaced file is one line naming it, before anything is unpickled."""
+    for name, size in info.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the checkpoint is incomplete")
+        if path.stat().st_size != size:
+            raise UserError(
+                f"{path} holds {path.stat().st_size} bytes, {tag_dir / COMPLETE_MARKER} recorded {size}: "
+                "the file is truncated or was replaced"
+            )
+
+
+def size_on_disk(tag_dir: Path) -> int:
+    return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+
+
+class _RecordingSink:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports a failed
+    write in its zip format as a RuntimeError without errno ("unexpected pos ...")."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_tensors(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path`; a failed write (ENOSPC, EIO, EACCES) raises its OSError and
+    leaves no partial file."""
+    sink = None
+    try:
+        with open(path, "wb") as f:
+            sink = _RecordingSink(f)
+            torch.save(obj, sink)
+    except (OSError, RuntimeError) as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise
+        if sink is not None and sink.error is not None:
+            raise sink.error from None
+        raise
+
+
+def write_failure(exc: OSError, path: str | Path) -> str:
+    """A failed write, in words: `FILE: [Errno 28] No space left on device`."""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
+    return f"{Path(path).name}: {reason}"
+
+
+def check_stamp(path: Path, state: Any) -> dict:
+    """`state` read from `path`, without its stamp, refused unless it is a dict of the same save
+    as the marker of its directory (files of two checkpoints mixed); unchecked without a marker,
+    or with one from before save ids."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint file (it holds a {type(state).__name__}, not a dict)")
+    state = dict(state)
+    stamp = state.pop(STAMP_KEY, None)
+    if not (path.parent / COMPLETE_MARKER).is_file():
+        return state
+    info = read_marker(path.parent)
+    if "save_id" not in info:
+        return state
+    if not isinstance(stamp, dict) or stamp.get("save_id") != info["save_id"]:
+        origin = f"the save of step {stamp.get('step')}" if isinstance(stamp, dict) else "no save of this project"
+        raise UserError(
+            f"{path} comes from {origin}, not from the save of step {info['step']} that "
+            f"{path.parent / COMPLETE_MARKER} records: files of two checkpoints are mixed"
+        )
+    return state
 
 
 def sync_directory(tag_dir: Path) -> None:
@@ -105,8 +242,7 @@ def apply_retention(run_dir: str | Path, keep_last: int) -> list[Path]:
     found = complete_checkpoints(run_dir)
     doomed = found[: max(0, len(found) - keep_last)] if keep_last > 0 else []
     for d in doomed:
-        (d / COMPLETE_MARKER).unlink()  # first make it incomplete, so a crash mid-delete is harmless
-        shutil.rmtree(d)
+        remove_checkpoint(d)
     return doomed
 
 
@@ -134,8 +270,9 @@ def rng_state() -> dict:
     return state
 
 
-def save_rng_state(tag_dir: Path, rank: int) -> None:
-    torch.save(rng_state(), rng_file(tag_dir, rank))
+def save_rng_state(tag_dir: Path, rank: int, stamp: dict | None = None) -> None:
+    state = rng_state() if stamp is None else {**rng_state(), STAMP_KEY: stamp}
+    write_tensors(state, rng_file(tag_dir, rank))
 
 
 def rng_file(tag_dir: Path, rank: int) -> Path:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from core.errors import UserError
 from lm import checkpoint as ckpt
@@ -32,6 +31,7 @@ from lm.config import ModelConfig, RunConfig
 from lm.engine import read_checkpoint_file
 from lm.model import GPT, embedding_names
 from lm.parallel import merge_state_dicts
+from lm.safe_load import load_safetensors
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's two per-element states
 
@@ -58,6 +58,7 @@ def with_tied_names(weights: dict[str, torch.Tensor], config: ModelConfig) -> di
 
 def _run_config(tag_dir: Path) -> tuple[dict, RunConfig]:
     info = ckpt.read_marker(tag_dir)
+    ckpt.check_files(tag_dir, info)  # truncated or missing files, before anything is read
     return info, RunConfig.from_dict(info["config"], source=str(tag_dir / ckpt.COMPLETE_MARKER))
 
 
@@ -65,7 +66,7 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint: DeepSpeed's (any ZeRO stage, any TP) or weights-only."""
     info, config = _run_config(tag_dir)
     if ckpt.is_weights_only(tag_dir):
-        return with_tied_names(load_file(tag_dir / ckpt.WEIGHTS_FILE), config.model)
+        return with_tied_names(load_safetensors(tag_dir / ckpt.WEIGHTS_FILE), config.model)
     return consolidate(tag_dir, config.model, ckpt.layout_stage(info), config.train.tensor_parallel, info["world_size"])
 
 

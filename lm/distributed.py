@@ -6,7 +6,8 @@ MPI launcher's own variables instead; or as a plain `python` process, which has 
 get the torch variables from the launcher's, keeping a MASTER_ADDR / MASTER_PORT the user
 exported (DeepSpeed's own MPI discovery would replace them with the first address of
 `hostname -I`). Tasks started by `srun` read SLURM's variables, with rank 0 on the first node of
-SLURM_JOB_NODELIST. A lone process gets an explicit single-rank loopback world.
+SLURM_JOB_NODELIST. A lone process gets an explicit single-rank loopback world. DeepSpeed's
+shared-memory all-reduce, which training never uses, is kept out of /dev/shm (lm.shared_memory).
 """
 
 import gc
@@ -19,6 +20,7 @@ import torch
 from core.errors import UserError
 from core.ranks import LAUNCHERS, free_port, launcher_local_size
 from launch.hosts import expand_nodelist
+from lm.shared_memory import release_own_segment, remove_stale_segments, without_shm_all_reduce
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_MASTER_PORT = "29500"
@@ -114,13 +116,18 @@ def init_distributed() -> World:
     prepare_environment()
     if not torch.distributed.is_initialized():  # a process may start several runs in one group
         check_master_port()
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # before the rendezvous: no rank of ours has made one yet
+            remove_stale_segments()
     import deepspeed
 
     cuda = torch.cuda.is_available()
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL picks a device
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    with without_shm_all_reduce():  # training never uses it; it would leak 69 MB per rank (lm.shared_memory)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.distributed.barrier()  # every rank has mapped every rank's shm buffer, if DeepSpeed made them
+    release_own_segment(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -13,7 +13,11 @@ saves and loads its own checkpoint files. Around it, we:
 - skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
   where DeepSpeed discards a step itself, which it does not do;
 - read its checkpoint files without running code from them (lm.safe_load, allowing the few plain
-  DeepSpeed classes they contain), for resuming and for lm.consolidate;
+  DeepSpeed classes they contain), for resuming and for lm.consolidate, refusing a file of another
+  save than its checkpoint's (lm.checkpoint.check_stamp);
+- write its checkpoint files through lm.checkpoint.write_tensors, stamped with the save, and
+  record a failed write (a full disk) instead of raising it, so that every rank still meets
+  DeepSpeed's collectives inside its save and lm.saving can end the run on all ranks alike;
 - partition ZeRO-3 parameters one at a time as they are first drawn (sharded initialisation);
 - reach each rank's share of a ZeRO-3 parameter (`ds_tensor`);
 - place Adam's state re-split for this layout (resuming on another layout, lm.resume) into
@@ -23,12 +27,14 @@ Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
 """
 
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from lm import checkpoint as ckpt
 from lm.config import RunConfig
 from lm.distributed import select_accelerator
 from lm.ds_config import clips_itself, deepspeed_config, engine_stage, weights_are_master
@@ -57,8 +63,44 @@ def checkpoint_classes() -> list[type]:
 
 
 def read_checkpoint_file(path: Path) -> dict:
-    """One file of a DeepSpeed checkpoint, read without running code from it."""
-    return load_tensors(path, checkpoint_classes())
+    """One file of a DeepSpeed checkpoint, read without running code from it, of the same save as
+    its checkpoint's marker."""
+    return ckpt.check_stamp(path, load_tensors(path, checkpoint_classes()))
+
+
+def check_checkpoint_files(tag_dir: Path) -> None:
+    """Every .pt file of `tag_dir` is of its checkpoint's save, checked cheaply (tensors mapped, not
+    read) on every rank before any is loaded: a bad file a single rank loads would end that rank
+    alone, and only rank 0 reports errors."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        ckpt.check_stamp(path, load_tensors(path, checkpoint_classes(), mmap=True))
+
+
+class GuardedWrites:
+    """What DeepSpeed's save writes, through lm.checkpoint.write_tensors, each file stamped with
+    the save; the first failed write is kept in `error` (and nothing more is written) instead of
+    raised, so that this rank goes on through the save's collectives with the others."""
+
+    def __init__(self):
+        self.stamp: dict | None = None
+        self.error: str | None = None
+
+    def begin(self, stamp: dict) -> None:
+        self.stamp, self.error = stamp, None
+
+    def attempt(self, write, path) -> None:
+        if self.error is not None:
+            return
+        try:
+            write()
+        except OSError as exc:
+            self.error = ckpt.write_failure(exc, path)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        self.attempt(lambda: ckpt.write_tensors({**state_dict, ckpt.STAMP_KEY: self.stamp}, Path(path)), path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.attempt(lambda: os.makedirs(path, exist_ok=exist_ok), path)
 
 
 def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, groups: ParallelGroups) -> None:
@@ -144,6 +186,11 @@ class Engine:
         # DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
         # crafted file asks for; every file it reads goes through the safe reader instead.
         self.ds.checkpoint_engine.load = lambda path, map_location=None: read_checkpoint_file(Path(path))
+        self.writes = GuardedWrites()
+        self.ds.checkpoint_engine.save = self.writes.save
+        self.ds.checkpoint_engine.makedirs = self.writes.makedirs
+        copy_script = self.ds._copy_recovery_script  # rank 0 copies zero_to_fp32.py beside the checkpoints
+        self.ds._copy_recovery_script = lambda path: self.writes.attempt(lambda: copy_script(path), path)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -199,9 +246,13 @@ class Engine:
         for p in self.ds.module.parameters():
             yield getattr(p, "ds_tensor", p)
 
-    def save(self, tag_dir: Path, client_state: dict) -> None:
-        """Every rank writes its DeepSpeed files of checkpoint `tag_dir` (a collective)."""
-        self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client_state)
+    def save(self, tag_dir: Path, client_state: dict, stamp: dict) -> str | None:
+        """Every rank writes its DeepSpeed files of checkpoint `tag_dir` (a collective), each
+        carrying `stamp`; returns this rank's failed write, in words, or None. `latest` is
+        lm.saving's to write, once the checkpoint is complete."""
+        self.writes.begin(stamp)
+        self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client_state, save_latest=False)
+        return self.writes.error
 
     def load(self, tag_dir: Path) -> dict:
         """Weights, optimizer and schedule from DeepSpeed's files of `tag_dir`; returns the client state."""

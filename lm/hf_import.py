@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 
 from core.errors import UserError
 from core.json_files import read_json_object
@@ -40,6 +39,7 @@ from lm.config import ModelConfig, RunConfig
 from lm.consolidate import with_tied_names
 from lm.hf_export import CONV1D_WEIGHTS
 from lm.model import GPT, embedding_names
+from lm.safe_load import load_safetensors
 
 # model_type -> the one transformers class whose weights we read
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
@@ -170,7 +170,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             continue
         weights = {}
         for path in files:
-            weights.update(read_safetensors(path) if path.suffix == ".safetensors" else read_bin(path))
+            weights.update(load_safetensors(path) if path.suffix == ".safetensors" else read_bin(path))
         return weights
     raise UserError(f"{hf_dir} has no weights (model.safetensors, its index, or pytorch_model.bin)")
 
@@ -185,14 +185,6 @@ def shard_files(index: Path, hf_dir: Path) -> list[Path]:
         if not isinstance(name, str) or Path(name).name != name or not (hf_dir / name).is_file():
             raise UserError(f"{index} names shard {name!r}, which is not a file of {hf_dir}")
     return [hf_dir / name for name in names]
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # a truncated or foreign file, whatever safetensors calls it
-        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:100]})") from None
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:

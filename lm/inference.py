@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from core.errors import UserError
 from data_prep.hf_tokenizer import HFTokenizer
@@ -19,6 +18,7 @@ from lm import checkpoint as ckpt
 from lm.config import RunConfig
 from lm.consolidate import load_model_weights, with_tied_names
 from lm.model import GPT
+from lm.safe_load import load_safetensors
 
 
 def source_config(checkpoint: str | Path) -> tuple[RunConfig, Path]:
@@ -35,7 +35,7 @@ def load_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], RunCo
     """(full fp32 state dict, run config, source dir) of a run, checkpoint or converted directory."""
     config, source = source_config(checkpoint)
     if ckpt.is_converted_dir(source):
-        return with_tied_names(load_file(source / ckpt.WEIGHTS_FILE), config.model), config, source
+        return with_tied_names(load_safetensors(source / ckpt.WEIGHTS_FILE), config.model), config, source
     return load_model_weights(source), config, source
 
 

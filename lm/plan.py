@@ -12,13 +12,18 @@ process itself (interpreter, torch, DeepSpeed; on a GPU the CUDA context), measu
 
 The figures are estimates (benchmarks/memory.py measures them: within 20% on its CPU grid), and the
 peak of a run: weights, gradients and Adam's state together with one step's activations.
+
+The plan also says what one checkpoint takes on disk (`checkpoint_size`) and whether the
+filesystem of train.out_dir has room for two (the next is written before an old one is deleted).
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -173,6 +178,30 @@ def activation_bytes(config: RunConfig) -> float:
     return kept + max(logits + BACKWARD_WORKSPACE * unit, recompute)
 
 
+# DeepSpeed's files beside the tensors (its config, the ZeRO bookkeeping) and the RNG state, per
+# rank; measured on the tiny test model at ZeRO-0, 2 and 3 (20 to 80 kB).
+CHECKPOINT_OVERHEAD_PER_RANK = 50_000
+
+
+def checkpoint_size(config: RunConfig, world: int) -> int:
+    """Bytes one checkpoint takes on disk, all ranks together: the weights as the model holds them
+    (ZeRO-3 keeps them only in its fp32 partitions), an fp32 copy where ZeRO or bf16 weights keep
+    one, and Adam's two moments."""
+    t = config.train
+    stage = engine_stage(t, data_parallel_size(config, world))
+    weights = 0 if stage == 3 else (2 if t.precision == "bf16-weights" else 4)
+    master = 4 if stage > 0 or not weights_are_master(t) else 0
+    return parameter_count(config.model) * (weights + master + ADAM) + CHECKPOINT_OVERHEAD_PER_RANK * world
+
+
+def free_bytes(directory: str) -> int:
+    """Free bytes of the filesystem `directory` is (or will be, once made) on."""
+    path = Path(directory).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def device_memory(ranks_per_node: int) -> tuple[int, str]:
     """Memory one rank may use: a GPU's, or this machine's RAM shared by the node's ranks."""
     if torch.cuda.is_available():
@@ -248,6 +277,8 @@ def main(argv=None) -> int:
             "host_bytes": need.host,
             "device_memory_bytes": budget,
             "fits": need.total <= budget,
+            "checkpoint_bytes": checkpoint_size(config, args.world),
+            "out_dir_free_bytes": free_bytes(config.train.out_dir),
         }
         print(json.dumps(report))
     else:
@@ -259,7 +290,16 @@ def main(argv=None) -> int:
             f"micro batch {t.micro_batch_size} x {config.model.block_size} tokens; per rank:"
         )
         print(table(need, budget, device))
+        print(disk_line(config, args.world))
     return 0
+
+
+def disk_line(config: RunConfig, world: int) -> str:
+    """One checkpoint's size against the free space of train.out_dir; a warning if two do not fit."""
+    size, free, out = checkpoint_size(config, world), free_bytes(config.train.out_dir), config.train.out_dir
+    line = f"checkpoint: about {size / 1e9:.3f} GB each; {out} has {free / 1e9:.3f} GB free"
+    warning = "\nwarning: less than two checkpoints fit there: a save may fail for lack of space"
+    return line + ("" if free >= 2 * size else warning)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from lm.config import ModelConfig, RunConfig, TrainConfig
 from lm.consolidate import MOMENTS, load_model_weights, load_optimizer_state, saved_skip_count
 from lm.distributed import World
 from lm.ds_config import engine_stage
+from lm.engine import check_checkpoint_files
 from lm.inference import load_weights, source_config
 from lm.initialization import full_shapes, parameter_seed
 from lm.parallel import slice_state_dict
@@ -120,9 +121,11 @@ def find_resume_point(config: RunConfig, resume: str, init_from: str | None = No
     else:
         tag_dir = ckpt.resolve_checkpoint(resume)
     if tag_dir is not None:
+        ckpt.check_files(tag_dir, ckpt.read_marker(tag_dir))  # truncated or missing files, before any process group
         check_same_model(tag_dir, config.model)
     change = None
     if tag_dir is not None and not ckpt.is_weights_only(tag_dir):  # full weights fit any layout anyway
+        check_checkpoint_files(tag_dir)  # files of another save
         check_same_weights_dtype(tag_dir, config.train.precision)
         change = layout_change(tag_dir, config.train, launcher_world_size())
     return ResumePoint(tag_dir, init_from=start, layout_change=change)
@@ -203,7 +206,9 @@ def restore_rng_state(tag_dir: Path, rank: int) -> None:
     path = ckpt.rng_file(tag_dir, rank)
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint was written by a different number of ranks")
-    state = load_tensors(path)
+    state = ckpt.check_stamp(path, load_tensors(path))
+    if not isinstance(state.get("torch"), torch.Tensor):
+        raise UserError(f"{path}: not an RNG state file (no 'torch' generator state)")
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -43,7 +43,7 @@ from lm.resume import (
     prepare_run_dir,
     restore_rng_state,
 )
-from lm.saving import save_checkpoint
+from lm.saving import save_checkpoint, warn_if_short_of_space
 from lm.schedule import build_optimizer, build_scheduler
 from lm.stopping import StopAgreement, StopSignals, stop_with_parent
 
@@ -205,6 +205,7 @@ def start_run(
     skipped = point.skipped_steps()
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, shards.tokenizer_path, world)
+    warn_if_short_of_space(run_dir, config, world)
     policy = NonFinitePolicy(t, engine.module, world.device, lambda: last_checkpoint_hint(run_dir), skipped)
     log = RunLog(run_dir, config, world)
     run = Run(config, world, groups, engine, policy, log, batches, val, grad_accum, start, stop)

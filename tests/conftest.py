@@ -6,6 +6,7 @@
   or in this process for the mistakes that fail before anything global is touched (`lm_in_process`);
 - checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes;
 - references: the plain PyTorch loop's losses, computed once per configuration (`plain_losses`);
+- a session-wide watch that no run leaves DeepSpeed's shared-memory buffers behind (`shm_segments`);
 - tiny float64 models and converted checkpoints for evaluation and analysis.
 
 The Hugging Face export tests' helpers are in hf_support (its fixture is imported here).
@@ -31,6 +32,7 @@ from data_prep.tokenizer import copy_tokenizer, tokenizer_file
 from hf_support import private_modules_cache  # noqa: F401  (a fixture, visible to every test module)
 from lm.config import ModelConfig, RunConfig
 from lm.model import GPT
+from shm_watch import SegmentWatch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,10 +196,13 @@ def mpirun_command(nproc: int, *target: str, exported: tuple[str, ...] = ()) -> 
     return ["mpirun", *local, "-np", str(nproc), *[a for v in exported for a in ("-x", v)], *target]
 
 
-def run_torchrun(nproc: int, script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, script: str, *args: str, timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """tests/SCRIPT ARGS under torchrun with nproc CPU ranks (not checked: the caller asserts)."""
     command = torchrun_command(nproc, str(REPO / "tests" / script), *args)
-    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=timeout, cwd=REPO)
+    env = {**cpu_env(), **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
 def run_lm(
@@ -230,6 +235,16 @@ def lm_in_process(capsys):
         return subprocess.CompletedProcess(["lm", *args], code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shm_segments():
+    """Watches /dev/shm all session (shm_watch); at its end no DeepSpeed buffer a run of it made is left."""
+    watch = SegmentWatch()
+    watch.thread.start()
+    yield watch
+    watch.stop.set()
+    assert not watch.left_behind(), f"this session's runs left shared memory behind: {watch.left_behind()}"
 
 
 # --------------------------------------------------------------------------- checks

@@ -85,8 +85,8 @@ def main() -> None:
     elif fault == "kill-in-save":
         real_save = checkpoint.save_rng_state
 
-        def save_rng_state(tag_dir, r):
-            real_save(tag_dir, r)
+        def save_rng_state(tag_dir, r, *args):
+            real_save(tag_dir, r, *args)
             die_if(tag_dir.name == checkpoint.tag_for_step(step) and r == rank)
 
         checkpoint.save_rng_state = save_rng_state

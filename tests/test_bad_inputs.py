@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import assert_one_error_line, copy_two_step_world, run_lm, tree_digest, write_config
+from lm.convert import convert
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,18 @@ def train_with(world, section, key, value, *extra, out_dir="new-run"):
 def truncate(path, by=2):
     shutil.copyfile(path, path.parent.parent / "t")
     path.write_bytes((path.parent.parent / "t").read_bytes()[:-by])
+
+
+def checkpoint_file(world, name):
+    """A file of the 2-step run's checkpoint."""
+    return world / "run" / "checkpoints" / "step00000002" / name
+
+
+def converted(world, to):
+    """The 2-step run as `lm convert --to TO` writes it (safetensors: a converted directory,
+    checkpoint: a run with one weights-only checkpoint), and its model.safetensors."""
+    out = convert(str(world / "run"), world / to, to=to)
+    return out, (out / "model.safetensors" if to == "safetensors" else next(out.rglob("model.safetensors")))
 
 
 # case: (setup(world) -> argv, a fragment of the error line); a setup may first spoil a file.
@@ -179,6 +192,48 @@ CASES = {
     "batch the allocation cannot split": (
         lambda w: ["launch", "--config", str(w / "good.yaml"), "--nodes", "a,b,c", "--dry-run"],
         "data-parallel size (3)",
+    ),
+    "empty checkpoint marker": (
+        lambda w: (
+            checkpoint_file(w, "complete.json").write_text(""),
+            ["eval", "--checkpoint", str(w / "run"), "--text", str(w / "text.txt")],
+        )[-1],
+        "step00000002/complete.json: unreadable checkpoint marker",
+    ),
+    "checkpoint marker without a step": (
+        lambda w: (
+            checkpoint_file(w, "complete.json").write_text("{}"),
+            train_with(w, "train", "steps", 4, "--resume", "auto", out_dir="run"),
+        )[-1],
+        "step00000002/complete.json: not a checkpoint marker (no integer 'step')",
+    ),
+    "truncated DeepSpeed checkpoint file": (
+        lambda w: (
+            truncate(checkpoint_file(w, "mp_rank_00_model_states.pt"), by=100),
+            train_with(w, "train", "steps", 4, "--resume", "auto", out_dir="run"),
+        )[-1],
+        "mp_rank_00_model_states.pt holds",
+    ),
+    "truncated RNG file": (
+        lambda w: (
+            truncate(checkpoint_file(w, "rng_rank0.pt")),
+            train_with(w, "train", "steps", 4, "--resume", "auto", out_dir="run"),
+        )[-1],
+        "rng_rank0.pt holds",
+    ),
+    "truncated converted weights": (
+        lambda w: (
+            truncate(converted(w, "safetensors")[1]),
+            ["generate", "--checkpoint", str(w / "safetensors"), "--prompt", "x"],
+        )[-1],
+        "safetensors/model.safetensors: not a readable safetensors file",
+    ),
+    "truncated weights-only checkpoint": (
+        lambda w: (
+            truncate(converted(w, "checkpoint")[1]),
+            ["eval", "--checkpoint", str(w / "checkpoint"), "--text", str(w / "text.txt")],
+        )[-1],
+        "model.safetensors holds",
     ),
     "demo into a non-empty directory": (lambda w: ["demo", "--out", str(w / "shards")], "not empty"),
     "unknown command": (lambda w: ["trian"], "unknown command 'trian'"),

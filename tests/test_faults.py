@@ -1,8 +1,10 @@
-"""Specification of reliability: killed ranks, interrupted checkpoints, retention, hostile files."""
+"""Specification of reliability: killed ranks, interrupted checkpoints, a full disk, retention,
+hostile and mixed-up files, and no shared memory left behind by any of these runs."""
 
 import json
 import math
 import pickle
+import shutil
 import subprocess
 import time
 
@@ -11,6 +13,7 @@ import torch
 import yaml
 
 from conftest import (
+    REPO,
     assert_one_error_line,
     copy_two_step_world,
     losses_from,
@@ -27,24 +30,32 @@ from lm.schedule import lr_at
 pytestmark = pytest.mark.slow
 
 TRAIN = {"steps": 12, "zero_stage": 2, "checkpoint_interval": 5, "eval_interval": 0}
+# As the deepspeed launcher says it (torchrun does not): every rank is on this machine, on which
+# DeepSpeed would make its shared-memory all-reduce buffers in /dev/shm.
+ALL_RANKS_LOCAL = {"LOCAL_SIZE": "2"}
 
 
 def run_with_fault(fault: str, step: int | str, rank: int, config_path) -> tuple[subprocess.CompletedProcess, float]:
     began = time.monotonic()
-    result = run_torchrun(
-        2, "fault_run.py", fault, str(step), str(rank), "--", "--config", str(config_path), timeout=300
-    )
+    args = (fault, str(step), str(rank), "--", "--config", str(config_path))
+    result = run_torchrun(2, "fault_run.py", *args, timeout=300, env=ALL_RANKS_LOCAL)
     return result, time.monotonic() - began
 
 
 @pytest.fixture(scope="module")
-def straight_losses(tiny_shards, tmp_path_factory):
-    """The uninterrupted run every faulty one is compared with."""
+def straight_run(tiny_shards, tmp_path_factory, shm_segments):
+    """The uninterrupted run every faulty one is compared with (checkpoints at steps 5, 10, 12). Read-only."""
     run_dir = tmp_path_factory.mktemp("straight")
     config = write_config(run_dir / "c.yaml", tiny_run_config(tiny_shards, run_dir / "run", {"dropout": 0.1}, TRAIN))
-    result = run_lm("lm.train", "--config", str(config), nproc=2)
+    result = run_lm("lm.train", "--config", str(config), nproc=2, env=ALL_RANKS_LOCAL)
     assert result.returncode == 0, result.stderr[-2000:]
-    return losses_from(run_dir / "run")
+    assert not shm_segments.left_behind()  # a run that ends well leaves no shared memory
+    return run_dir / "run"
+
+
+@pytest.fixture(scope="module")
+def straight_losses(straight_run):
+    return losses_from(straight_run)
 
 
 def faulty_config(tiny_shards, tmp_path):
@@ -52,10 +63,11 @@ def faulty_config(tiny_shards, tmp_path):
     return write_config(tmp_path / "faulty.yaml", config)
 
 
-def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tmp_path, straight_losses):
+def test_a_killed_rank_ends_the_job_and_resume_continues_bitwise(tiny_shards, tmp_path, straight_losses, shm_segments):
     faulty = faulty_config(tiny_shards, tmp_path)
     result, seconds = run_with_fault("kill-in-step", 8, 1, faulty)
     assert result.returncode != 0 and seconds < 120  # the surviving rank does not hang
+    assert not shm_segments.left_behind()  # neither the killed rank nor the one torchrun ended left shared memory
     resumed = run_lm("lm.train", "--config", str(faulty), "--resume", "auto", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "twicing on two SDPA passes, resuming at step 5" in resumed.stdout  # a CPU keeps the two-pass path
@@ -88,6 +100,60 @@ def test_a_checkpoint_interrupted_while_written_is_never_used(tiny_shards, tmp_p
     assert "resuming at step 5" in resumed.stdout and f"removed {partial}" in resumed.stdout
     assert losses_from(tmp_path / "faulty") == straight_losses
     assert (partial / "complete.json").is_file()  # rewritten whole by the resumed run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for one checkpoint of TRAIN's run, not two (needs root: skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_resume_continues_exactly(
+    tiny_shards, small_disk, straight_losses, shm_segments
+):
+    config = write_config(
+        small_disk.parent / "c.yaml", tiny_run_config(tiny_shards, small_disk / "run", {"dropout": 0.1}, TRAIN)
+    )
+    result = run_lm("lm.train", "--config", str(config), nproc=2, env=ALL_RANKS_LOCAL)
+    assert result.returncode != 0
+    root = small_disk / "run" / "checkpoints"
+    assert f"warning: {small_disk / 'run'} has 1.0 MB free, less than two checkpoints" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f'File "{REPO / "lm"}' not in result.stderr  # torchrun's own report follows
+    assert f"error: cannot write checkpoint step00000010 in {root} (rank " in errors[0]
+    assert "[Errno 28] No space left on device" in errors[0]
+    assert "the last complete checkpoint is step00000005; resume with --resume auto" in errors[0]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000005"]  # no partial directory
+    assert (root / "latest").read_text() == "step00000005"
+    assert not shm_segments.left_behind()  # a failed run leaves no shared memory either
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # the user makes room
+    resumed = run_lm("lm.train", "--config", str(config), "--resume", "auto", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step 5" in resumed.stdout and "removed" not in resumed.stdout
+    assert losses_from(small_disk / "run") == straight_losses
+
+
+def test_a_checkpoint_mixing_files_of_two_saves_is_refused_naming_the_file(straight_run, tmp_path, lm_in_process):
+    run = shutil.copytree(straight_run, tmp_path / "run")
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # of the same size at every step
+    tag = run / "checkpoints" / "step00000010"
+    shutil.copyfile(run / "checkpoints" / "step00000005" / name, tag / name)
+    (tmp_path / "text.txt").write_text("Some text to score. " * 20)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["out_dir"] = str(run)
+    config = write_config(tmp_path / "c.yaml", config)
+    expected = f"{tag / name} comes from the save of step 5, not from the save of step 10"
+    for command in (
+        ["train", "--config", str(config), "--resume", str(tag)],
+        ["eval", "--checkpoint", str(tag), "--text", str(tmp_path / "text.txt")],
+    ):
+        assert_one_error_line(lm_in_process(*command), expected, "files of two checkpoints are mixed")
 
 
 def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_shards, tmp_path):
@@ -175,6 +241,9 @@ def test_hostile_checkpoint_files_are_refused_without_running_their_code(two_ste
     tag = world / "run" / "checkpoints" / "step00000002"
     marker = tmp_path / "pwned"
     (tag / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(RunsCode(marker)))
+    info = json.loads((tag / "complete.json").read_text())
+    info["files"]["mp_rank_00_model_states.pt"] = (tag / "mp_rank_00_model_states.pt").stat().st_size
+    (tag / "complete.json").write_text(json.dumps(info))  # a crafted checkpoint lists its files' sizes
     result = run_lm("eval", "--checkpoint", str(world / "run"), "--text", str(path))
     assert_one_error_line(result, "mp_rank_00_model_states.pt: cannot be read as a DeepSpeed checkpoint file")
     longer = tiny_run_config(world / "shards", world / "run", train={"steps": 4})

@@ -7,11 +7,13 @@ pin down the arithmetic, the contract of --json, and the refusals.
 import json
 
 import pytest
+import yaml
 
 from conftest import assert_one_error_line, tiny_run_config, write_config
+from lm.checkpoint import size_on_disk
 from lm.config import ModelConfig, RunConfig
 from lm.initialization import parameter_count
-from lm.plan import MemoryPlan, parse_bytes, plan, saved_per_block
+from lm.plan import MemoryPlan, checkpoint_size, free_bytes, parse_bytes, plan, saved_per_block
 
 MODEL = dict(vocab_size=2048, block_size=128, n_layer=4, n_head=8, n_embd=512, twicing_layers="all")
 
@@ -118,6 +120,24 @@ def test_the_table_says_whether_the_run_fits(tmp_path, lm_in_process):
     path = write_config(tmp_path / "run.yaml", config_for(zero_stage=3).to_dict())
     result = lm_in_process("plan", "--config", str(path), "--world", "2", "--device-memory", "100MB")
     assert result.returncode == 0 and "does NOT fit in 0.1 GB" in result.stdout
+
+
+def test_the_plan_says_what_a_checkpoint_takes_on_disk_and_warns_when_two_do_not_fit(
+    two_step_world, tmp_path, lm_in_process
+):
+    saved = RunConfig.from_dict(yaml.safe_load((two_step_world / "good.yaml").read_text()))
+    tag = two_step_world / "run" / "checkpoints" / "step00000002"
+    assert checkpoint_size(saved, 1) == pytest.approx(size_on_disk(tag), rel=0.15)
+    config = config_for(zero_stage=3, out_dir=str(tmp_path / "not-yet"))
+    path = write_config(tmp_path / "run.yaml", config.to_dict())
+    report = json.loads(lm_in_process("plan", "--config", str(path), "--world", "2", "--json").stdout)
+    assert report["checkpoint_bytes"] == checkpoint_size(config, 2) and report["out_dir_free_bytes"] > 0
+    text = lm_in_process("plan", "--config", str(path), "--world", "2").stdout
+    assert f"checkpoint: about 0.165 GB each; {tmp_path / 'not-yet'} has" in text and "warning" not in text
+    huge = {**MODEL, "n_layer": 100, "n_embd": 16384, "n_head": 128}  # a checkpoint of about 4 TB
+    path = write_config(tmp_path / "huge.yaml", {**config.to_dict(), "model": huge})
+    text = lm_in_process("plan", "--config", str(path), "--world", "2").stdout
+    assert free_bytes(str(tmp_path)) < 4e12 and "warning: less than two checkpoints fit there" in text
 
 
 def test_a_world_the_layout_does_not_divide_is_refused(tmp_path, lm_in_process):
