@@ -53,10 +53,10 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return result
 
-        def save_rng_state(tag_dir, r):
+        def save_rng_state(tag_dir, r, *args):
             if calls["n"] >= step and r == rank:  # the checkpoint the first signal asked for
                 os.kill(os.getpid(), signal.SIGTERM)
-            real_save(tag_dir, r)
+            real_save(tag_dir, r, *args)
 
         lm.train.optimizer_step, checkpoint.save_rng_state = optimizer_step, save_rng_state
     elif fault == "nan-in-step":
