@@ -133,8 +133,9 @@ def straight_and_split_runs(tiny_shards, tmp_path_factory):
     return runs
 
 
+# Two ranks under ZeRO-2 resume bitwise in test_faults.py (after a killed rank, a SIGTERM and a full disk).
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,stage,precision", [(2, 2, "fp32"), (1, 3, "bf16")])
+@pytest.mark.parametrize("nproc,stage,precision", [(1, 3, "bf16")])
 def test_resume_continues_bitwise_like_an_uninterrupted_run(straight_and_split_runs, nproc, stage, precision):
     root = straight_and_split_runs(nproc, stage, precision)
     uninterrupted, resumed = losses_from(root / "straight"), losses_from(root / "split")
