@@ -19,7 +19,7 @@ training reduces over gloo and never calls it. So:
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -52,10 +52,12 @@ def release_own_segment(rank: int) -> None:
     (SHM_DIR / segment_name(rank)).unlink(missing_ok=True)
 
 
-def mapped_segments() -> set[str]:
-    """Names of the buffers that some live process maps (the ones we may read the maps of)."""
+def mapped_segments(pids: Iterable[int] | None = None) -> set[str]:
+    """Names of the buffers that the processes `pids` map (default: every live process whose maps
+    we may read)."""
     held = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    files = Path("/proc").glob("[0-9]*/maps") if pids is None else (Path(f"/proc/{pid}/maps") for pid in pids)
+    for maps in files:
         try:
             text = maps.read_text()
         except OSError:  # the process ended, or is not ours to read

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from lm.shared_memory import PREFIX, SHM_DIR
+from lm.shared_memory import PREFIX, SHM_DIR, mapped_segments
 
 WATCH_FOR_S = 10.0  # how long a new, still unattributed file is looked at again
 
@@ -30,21 +30,6 @@ def descendants(root: int) -> set[int]:
         frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
         found |= frontier
     return found
-
-
-def mapped_by(pids: set[int]) -> set[str]:
-    """Names of the buffers that the processes `pids` map."""
-    names = set()
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            at = line.find(str(SHM_DIR / PREFIX))
-            if at >= 0:
-                names.add(Path(line[at:].removesuffix(" (deleted)")).name)
-    return names
 
 
 class SegmentWatch:
@@ -70,7 +55,7 @@ class SegmentWatch:
                 self.first_seen.setdefault(path.name, now)
             young = {n for n, t in self.first_seen.items() if now - t < WATCH_FOR_S} - self.ours - self.before
             if young:
-                self.ours |= young & mapped_by(descendants(os.getpid()))
+                self.ours |= young & mapped_segments(descendants(os.getpid()))
 
     def left_behind(self) -> list[str]:
         self.poll()
