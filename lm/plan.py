@@ -194,12 +194,18 @@ def checkpoint_size(config: RunConfig, world: int) -> int:
     return parameter_count(config.model) * (weights + master + ADAM) + CHECKPOINT_OVERHEAD_PER_RANK * world
 
 
-def free_bytes(directory: str) -> int:
+def free_bytes(directory: str | Path) -> int:
     """Free bytes of the filesystem `directory` is (or will be, once made) on."""
     path = Path(directory).absolute()
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def two_checkpoints_fit(size: int, free: int) -> bool:
+    """Whether `free` bytes hold two checkpoints of `size`: the next one is written before
+    retention deletes an old one."""
+    return free >= 2 * size
 
 
 def device_memory(ranks_per_node: int) -> tuple[int, str]:
@@ -299,7 +305,7 @@ def disk_line(config: RunConfig, world: int) -> str:
     size, free, out = checkpoint_size(config, world), free_bytes(config.train.out_dir), config.train.out_dir
     line = f"checkpoint: about {size / 1e9:.3f} GB each; {out} has {free / 1e9:.3f} GB free"
     warning = "\nwarning: less than two checkpoints fit there: a save may fail for lack of space"
-    return line + ("" if free >= 2 * size else warning)
+    return line + ("" if two_checkpoints_fit(size, free) else warning)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ checkpoint, and the previous one is untouched.
 """
 
 import secrets
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from lm.config import RunConfig
 from lm.distributed import World
 from lm.engine import Engine
 from lm.numerics import weights_are_finite
-from lm.plan import checkpoint_size
+from lm.plan import checkpoint_size, free_bytes, two_checkpoints_fit
 from lm.resume import last_checkpoint_hint
 
 
@@ -107,7 +106,7 @@ def fail_together(error: str | None, tag_dir: Path, config: RunConfig, world: Wo
     run_dir = ckpt.run_dir_of(tag_dir)
     where = tag_dir.parent
     needed = checkpoint_need(run_dir, config, world.world_size)
-    free = shutil.disk_usage(where).free if where.is_dir() else 0
+    free = free_bytes(where)
     raise UserError(
         f"cannot write checkpoint {tag_dir.name} in {where} (rank {rank}, {message}); it needs about "
         f"{size_text(needed)}, {size_text(free)} free; {last_checkpoint_hint(run_dir)}"
@@ -125,8 +124,8 @@ def warn_if_short_of_space(run_dir: Path, config: RunConfig, world: World) -> No
     than two checkpoints (the next one is written before an old one is deleted)."""
     if not world.is_main:
         return
-    needed, free = checkpoint_need(run_dir, config, world.world_size), shutil.disk_usage(run_dir).free
-    if free < 2 * needed:
+    needed, free = checkpoint_need(run_dir, config, world.world_size), free_bytes(run_dir)
+    if not two_checkpoints_fit(needed, free):
         print(
             f"warning: {run_dir} has {size_text(free)} free, less than two checkpoints of about "
             f"{size_text(needed)}: a save may fail for lack of space",
