@@ -9,6 +9,10 @@ saves and loads its own checkpoint files. Around it, we:
   ZeRO-0's gradient all-reduce there (a group of one);
 - clip gradients with torch's foreach clip_grad_norm_ where each rank holds them whole (ZeRO-0,
   no TP: lm.ds_config.clips_itself), instead of DeepSpeed's loop over parameters;
+- on one such rank with no data parallelism, step as the plain loop does (Engine.direct): the
+  engine there has nothing to reduce, partition or scale, and its wrappers' Python (hooks,
+  timers, profiler checks, zero_grad over named_parameters) cost 1-2% of a small model's step;
+  its counters are kept, so its checkpoints are the same;
 - let ZeRO-1/2's fp32 master partition be the fp32 weights' own (share_master_weights);
 - gather ZeRO-1/2's updated weights over gloo by broadcasts, twice as fast as its all-gather;
 - skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
@@ -205,13 +209,14 @@ class Engine:
             optimizer=optimizer,
             lr_scheduler=scheduler,
             mpu=groups,
-            config=deepspeed_config(train, groups.dp_size, config.model),
+            config=deepspeed_config(train, groups.dp_size, config.model, next(model.parameters()).device.type),
             dist_init_required=False,
         )
         self.optimizer = optimizer
         self.dp_rank = groups.dp_rank
         self.stage = engine_stage(train, groups.dp_size)  # the stage DeepSpeed runs, and saves files of
-        self.clip = train.grad_clip if clips_itself(train, groups.dp_size) else 0.0
+        self.clip_is_ours = clips_itself(train, groups.dp_size)
+        self.clip = train.grad_clip if self.clip_is_ours else 0.0
         self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
         if self.stage in (1, 2) and weights_are_master(train):
             share_master_weights(self.ds.optimizer)
@@ -220,6 +225,13 @@ class Engine:
         if self.stage == 0 and groups.dp_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False
+        self.direct = self.clip_is_ours and groups.dp_size == 1
+        if self.direct:  # the engine's forward hooks would still run on its module: they go
+            self.ds.module_forward_pre_hook.remove()
+            self.ds.module_forward_post_hook.remove()
+        self.accum = self.ds.gradient_accumulation_steps()
+        device = next(model.parameters()).device.type
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=train.precision == "bf16")
         # DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
         # crafted file asks for; every file it reads goes through the safe reader instead.
         self.ds.checkpoint_engine.load = lambda path, map_location=None: read_checkpoint_file(Path(path))
@@ -235,6 +247,9 @@ class Engine:
         return self.ds.module
 
     def __call__(self, *args, **kwargs):
+        if self.direct:
+            with self.autocast:  # as DeepSpeed's torch_autocast (lm.ds_config.precision_config)
+                return self.ds.module(*args, **kwargs)
         return self.ds(*args, **kwargs)
 
     def train(self) -> None:
@@ -248,7 +263,10 @@ class Engine:
         return self.ds.get_lr()[0]
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        if self.direct:
+            (loss / self.accum).backward()  # DeepSpeed's scaling for gradient accumulation
+        else:
+            self.ds.backward(loss)
 
     def step(self, skip_update: bool = False) -> bool:
         """DeepSpeed's step after every micro batch: it updates at the last one of a global batch.
@@ -259,6 +277,8 @@ class Engine:
         boundary = self.ds.is_gradient_accumulation_boundary()  # asked before step() moves on
         if boundary and self.clip > 0:  # gradients are whole and reduced by now (see clips_itself)
             self.norm = torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), self.clip)
+        if self.direct:
+            return self._direct_step(boundary, skip_update)
         self.optimizer.skip_update = skip_update
         try:
             self.ds.step()
@@ -271,6 +291,21 @@ class Engine:
             # did not advance the LR schedule: advance it, so the LR stays a function of the step.
             self.ds.lr_scheduler.step()
             return False
+        return not skip_update
+
+    def _direct_step(self, boundary: bool, skip_update: bool) -> bool:
+        """DeepSpeed's ZeRO-0 step on one rank, for fp32 weights (_take_model_step), without its
+        wrappers; it advances the counters its checkpoints save."""
+        ds = self.ds
+        ds.micro_steps += 1
+        if not boundary:
+            return True
+        if not skip_update:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ds.lr_scheduler.step()
+        ds.global_steps += 1
+        ds.global_samples += ds.train_batch_size()
         return not skip_update
 
     def grad_norm(self) -> torch.Tensor | float | None:

@@ -78,6 +78,7 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
     # One data-parallel rank (TP2xDP1) runs ZeRO-1/2 as ZeRO-0; two keep their stage.
     ran = [by_stage[stage]["engine_stage"] for stage in "0123"]
     assert ran == ([0, 0, 0, 3] if nproc == tp else [0, 1, 2, 3])
+    assert not any(run["direct"] for run in by_stage.values())  # DeepSpeed's own step: TP or several ranks
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
         # The checkpoint, consolidated into one model, computes what the trained engine did.

@@ -70,8 +70,13 @@ def test_every_zero_stage_gives_the_loss_curve_of_plain_pytorch(tiny_shards, tmp
     assert reference[-1] < reference[0] - 0.5  # the run really learns
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=RELATIVE_TOLERANCE), f"ZeRO-{stage} with 1 process"
-    # Nothing to partition over one rank: ZeRO-1/2 run as ZeRO-0 (no flat gradient copies).
+    # Nothing to partition over one rank: ZeRO-1/2 run as ZeRO-0 (no flat gradient copies), and
+    # ZeRO-0 steps without DeepSpeed's wrappers, keeping the counters its checkpoints save.
     assert [by_stage[stage]["engine_stage"] for stage in "0123"] == [0, 0, 0, 3]
+    assert [by_stage[stage]["direct"] for stage in "0123"] == [True, True, True, False]
+    steps, batch = config["train"]["steps"], config["train"]["batch_size"]
+    for stage, run in by_stage.items():
+        assert (run["global_steps"], run["global_samples"]) == (steps, steps * batch), f"ZeRO-{stage}"
     # ZeRO-3 frees each gathered weight after its module: its linear keeps the weight itself for
     # backward, where F.linear (ZeRO-0 here, run first) keeps a view that would hold it.
     assert by_stage["0"]["weight_views_saved"] > 0 and by_stage["3"]["weight_views_saved"] == 0

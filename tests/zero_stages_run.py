@@ -4,7 +4,8 @@
         [3:optimizer+params ...] [--without-mpu]
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
-"compiled": bool, "weight_views_saved": int, "run_dir": ..., "offloaded": [bool, bool]}} to OUT.json (a stage written
+"compiled": bool, "weight_views_saved": int, "run_dir": ..., "engine_stage": int, "direct": bool,
+"global_steps": int, "global_samples": int, "offloaded": [bool, bool]}} to OUT.json (a stage written
 STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
 tensor-parallel ranks) for the ids 0..block_size-1, with the dtype the engine computed them in; then
 the dtype of its weights, whether its module runs compiled, how many views of weights one forward
@@ -95,6 +96,9 @@ def main(config_path: str, result_path: str, *args: str) -> None:
             "weight_views_saved": views,
             "run_dir": raw["train"]["out_dir"],
             "engine_stage": int(run.engine.ds.zero_optimization_stage()),  # the stage DeepSpeed runs
+            "direct": run.engine.direct,  # stepped without DeepSpeed's wrappers (one rank, ZeRO-0)
+            "global_steps": run.engine.ds.global_steps,  # the counters DeepSpeed's checkpoints save
+            "global_samples": run.engine.ds.global_samples,
             # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
             "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
         }
