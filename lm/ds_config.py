@@ -77,8 +77,9 @@ def buffer_unit(model: ModelConfig, tensor_parallel: int) -> int:
     return 12 * model.n_embd**2 // tensor_parallel
 
 
-def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelConfig) -> dict:
-    """DeepSpeed's JSON config for a run; `train.deepspeed` entries are merged over it."""
+def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelConfig, device: str = "cuda") -> dict:
+    """DeepSpeed's JSON config for a run on `device` ("cuda" or "cpu"); `train.deepspeed` entries
+    are merged over it."""
     for key in train.deepspeed:
         if key in DERIVED:
             raise UserError(f"train.deepspeed.{key} is derived from {DERIVED[key]}; set it there instead")
@@ -92,7 +93,9 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps(data_parallel_size),
         "gradient_clipping": 0.0 if clips_itself(train, data_parallel_size) else train.grad_clip,
-        "zero_optimization": zero_defaults(train, data_parallel_size, buffer_unit(model, train.tensor_parallel)),
+        "zero_optimization": zero_defaults(
+            train, data_parallel_size, buffer_unit(model, train.tensor_parallel), device
+        ),
         **precision_config(train.precision),
         # We bring torch's AdamW (DeepSpeed's fused Adams need a compiled extension).
         "zero_allow_untested_optimizer": True,
@@ -124,12 +127,13 @@ def precision_config(precision: str) -> dict:
     }
 
 
-def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int) -> dict:
+def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int, device: str = "cuda") -> dict:
     """ZeRO settings for memory and speed; train.deepspeed.zero_optimization overrides any of them.
 
     Buffers (elements, `unit` = one block's weights on this rank, see buffer_unit):
     - stages 1-3: gradient buckets of 2 units (reduce_bucket_size; stage 1/2's contiguous buffer
-      is allocated at this size, twice with overlap_comm); stage 1/2 all-gather updated weights in
+      is allocated at this size, twice with overlap_comm, on a GPU; on the CPU the bucket's
+      gradients are flattened once when it is reduced); stage 1/2 all-gather updated weights in
       buckets of the same size;
     - stage 3: prefetch 1 unit ahead, release a gathered weight unless it is used again within 2
       units (max_reuse_distance), and hold at most 2 units of gathered weights (max_live_parameters).
@@ -143,9 +147,14 @@ def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int) -> dic
     zero.update(reduce_bucket_size=bucket)
     if stage in (1, 2):
         zero.update(allgather_bucket_size=bucket)
-        if data_parallel_size > 1:
+        if data_parallel_size > 1 and device == "cuda":
             # Reduce full buckets on a side stream during backward (off by default below stage 3).
             zero.update(overlap_comm=True)
+        elif data_parallel_size > 1:
+            # The CPU has no side stream to overlap on, and no allocator to fragment: copying each
+            # gradient into a contiguous bucket as it appears is pure cost (two buckets of memory
+            # too), where reducing the gradients themselves, flattened once per bucket, is not.
+            zero.update(contiguous_gradients=False)
         else:
             # One rank (kept at stage 1/2 by offload or bf16-weights): reduce-scatter flattens the whole
             # bucket into a new tensor and copies it back (allreduce_and_scatter); a plain all-reduce

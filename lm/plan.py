@@ -113,7 +113,7 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     states = params if stage == 0 else share
     master = 0 if weights_are_master(t) else 4 * states  # a second, fp32 copy of the weights
     optimizer = ADAM * states + master
-    buffers, gathered = zero_buffers(config, dp, stage, params, w)
+    buffers, gathered = zero_buffers(config, dp, stage, params, w, device)
     activations = activation_bytes(config)
     if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
         temporaries = 0 if dp == 1 else w * min(params, 5e8)
@@ -142,11 +142,13 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     )
 
 
-def zero_buffers(config: RunConfig, dp: int, stage: int, params: float, grad_bytes: int) -> tuple[float, float]:
+def zero_buffers(
+    config: RunConfig, dp: int, stage: int, params: float, grad_bytes: int, device: str
+) -> tuple[float, float]:
     """(bytes of the communication buffers lm.ds_config sizes, of them ZeRO-3's gathered weights)."""
     if stage == 0:
         return 0.0, 0.0
-    zero = deepspeed_config(config.train, dp, config.model)["zero_optimization"]
+    zero = deepspeed_config(config.train, dp, config.model, device)["zero_optimization"]
     bucket = grad_bytes * min(zero["reduce_bucket_size"], params)
     if stage in (1, 2):
         return bucket * (2 if zero.get("overlap_comm") else 1), 0.0

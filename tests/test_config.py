@@ -546,18 +546,24 @@ def test_bf16_autocast_reduces_gradients_in_fp32():
     )
 
 
-def zero_section(model: ModelConfig | None = None, dp: int = 1, **train) -> dict:
+def zero_section(model: ModelConfig | None = None, dp: int = 1, device: str = "cuda", **train) -> dict:
     train.setdefault("batch_size", 8 * dp)
-    return deepspeed_config(TrainConfig(**train), dp, model or ModelConfig())["zero_optimization"]
+    return deepspeed_config(TrainConfig(**train), dp, model or ModelConfig(), device)["zero_optimization"]
 
 
-def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks():
+def test_zero_defaults_overlap_gradient_reduction_only_with_several_data_parallel_ranks_on_a_gpu():
     one = zero_section(zero_stage=2, offload="optimizer")  # kept at stage 2 on one rank by offload
     two = zero_section(zero_stage=2, dp=2)
     assert one["reduce_scatter"] is False and "overlap_comm" not in one  # one rank: an in-place all-reduce
-    assert two["overlap_comm"] and "reduce_scatter" not in two
+    assert two["overlap_comm"] and "reduce_scatter" not in two and "contiguous_gradients" not in two
     override = zero_section(zero_stage=2, dp=2, deepspeed={"zero_optimization": {"overlap_comm": False}})
     assert override["overlap_comm"] is False
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_on_the_cpu_reduce_the_gradients_themselves_without_a_side_stream(stage):
+    on_cpu = zero_section(zero_stage=stage, dp=2, device="cpu")
+    assert on_cpu["contiguous_gradients"] is False and "overlap_comm" not in on_cpu
 
 
 def test_zero_buffers_are_sized_to_the_model_not_to_deepspeeds_gpu_defaults():
