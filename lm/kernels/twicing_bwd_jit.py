@@ -126,7 +126,7 @@ def _bwd_dkdv(Q, K, V, U, DO, X, LSE, DELTA, DK, DV, DQ32, sqb, sqh, sqt, skb, s
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, lo, hi, T, qk_scale,
+def _dq_tiles(dq, q, neg_do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, lo, hi, T, qk_scale,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -136,7 +136,7 @@ def _dq_tiles(dq, q, do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, o
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-        dp = tl.dot(x, vT, input_precision=PRECISION) - tl.dot(do, uT, input_precision=PRECISION)
+        dp = tl.dot(neg_do, uT, tl.dot(x, vT, input_precision=PRECISION), input_precision=PRECISION)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=PRECISION)
     return dq
 
@@ -153,13 +153,13 @@ def _bwd_dq(Q, K, V, U, DO, X, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb
     k_base, v_base = _head(K, b, h // GROUP, skb, skh), _head(V, b, h // GROUP, svb, svh)
     u_base = _head(U, b, h, sub, suh)
     q = _rows(_head(Q, b, h, sqb, sqh), sqt, offs_m, offs_d, T)
-    do = _rows(_head(DO, b, h, sdb, sdh), sdt, offs_m, offs_d, T)
+    neg_do = -_rows(_head(DO, b, h, sdb, sdh), sdt, offs_m, offs_d, T)  # dP = X V^T - dO U^T as one chain
     x = _rows(_head(X, b, h, sxb, sxh), sxt, offs_m, offs_d, T)
     lse = _lse(LSE, bh, offs_m, T)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _dq_tiles(dq, q, do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, 0, start_m, T,
+    dq = _dq_tiles(dq, q, neg_do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, 0, start_m, T,
                    qk_scale, BLOCK_N, PRECISION, False)  # fmt: skip
-    dq = _dq_tiles(dq, q, do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, start_m,
+    dq = _dq_tiles(dq, q, neg_do, x, lse, delta, k_base, v_base, u_base, skt, svt, sut, offs_m, offs_d, start_m,
                    start_m + BLOCK_M, T, qk_scale, BLOCK_N, PRECISION, True)  # fmt: skip
     _put(_head(DQ, b, h, sxb, sxh), sxt, dq * sm_scale, offs_m, offs_d, T)
