@@ -9,17 +9,15 @@ attention_impl) in `ATTENTION_VARIANTS`; what a variant computes and costs is lm
 """
 
 import dataclasses
-import difflib
 import signal
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from core.errors import UserError
+from lm.config_values import build_section, did_you_mean
 
 # What `model.arch` sets; explicit keys override it. GPT-2 (2019) and the Llama layout (Touvron et
 # al., 2023): rotary positions, RMSNorm, a SwiGLU MLP, no biases, an output layer of its own.
@@ -59,9 +57,13 @@ class ModelConfig:
     # Which layers use twicing attention, the rest use softmax: "none", "all", "last:K" or a list
     # of layer indices. The paper's language model twices the last 2 of 16 layers.
     twicing_layers: str | list[int] = "none"
-    # "fused": SDPA for softmax; for twicing the Triton kernel on a GPU, else two SDPA passes.
-    # "sdpa": two SDPA passes for twicing everywhere. "reference" materialises A (tests only).
-    attention_impl: Literal["fused", "sdpa", "reference"] = "fused"
+    # How twicing layers run (softmax layers are one SDPA pass under all but "reference"). "fused":
+    # the implementation benchmarks/measured_fastest.json records fastest on this GPU for this head
+    # size (today two SDPA passes everywhere), two SDPA passes off a GPU. "triton": the Triton kernel
+    # where it takes the inputs (a CUDA GPU, bf16/fp16, head size 64 or 128), else two SDPA passes;
+    # training refuses it on a machine with no CUDA GPU and Triton. "sdpa": two SDPA passes
+    # everywhere. "reference" materialises A (tests only).
+    attention_impl: Literal["fused", "triton", "sdpa", "reference"] = "fused"
 
     def __post_init__(self):
         for key, value in ARCH_PRESETS[self.arch].items():
@@ -131,6 +133,8 @@ class ModelConfig:
 ATTENTION_VARIANTS: dict[tuple[str, str], str] = {
     ("softmax", "fused"): "softmax",
     ("twicing", "fused"): "twicing",
+    ("softmax", "triton"): "softmax",
+    ("twicing", "triton"): "twicing_triton",
     ("softmax", "sdpa"): "softmax",
     ("twicing", "sdpa"): "twicing_sdpa",
     ("softmax", "reference"): "softmax_reference",
@@ -279,8 +283,8 @@ class RunConfig:
         sections = {}
         for key, value in raw.items():
             if key not in _SECTIONS:
-                raise UserError(f"{source}: unknown section {key!r}{_did_you_mean(str(key), _SECTIONS)}")
-            sections[key] = _build(_SECTIONS[key], value, source, key)
+                raise UserError(f"{source}: unknown section {key!r}{did_you_mean(str(key), _SECTIONS)}")
+            sections[key] = build_section(_SECTIONS[key], value, source, key)
         try:
             return cls(**sections)
         except UserError as exc:
@@ -337,64 +341,3 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             raise UserError(f"override {item!r}: the value is not valid YAML") from None
     return raw
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _build(cls, raw: Any, source: str, section: str):
-    where = f"{source}: {section}"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in raw.items():
-        if key not in names:
-            raise UserError(f"{where}: unknown key {key!r}{_did_you_mean(str(key), names)}")
-        if not _matches(value, hints[key]):
-            raise UserError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
-    values = {k: (float(v) if hints[k] is float else v) for k, v in raw.items()}
-    try:
-        return cls(**values)
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-
-
-def _matches(value: Any, hint) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_float_text(value)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
-
-
-def _is_float_text(value: Any) -> bool:
-    """YAML 1.1 reads `6e-4` (no dot) as a string; a float field accepts it as the number."""
-    try:
-        return isinstance(value, str) and float(value) == float(value)  # excludes nan
-    except ValueError:
-        return False
-
-
-def _describe(hint) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

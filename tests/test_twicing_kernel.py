@@ -262,12 +262,24 @@ def test_takes_grouped_kv_heads_only_when_they_divide_the_query_heads(kernel):
     assert not kernel.supports(q, kv(t=4), kv(t=4))  # another length, as before
 
 
-def test_the_model_uses_it_on_a_gpu_and_two_passes_elsewhere(kernel, monkeypatch):
+@pytest.mark.parametrize("recorded_faster", [False, True])
+def test_attention_impl_triton_uses_it_on_a_gpu_and_fused_only_where_recorded_faster(
+    kernel, monkeypatch, recorded_faster
+):
+    from lm import attention
+
     calls = []
     monkeypatch.setattr(kernel, "twicing_attention_triton", lambda *a: calls.append(1) or twicing_attention_sdpa(*a))
+    monkeypatch.setattr(attention, "_FASTEST", {(0, HD): recorded_faster})  # as if read from the record
     q, k, v = (x.to(DEVICE, DTYPE) for x in random_qkv(1, 2, 16, HD))
+    attention.twicing_attention_kernel(q, k, v)
+    assert calls == ([1] if GPU else [])  # `triton`: the kernel wherever it takes the inputs
+    calls.clear()
     twicing_attention(q, k, v)
-    assert calls == ([1] if GPU else [])
+    assert calls == ([1] if GPU and recorded_faster else [])  # `fused`: only where measured faster
+    calls.clear()
+    attention.twicing_attention_kernel(*(x.float() for x in (q, k, v)))
+    assert calls == []  # fp32 goes to two SDPA passes on a GPU too
 
 
 def test_output_is_laid_out_so_that_merging_heads_is_free(kernel):
@@ -322,18 +334,30 @@ def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypat
 def test_the_training_log_says_where_twicing_runs(kernel):
     from lm.attention import ATTENTION
 
-    gpu, twicing, twicing_sdpa = torch.device("cuda"), ATTENTION["twicing"], ATTENTION["twicing_sdpa"]
-    assert twicing.runs_on(torch.device("cpu"), 64) == "two SDPA passes"
-    assert twicing_sdpa.runs_on(gpu, 64) == "two SDPA passes" and twicing.runs_on(gpu, 24) == "two SDPA passes"
-    # Triton stays unimported on CPUs
-    assert twicing.runs_on(gpu, 64) == ("the Triton kernel" if GPU else "two SDPA passes")
+    gpu, twicing, triton, sdpa = (
+        torch.device("cuda"),
+        ATTENTION["twicing"],
+        ATTENTION["twicing_triton"],
+        ATTENTION["twicing_sdpa"],
+    )
+    assert twicing.runs_on(torch.device("cpu"), 64) == triton.runs_on(torch.device("cpu"), 64) == "two SDPA passes"
+    assert sdpa.runs_on(gpu, 64) == "two SDPA passes" and triton.runs_on(gpu, 24) == "two SDPA passes"
+    # Triton stays unimported on CPUs; on a GPU, fused is what benchmarks/measured_fastest.json says
+    assert triton.runs_on(gpu, 64) == (
+        "the Triton kernel in bf16/fp16, two SDPA passes in fp32" if GPU else "two SDPA passes"
+    )
+    assert twicing.runs_on(gpu, 64) == ("two SDPA passes (measured fastest here)" if GPU else "two SDPA passes")
 
 
-def test_the_automatic_choice_compiles_without_graph_breaks(kernel):
-    """What the model calls: on a GPU the kernel, elsewhere two SDPA passes, either way one graph."""
+@pytest.mark.parametrize("impl", ["twicing", "twicing_triton"])
+def test_the_automatic_choice_compiles_without_graph_breaks(kernel, impl):
+    """What the model calls: the kernel or two SDPA passes, chosen at trace time, either way one graph."""
+    from lm.attention import ATTENTION
+
+    attend = ATTENTION[impl].attend
     q, k, v = (x.to(DEVICE, DTYPE) for x in random_qkv(1, 2, 32, HD, seed=12))
-    compiled = torch.compile(twicing_attention, backend="aot_eager", fullgraph=True)
-    assert relative_error(compiled(q, k, v), twicing_attention(q, k, v)) <= TOLERANCE
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    assert relative_error(compiled(q, k, v), attend(q, k, v)) <= TOLERANCE
 
 
 def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
@@ -346,5 +370,5 @@ def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
     q, k, v = (x.to(DEVICE, DTYPE) for x in random_qkv(1, 2, 16, HD))
     ATTENTION["twicing_sdpa"].attend_cached(q, k, v, LayerCache())
     assert calls == []  # the escape hatch from the kernel holds in generation too
-    ATTENTION["twicing"].attend_cached(q, k, v, LayerCache())
+    ATTENTION["twicing_triton"].attend_cached(q, k, v, LayerCache())
     assert calls == ([1] if GPU else [])

@@ -1,0 +1,72 @@
+"""A YAML section checked against a config dataclass: every key known (else a suggestion), every
+value of its field's type, in one `UserError` line that names the key (lm.config's sections use it)."""
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+from core.errors import UserError
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_section(cls, raw: Any, source: str, section: str):
+    """An instance of the dataclass `cls` from the mapping `raw` of `source`'s `section`."""
+    where = f"{source}: {section}"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in names:
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(str(key), names)}")
+        if not _matches(value, hints[key]):
+            raise UserError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+    values = {k: (float(v) if hints[k] is float else v) for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+def _matches(value: Any, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_float_text(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _is_float_text(value: Any) -> bool:
+    """YAML 1.1 reads `6e-4` (no dot) as a string; a float field accepts it as the number."""
+    try:
+        return isinstance(value, str) and float(value) == float(value)  # excludes nan
+    except ValueError:
+        return False
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
