@@ -161,7 +161,7 @@ def compile_row(job: tuple) -> Row:
         return row
     row.shared = compiled.metadata.shared
     row.wgmma, row.mma = count_dots(compiled.asm["ttgir"])
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = ptxas_for(capability)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -170,7 +170,16 @@ def compile_row(job: tuple) -> Row:
         log = subprocess.run(command, capture_output=True, text=True).stderr
     row.registers, row.spills = parse_ptxas(log)
     row.serialized = "C7515" in log
+    if row.registers < 0:
+        row.error = "ptxas: " + (log.strip().splitlines() or ["no output"])[-1]
     return row
+
+
+def ptxas_for(capability: int) -> str:
+    """The ptxas Triton itself runs for this target (its wheel ships one per CUDA generation)."""
+    from triton.backends.nvidia import compiler
+
+    return compiler.get_ptxas(capability).path
 
 
 def judge(row: Row, limits: dict[str, int]) -> Row:
