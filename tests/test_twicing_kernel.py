@@ -319,16 +319,33 @@ def test_a_twicing_gpt_trains_the_same_on_the_kernel_as_on_two_sdpa_passes(kerne
     assert all(relative_error(g, r) <= (5e-2 if GPU else 1e-5) for g, r in zip(grads, reference_grads))
 
 
-def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypatch):
-    from triton.runtime.errors import OutOfResources
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda errors: errors.OutOfResources(300000, 232448, "shared memory"),
+        lambda errors: errors.PTXASError("ptxas fatal: out of registers"),
+        lambda errors: errors.AutotunerError("no configuration ran"),
+    ],
+    ids=["OutOfResources", "PTXASError", "AutotunerError"],
+)
+def test_a_kernel_that_cannot_run_here_names_the_way_around_it(kernel, monkeypatch, failure):
+    from triton.runtime import errors
 
-    def too_big(*args, **kwargs):
-        raise OutOfResources(300000, 232448, "shared memory")
+    error = failure(errors)
 
-    monkeypatch.setattr(kernel, "_forward", too_big)
-    q, k, v = (x.to(DEVICE, DTYPE) for x in random_qkv(1, 1, 8, HD))
-    with pytest.raises(RuntimeError, match="OutOfResources.*set model.attention_impl: sdpa"):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(kernel, "_forward", fails)
+    monkeypatch.setattr(kernel, "_backward", fails)
+    q, k, v = (x.to(DEVICE, DTYPE).requires_grad_() for x in random_qkv(1, 1, 8, HD))
+    with pytest.raises(RuntimeError, match=f"{type(error).__name__}.*set model.attention_impl: sdpa"):
         kernel.twicing_attention_triton(q, k, v)
+    monkeypatch.undo()
+    out = kernel.twicing_attention_triton(q, k, v)
+    monkeypatch.setattr(kernel, "_backward", fails)
+    with pytest.raises(RuntimeError, match=f"{type(error).__name__}.*set model.attention_impl: sdpa"):
+        out.sum().backward()  # the backward's launches too
 
 
 def test_the_training_log_says_where_twicing_runs(kernel):
