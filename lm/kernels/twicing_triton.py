@@ -17,24 +17,25 @@ over the T^2/2 scores, and of HBM bytes in t = T D x 2 bytes (each tensor read o
 the re-reads of K, V and the query-side tiles across programs hit L2):
 
   program          matmuls per tile                      exp   HBM bytes
-  pass 1           S = Q K^T, U += P V              2     1     Q K V in, U L out         4 t
-  pass 2           S, out += P W                    2     1     Q K V U L in, out         5 t
-  dW + epilogue    S^T = K Q^T, dW += P^T dO        2     1     Q K dO L, O U in; X delta 6 t
-  dK dV (+ dQ)     S^T, dP^T = V X^T - U dO^T (2),  6     1     Q K V U dO X L delta in,
-                   dV += P^T X, dK += dS^T Q,                   dK dV out, dQ fp32 atomics 8 t
-                   dQ^T += K^T dS^T                              (+ dQ cast 3 t)
-  kernel total                                      12    4     about 31 t
-  SDPA (flash), fwd + bwd                           7     2     about 16 t
-  two SDPA passes                                   14    4     about 38 t (2 x 16, W and dW)
+  pass 1           S = Q K^T, U += P V              2     1     Q K V in; U, L out                 4 t
+  pass 2           S, out += P W                    2     1     Q K V U L in; out                  5 t
+  dW + epilogue    S^T = K Q^T, dW += P^T dO        2     1     Q K dO, then O U in; X, delta out  6 t
+  dK dV (+ dQ)     S^T, dP^T = V X^T - U dO^T (2),  6     1     Q K V U dO X L delta in;
+                   dV += P^T X, dK += dS^T Q,                   dK dV out                          8 t
+                   dQ^T += K^T dS^T (fp32 atomics)              dQ: zeroed, added into, cast       7 t
+  kernel total                                      12    4                                  about 30 t
+  SDPA (flash), fwd + bwd                           7     2                                  about 16 t
+  two SDPA passes                                   14    4     2 x 16 t, W = 2V - U and dW  about 38 t
 
-So the kernel's floor is 12/7 = 1.71x SDPA in FLOPs and 2x in exp2 work. At D = 64 a tile has only
-4D = 256 matmul FLOPs per exp2 against Hopper's ~250 tensor FLOPs per MUFU exp2, so exp throughput
-holds the kernel near 2x; at D = 128 the matmuls dominate and 1.71x is the floor. Under
-deterministic algorithms dQ is recomputed (S, dP, dQ: 4 more matmuls, one more exp, and no dQ in
-dK dV): 15 matmuls, 2.14x. Two SDPA passes are 2x in FLOPs and exp, and were measured at 1.72x on
-an H200 at T = 1024 (benchmarks/RESULTS.md): the kernel can beat them only by bytes and launches,
-which is why it is not the default until a GPU run records it faster
-(lm.attention.fastest_twicing).
+So the kernel's floor is 12/7 = 1.71x SDPA in FLOPs, 2x in exp2 work and about 1.9x in bytes.
+At D = 64 a tile has only 4D = 256 matmul FLOPs per exp2 against Hopper's ~250 tensor FLOPs per
+MUFU exp2, so exp throughput holds the kernel near 2x; at D = 128 the matmuls dominate and 1.71x is
+the floor. Under deterministic algorithms dQ is recomputed (S, dP, dQ: 4 more matmuls, one more
+exp, and no dQ in dK dV): 15 matmuls, 2.14x. Two SDPA passes are 2x in FLOPs and exp, yet were
+measured at 1.72x one SDPA call on an H200 at T = 1024 (benchmarks/RESULTS.md; one call is itself
+far from peak at that length). Against them the kernel saves 2 of 14 matmuls and about 8 t of 38 t,
+so it wins only if its programs run as close to peak as SDPA's do: that is for a GPU run to show,
+and until one records it faster, two SDPA passes stay the default (lm.fastest).
 
 Why the forward stays in Triton rather than on the SDPA ops that return the log-sum-exp
 (aten._scaled_dot_product_flash_attention, _cudnn_attention): the FLOPs are the same (4 matmuls
