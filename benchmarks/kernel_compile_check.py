@@ -7,7 +7,9 @@ the deterministic dQ) x each of its autotune shapes for that head size x D in {6
 fp16} x {sm_90a, sm_80} goes through triton.compile for that target (no driver is touched) and its
 PTX through the ptxas in Triton's wheel, with the flags Triton itself uses. One table row each:
 shared memory (and the estimate the autotuner prunes by), registers, spill bytes, and the dots as
-Hopper wgmma (`ttng.warp_group_dot` in the TTGIR) or as mma/FMA `tt.dot`. The check fails (exit 1)
+Hopper wgmma (`ttng.warp_group_dot` in the TTGIR) or as mma/FMA `tt.dot`, and how many wgmma dots
+are computed twice over (a 64-row tile on 8 warps: two warp groups, the same rows; shown for a GPU
+run to weigh, not failed) and whether ptxas serialised wgmma (C7515). The check fails (exit 1)
 on shared memory over the target's limit (sm_90: 232448 B, sm_80: 166912 B), on an estimate below
 what the compiler allocated (the prune would let an overflow through), on any register spill not in
 ALLOWED_SPILLS (printed with its reason), and on sm_90 on any dot that is not wgmma.
@@ -72,6 +74,7 @@ class Row:
     spills: int = 0
     wgmma: int = 0
     mma: int = 0
+    replicated: int = 0  # wgmma dots computed by more than one warp group (see replicated_dots)
     serialized: bool = False  # ptxas C7515: wgmma waits for a non-wgmma write of its accumulator
     error: str = ""
     problems: list[str] = field(default_factory=list)
@@ -134,6 +137,20 @@ def count_dots(ttgir: str) -> tuple[int, int]:
     return len(re.findall(r"\bttng\.warp_group_dot\s", ttgir)), len(re.findall(r"\btt\.dot\s", ttgir))
 
 
+def replicated_dots(ttgir: str) -> int:
+    """wgmma dots whose result has fewer rows than its layout's warps cover (16 rows a warp): every
+    warp group then computes the same rows, as 8 warps on a 64-row tile do. Shown, not failed: the
+    shapes that avoid it spill at D = 128; a GPU run weighs the two."""
+    warps = {
+        name: int(m)
+        for name, m in re.findall(
+            r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 3.*?warpsPerCTA = \[(\d+)", ttgir, re.M
+        )
+    }
+    results = re.findall(r"ttng\.warp_group_dot\s.*-> tensor<(\d+)x\d+xf32, (#mma\d*)>", ttgir)
+    return sum(int(rows) < 16 * warps.get(layout, 0) for rows, layout in results)
+
+
 def compile_row(job: tuple) -> Row:
     program, shape, target, d, dtype = job
     import triton
@@ -161,6 +178,7 @@ def compile_row(job: tuple) -> Row:
         return row
     row.shared = compiled.metadata.shared
     row.wgmma, row.mma = count_dots(compiled.asm["ttgir"])
+    row.replicated = replicated_dots(compiled.asm["ttgir"])
     ptxas = ptxas_for(capability)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
@@ -213,15 +231,15 @@ def jobs(programs, dims, dtypes, targets) -> list[tuple]:
 
 
 def table(rows: list[Row]) -> str:
-    header = "| program | BLOCK_M, BLOCK_N, warps, stages | target | D | dtype | shared B | estimate B | registers | spill B | wgmma | mma | verdict |"  # noqa: E501
-    lines = [header, "|" + "---|" * 12]
+    header = "| program | BLOCK_M, BLOCK_N, warps, stages | target | D | dtype | shared B | estimate B | registers | spill B | wgmma | mma | replicated | verdict |"  # noqa: E501
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         verdict = "; ".join(r.problems) or ("ok, spill allowed (see below)" if r.allowed else "ok")
         verdict += ", wgmma serialized (C7515)" if r.serialized else ""
         shape = ", ".join(map(str, r.shape))
         lines.append(
             f"| {r.program} | {shape} | {r.target} | {r.d} | {r.dtype} | {r.shared} | {r.estimate} | {r.registers} "
-            f"| {r.spills} | {r.wgmma} | {r.mma} | {verdict} |"
+            f"| {r.spills} | {r.wgmma} | {r.mma} | {r.replicated} | {verdict} |"
         )
     return "\n".join(lines)
 

@@ -45,6 +45,15 @@ def test_reads_registers_and_spills_from_ptxas_and_dots_from_the_ttgir():
     assert check.count_dots(TTGIR) == (1, 1)  # the wait is not a dot
 
 
+def test_counts_the_wgmma_dots_that_two_warp_groups_compute_alike():
+    ttgir = """#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2]}>
+    %a = ttng.warp_group_dot %k, %q, %c {isAsync = 1} : !memdesc<64x128> * !memdesc<128x32> -> tensor<64x32xf32, #mma>
+    %b = ttng.warp_group_dot %p, %x, %d {isAsync = true} : tensor<64x32> * !memdesc<32x128> -> tensor<64x128xf32, #mma1>
+"""
+    assert check.replicated_dots(ttgir) == 1  # 8 warps cover 128 rows of a 64-row tile; [4, 2] covers 64
+
+
 def test_a_clean_row_passes_and_each_rule_fails_its_row():
     assert check.judge(row(), LIMITS).problems == []
     assert check.judge(row(shared=232449, estimate=240000), LIMITS).problems == ["shared memory 232449 B > 232448 B"]
@@ -87,5 +96,5 @@ def test_one_real_compile_is_tabled_and_an_overflow_fails_the_check(limit, statu
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("| _pass1_fwd")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2:5] == ["sm_90a", "64", "bf16"] and int(cells[5]) > 0 and int(cells[7]) > 0  # shared, registers
-    assert cells[9:11] == ["4", "0"]  # all four dots of pass 1 on wgmma
-    assert ("shared memory" in cells[11]) == bool(limit)
+    assert cells[9:12] == ["4", "0", "0"]  # all four dots of pass 1 on wgmma, none computed twice
+    assert ("shared memory" in cells[12]) == bool(limit)
