@@ -389,3 +389,23 @@ def test_a_cache_prefill_honours_attention_impl_sdpa(kernel, monkeypatch):
     assert calls == []  # the escape hatch from the kernel holds in generation too
     ATTENTION["twicing_triton"].attend_cached(q, k, v, LayerCache())
     assert calls == ([1] if GPU else [])
+
+
+def test_deterministic_algorithms_run_one_fixed_tiling_per_head_size_not_the_autotuner(kernel, monkeypatch):
+    """Timing would pick tile shapes, and so summation orders, that differ between runs and ranks."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    q, k, v = (x.to(DEVICE, DTYPE).requires_grad_() for x in random_qkv(1, 2, 40, HD, seed=13))
+
+    def run(shapes):
+        for fn in kernel.QUERY_MAJOR_KERNELS + kernel.KEY_MAJOR_KERNELS:
+            monkeypatch.setattr(fn, "configs", kernel.tile_configs(shapes[fn in kernel.KEY_MAJOR_KERNELS]))
+            monkeypatch.setattr(fn, "run", None)  # the autotuner's entry: calling it would fail
+        return output_and_grads(kernel.twicing_attention_triton, q, k, v, torch.ones_like(q))
+
+    first = [[(32, 16, 4, 1)], [(16, 32, 4, 1)]]
+    widened = [[(32, 16, 4, 1), (16, 16, 4, 1)], [(16, 32, 4, 1), (16, 16, 4, 1)]]
+    assert all(torch.equal(a, b) for a, b in zip(run(widened), run(first)))  # the first shape that fits, bitwise
+    fn = kernel.KEY_MAJOR_KERNELS[0]
+    monkeypatch.setattr(fn, "configs", kernel.tile_configs(widened[1]))
+    fn.configs[0].head_dims = (HD * 2,)  # a shape listed for another head size only is passed over
+    assert kernel.fixed_config(fn, HD) is fn.configs[1]
