@@ -12,9 +12,8 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import LargestTensorSeen, relative_error
+from conftest import CopiesOf, LargestTensorSeen, relative_error
 from lm.attention import (
     softmax_attention_reference,
     twicing_attention,
@@ -123,24 +122,6 @@ def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode
     fused = output_and_grads(kernel.twicing_attention_triton, *(x.to(DEVICE, DTYPE) for x in (q, k, v, dout)))
     for name, got, want in zip(["out", "dq", "dk", "dv"], fused, exact):
         assert relative_error(got.double().cpu(), want) <= TOLERANCE, name
-
-
-class CopiesOf(TorchDispatchMode):
-    """Records the bytes of the largest tensor any aten op makes from the given tensors' storage."""
-
-    def __init__(self, *tensors):
-        super().__init__()
-        self.storages = {x.untyped_storage().data_ptr() for x in tensors}
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        if any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in self.storages for x in inputs):
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    self.largest = max(self.largest, o.numel() * o.element_size())
-        return out
 
 
 # Grouped-query attention: 8 query heads over 2 kv heads, and multi-query (4 over 1). T = 40 and 33
