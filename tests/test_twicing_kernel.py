@@ -112,8 +112,8 @@ def test_every_tile_shape_the_gpu_may_pick_gives_the_same_result(kernel, dq_mode
     if GPU and dq_mode == "deterministic":
         pytest.skip("on a GPU, compile time goes to the atomic path; the CPU run covers every shape in both modes")
     shapes = [kernel.SHAPES[fn.fn.__name__][d] for fn in kernel.QUERY_MAJOR_KERNELS + kernel.KEY_MAJOR_KERNELS]
-    if d == 128 and shape >= max(map(len, shapes)):
-        pytest.skip(f"head size {d} has fewer shapes")
+    if d == 128 and (shape >= max(map(len, shapes)) or dq_mode == "deterministic"):
+        pytest.skip(f"head size {d} has fewer shapes; its deterministic dQ is in the float64 reference test")
     for fn, choices in zip(kernel.QUERY_MAJOR_KERNELS + kernel.KEY_MAJOR_KERNELS, shapes):
         monkeypatch.setattr(fn, "configs", kernel.tile_configs([choices[min(shape, len(choices) - 1)]]))
     q, k, v = random_qkv(1, 2, 200, d, seed=shape)  # several blocks of every size, the last one ragged
