@@ -15,10 +15,13 @@ U = attn(Q, K, V) and out = attn(Q, K, 2V - U), so it runs on fused kernels in O
 never forms a T x T matrix. Causality is preserved: A^2 is lower-triangular when A is, and the
 rows of 2A - A^2 still sum to one.
 
-On a GPU, `twicing` runs a Triton kernel (lm.kernels.twicing_triton) that shares the first
-pass's log-sum-exp with the second and forms 2V - U in registers; elsewhere, or for shapes the
-kernel does not take, it is two SDPA passes (`twicing_sdpa`). The `*_reference` functions
-materialise A explicitly; they exist to test the fused ones.
+Twicing runs as two SDPA passes (`twicing_sdpa`) or on a Triton kernel (lm.kernels.twicing_triton)
+that shares the first pass's log-sum-exp with the second and forms 2V - U in registers
+(`twicing_triton`: the kernel wherever it takes the inputs, a CUDA GPU with bf16 or fp16 and head
+size 64 or 128, else two SDPA passes). `twicing`, what model.attention_impl: fused runs, is the
+one of the two that benchmarks/measured_fastest.json records fastest on this class of GPU for this
+head size (lm.fastest), two SDPA passes where nothing is recorded and off a GPU. The `*_reference`
+functions materialise A explicitly; they exist to test the fused ones.
 
 Cached decoding (`*_cached`) keeps K and V of the tokens so far and, for twicing, U as well:
 for a new token i, u_i = a_i V is appended to the U cache and out_i = 2 u_i - a_i U, since row i
@@ -43,6 +46,9 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from core.errors import UserError
+from lm import fastest
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CachedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LayerCache"], torch.Tensor]
@@ -95,8 +101,35 @@ def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return q.is_cuda and TRITON_KERNELS is not None and TRITON_KERNELS.supports(q, k, v)
 
 
+_FASTEST: dict[tuple[int, int], bool] = {}
+
+
+def kernel_is_fastest(device_index: int, head_dim: int) -> bool:
+    """Whether benchmarks/measured_fastest.json records the kernel faster than two SDPA passes on
+    this GPU's class for this head size (read once per GPU and head size)."""
+    if (device_index, head_dim) not in _FASTEST:
+        name = torch.cuda.get_device_name(device_index)
+        _FASTEST[device_index, head_dim] = fastest.fastest_twicing(name, head_dim, fastest.load_record()) == "triton"
+    return _FASTEST[device_index, head_dim]
+
+
+if TRITON_KERNELS is not None:  # a GPU with Triton: torch.compile calls it at trace time, no graph break
+    kernel_is_fastest = torch.compiler.assume_constant_result(kernel_is_fastest)  # (imports dynamo: not on CPUs)
+
+
+def _kernel_chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return _kernel_takes(q, k, v) and kernel_is_fastest(q.device.index, q.size(-1))
+
+
 def twicing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(2A - A^2) V: the fused Triton kernel on a GPU where it applies, else two SDPA passes."""
+    """(2A - A^2) V on the implementation measured fastest here: the kernel where recorded, else two SDPA passes."""
+    if _kernel_chosen(q, k, v):
+        return TRITON_KERNELS.twicing_attention_triton(q, k, v)
+    return twicing_attention_sdpa(q, k, v)
+
+
+def twicing_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(2A - A^2) V on the Triton kernel wherever it takes the inputs, else two SDPA passes."""
     if _kernel_takes(q, k, v):
         return TRITON_KERNELS.twicing_attention_triton(q, k, v)
     return twicing_attention_sdpa(q, k, v)
@@ -159,12 +192,26 @@ def twicing_attention_sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return 2 * u - attend(q, cache.k, cache.u, causal=False)
 
 
+def _kernel_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
+    cache.k, cache.v, cache.u = k, v, u
+    return out
+
+
 def twicing_attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """As `twicing_attention_sdpa_cached`, but where the kernel is the measured-fastest and takes the
+    prompt, out and U come from one call."""
+    if cache.length == 0 and _kernel_chosen(q, k, v):
+        return _kernel_prefill(q, k, v, cache)
+    return twicing_attention_sdpa_cached(q, k, v, cache)
+
+
+def twicing_attention_kernel_cached(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache
+) -> torch.Tensor:
     """As `twicing_attention_sdpa_cached`, but a prefill the kernel takes gets out and U from one call."""
     if cache.length == 0 and _kernel_takes(q, k, v):
-        out, u = TRITON_KERNELS.twicing_attention_and_u(q, k, v)
-        cache.k, cache.v, cache.u = k, v, u
-        return out
+        return _kernel_prefill(q, k, v, cache)
     return twicing_attention_sdpa_cached(q, k, v, cache)
 
 
@@ -177,15 +224,19 @@ class AttentionVariant:
     attend_cached: CachedAttentionFn  # (q, k, v, cache) -> out: the prompt, then one token per call
     twices: bool  # out = (2A - A^2) V rather than A V
     passes: int  # attention passes (QK^T, then A times values) of its two-pass form, for the FLOP count
-    kernel: bool  # takes the Triton kernel on a GPU where it applies
+    kernel: str  # when it takes the Triton kernel on a GPU: "never", "if fastest" (measured) or "always"
     runs: str  # how it runs off the kernel, for the training log
 
     def runs_on(self, device: torch.device, head_dim: int) -> str:
         """How layers of this variant will run for a model on `device` (for the training log)."""
-        if self.kernel and device.type == "cuda" and TRITON_KERNELS is not None:
-            if head_dim in TRITON_KERNELS.SUPPORTED_HEAD_DIMS:
-                return "the Triton kernel"
-        return self.runs
+        if self.kernel == "never" or device.type != "cuda" or TRITON_KERNELS is None:
+            return self.runs
+        if head_dim not in TRITON_KERNELS.SUPPORTED_HEAD_DIMS:
+            return self.runs
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if self.kernel == "if fastest" and not kernel_is_fastest(index, head_dim):
+            return f"{self.runs} (measured fastest here)"
+        return f"the Triton kernel in bf16/fp16, {self.runs} in fp32"
 
 
 # The reference variants cache like their fused twins: a cache is for generation, not for tests of A.
@@ -198,7 +249,7 @@ ATTENTION: dict[str, AttentionVariant] = {
             softmax_attention_cached,
             twices=False,
             passes=1,
-            kernel=False,
+            kernel="never",
             runs="one SDPA pass",
         ),
         AttentionVariant(
@@ -207,7 +258,16 @@ ATTENTION: dict[str, AttentionVariant] = {
             twicing_attention_cached,
             twices=True,
             passes=2,
-            kernel=True,
+            kernel="if fastest",
+            runs="two SDPA passes",
+        ),
+        AttentionVariant(
+            "twicing_triton",
+            twicing_attention_kernel,
+            twicing_attention_kernel_cached,
+            twices=True,
+            passes=2,
+            kernel="always",
             runs="two SDPA passes",
         ),
         AttentionVariant(
@@ -216,7 +276,7 @@ ATTENTION: dict[str, AttentionVariant] = {
             twicing_attention_sdpa_cached,
             twices=True,
             passes=2,
-            kernel=False,
+            kernel="never",
             runs="two SDPA passes",
         ),
         AttentionVariant(
@@ -225,7 +285,7 @@ ATTENTION: dict[str, AttentionVariant] = {
             softmax_attention_cached,
             twices=False,
             passes=1,
-            kernel=False,
+            kernel="never",
             runs="materialised A (reference)",
         ),
         AttentionVariant(
@@ -234,11 +294,26 @@ ATTENTION: dict[str, AttentionVariant] = {
             twicing_attention_sdpa_cached,
             twices=True,
             passes=2,
-            kernel=False,
+            kernel="never",
             runs="materialised A (reference)",
         ),
     )
 }
+
+
+def check_runnable(attention_impl: str, twicing_layers: int, device: torch.device) -> None:
+    """`model.attention_impl: triton` asks for the kernel: refuse it, in one line, on a device
+    without a CUDA GPU and Triton (the other values run everywhere)."""
+    if (
+        attention_impl == "triton"
+        and twicing_layers
+        and (torch.device(device).type != "cuda" or TRITON_KERNELS is None)
+    ):
+        where = "Triton is not installed" if torch.device(device).type == "cuda" else f"this run is on {device}"
+        raise UserError(
+            f"model.attention_impl: triton needs a CUDA GPU with Triton, and {where}; "
+            "use fused (the measured-fastest) or sdpa"
+        )
 
 
 def get_attention(name: str) -> AttentionVariant:

@@ -57,9 +57,13 @@ class ModelConfig:
     # Which layers use twicing attention, the rest use softmax: "none", "all", "last:K" or a list
     # of layer indices. The paper's language model twices the last 2 of 16 layers.
     twicing_layers: str | list[int] = "none"
-    # "fused": SDPA for softmax; for twicing the Triton kernel on a GPU, else two SDPA passes.
-    # "sdpa": two SDPA passes for twicing everywhere. "reference" materialises A (tests only).
-    attention_impl: Literal["fused", "sdpa", "reference"] = "fused"
+    # How twicing layers run (softmax layers are one SDPA pass under all but "reference"). "fused":
+    # the implementation benchmarks/measured_fastest.json records fastest on this GPU for this head
+    # size (today two SDPA passes everywhere), two SDPA passes off a GPU. "triton": the Triton kernel
+    # where it takes the inputs (a CUDA GPU, bf16/fp16, head size 64 or 128), else two SDPA passes;
+    # training refuses it on a machine with no CUDA GPU and Triton. "sdpa": two SDPA passes
+    # everywhere. "reference" materialises A (tests only).
+    attention_impl: Literal["fused", "triton", "sdpa", "reference"] = "fused"
 
     def __post_init__(self):
         for key, value in ARCH_PRESETS[self.arch].items():
@@ -129,6 +133,8 @@ class ModelConfig:
 ATTENTION_VARIANTS: dict[tuple[str, str], str] = {
     ("softmax", "fused"): "softmax",
     ("twicing", "fused"): "twicing",
+    ("softmax", "triton"): "softmax",
+    ("twicing", "triton"): "twicing_triton",
     ("softmax", "sdpa"): "softmax",
     ("twicing", "sdpa"): "twicing_sdpa",
     ("softmax", "reference"): "softmax_reference",

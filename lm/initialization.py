@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lm.attention import check_runnable
 from lm.config import ModelConfig, RunConfig
 from lm.model import GPT, is_norm_parameter, writes_residual
 from lm.parallel import ParallelGroups, shard_model
@@ -99,6 +100,7 @@ def build_gpt(
     drawn (train.seed) or taken from `initial_weights` and handed to `place` as soon as it holds its
     value (lm.engine.partition_zero3 partitions it there), and the blocks that
     train.activation_checkpointing names set to recompute."""
+    check_runnable(config.model.attention_impl, len(config.model.twicing_layer_indices()), torch.device(device))
     with torch.device("meta"):
         model = GPT(config.model)
     if groups is not None:

@@ -4,7 +4,8 @@
 - a small Hugging Face tokenizer.json with its tokenizer_config.json (`hf_tokenizer_file`);
 - running `lm`: in a fresh process (`run_lm`), under torchrun (`torchrun_command`, `run_torchrun`),
   or in this process for the mistakes that fail before anything global is touched (`lm_in_process`);
-- checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes;
+- checks: one error line, a run's losses, a directory's digest, relative errors, tensor sizes, copies
+  an op makes of given tensors (`CopiesOf`);
 - references: the plain PyTorch loop's losses, computed once per configuration (`plain_losses`);
 - a session-wide watch that no run leaves DeepSpeed's shared-memory buffers behind (`shm_segments`);
 - tiny float64 models and converted checkpoints for evaluation and analysis.
@@ -281,6 +282,24 @@ def tree_digest(path: Path) -> str:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| in the Frobenius norm."""
     return ((a - b).norm() / b.norm()).item()
+
+
+class CopiesOf(TorchDispatchMode):
+    """Records the bytes of the largest tensor any aten op makes from the given tensors' storage."""
+
+    def __init__(self, *tensors):
+        super().__init__()
+        self.storages = {x.untyped_storage().data_ptr() for x in tensors}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in self.storages for x in inputs):
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    self.largest = max(self.largest, o.numel() * o.element_size())
+        return out
 
 
 class LargestTensorSeen(TorchDispatchMode):

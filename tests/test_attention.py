@@ -1,6 +1,7 @@
 """Specification of the attention variants in lm.attention: their math, their registry and the
 facts it records (twices, passes, the cached form), and how the config picks one per layer."""
 
+import json
 import subprocess
 import sys
 import typing
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import LargestTensorSeen, relative_error
-from lm import attention
+from lm import attention, fastest
 from lm.attention import (
     causal_attention_matrix,
     softmax_attention,
@@ -176,10 +177,12 @@ def test_after_the_prompt_the_cache_takes_one_token_at_a_time(name):
 
 def test_only_twicing_asks_for_the_kernel_and_the_log_says_how_each_runs_on_a_cpu():
     cpu = torch.device("cpu")
-    assert [name for name, variant in attention.ATTENTION.items() if variant.kernel] == ["twicing"]
+    kernel = {name: variant.kernel for name, variant in attention.ATTENTION.items() if variant.kernel != "never"}
+    assert kernel == {"twicing": "if fastest", "twicing_triton": "always"}
     assert {name: variant.runs_on(cpu, 64) for name, variant in attention.ATTENTION.items()} == {
         "softmax": "one SDPA pass",
         "twicing": "two SDPA passes",
+        "twicing_triton": "two SDPA passes",
         "twicing_sdpa": "two SDPA passes",
         "softmax_reference": "materialised A (reference)",
         "twicing_reference": "materialised A (reference)",
@@ -193,6 +196,7 @@ def test_only_twicing_asks_for_the_kernel_and_the_log_says_how_each_runs_on_a_cp
     "impl, softmax, twicing",
     [
         ("fused", "softmax", "twicing"),
+        ("triton", "softmax", "twicing_triton"),
         ("sdpa", "softmax", "twicing_sdpa"),
         ("reference", "softmax_reference", "twicing_reference"),
     ],
@@ -214,5 +218,110 @@ def test_every_attention_impl_the_config_accepts_has_a_variant_for_each_layer_ki
 def test_the_config_names_variants_without_importing_torch():
     """lm.config holds names only; the variants (and torch) are lm.attention's, imported by the model."""
     code = "import sys, lm.config; assert 'torch' not in sys.modules, 'lm.config imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- fused: the measured-fastest
+
+
+def record_with(tmp_path, gpu="H200", head_dim="64", attention_x=None, tokens_per_s=None) -> dict:
+    """The shipped record, with the kernel's figures for one GPU class and head size set (a copy)."""
+    record = fastest.load_record()
+    entry = record["gpus"].setdefault(gpu, {}).setdefault(head_dim, {})
+    entry.setdefault("attention_fwd_bwd_x_softmax", {"sdpa": 1.72})["triton"] = attention_x
+    entry.setdefault("training_tokens_per_s", {"sdpa": 226000})["triton"] = tokens_per_s
+    path = tmp_path / "measured_fastest.json"
+    path.write_text(json.dumps(record))
+    return fastest.load_record(path)
+
+
+def test_fused_twicing_is_two_sdpa_passes_wherever_the_kernel_was_not_measured_faster():
+    record = fastest.load_record()
+    for gpu, head_dim in [
+        ("NVIDIA H200", 64),
+        ("NVIDIA H200", 128),
+        ("NVIDIA H100 80GB HBM3", 64),
+        ("NVIDIA A100", 64),
+    ]:
+        assert fastest.fastest_twicing(gpu, head_dim, record) == "sdpa", (gpu, head_dim)
+    assert fastest.fastest_twicing("NVIDIA H200", 64, {}) == "sdpa"  # no record file: the measured path
+
+
+def test_the_choice_follows_the_recorded_figures_not_a_preference(tmp_path):
+    """Record the kernel faster in both benchmarks and fused picks it, for that GPU class and head size only."""
+    faster = record_with(tmp_path, attention_x=1.55, tokens_per_s=240000)
+    assert fastest.fastest_twicing("NVIDIA H200", 64, faster) == "triton"
+    assert fastest.fastest_twicing("NVIDIA H200", 128, faster) == "sdpa"  # another head size: not measured
+    assert fastest.fastest_twicing("NVIDIA H100 80GB HBM3", 64, faster) == "sdpa"  # another class of GPU
+    # Faster in one benchmark only is not enough; slower or equal is not faster.
+    assert (
+        fastest.fastest_twicing("NVIDIA H200", 64, record_with(tmp_path, attention_x=1.55, tokens_per_s=200000))
+        == "sdpa"
+    )
+    assert (
+        fastest.fastest_twicing("NVIDIA H200", 64, record_with(tmp_path, attention_x=1.9, tokens_per_s=240000))
+        == "sdpa"
+    )
+    assert (
+        fastest.fastest_twicing("NVIDIA H200", 64, record_with(tmp_path, attention_x=1.72, tokens_per_s=226000))
+        == "sdpa"
+    )
+
+
+def test_a_gpu_class_is_found_inside_the_device_name():
+    record = {"gpus": {"H100": {}, "H100 NVL": {}, "A100": {}}}
+    assert fastest.gpu_class("NVIDIA H100 NVL", record) == "H100 NVL"  # the longest match
+    assert fastest.gpu_class("NVIDIA H100 80GB HBM3", record) == "H100"
+    assert fastest.gpu_class("NVIDIA L4", record) is None
+
+
+def test_the_record_copies_the_figures_benchmarks_results_md_holds():
+    """measured_fastest.json is RESULTS.md's figures in a form the code reads: each entry names its
+    section, which must hold the same numbers (and RESULTS.md points at the file)."""
+    results = (REPO_ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert "measured_fastest.json" in results
+    for gpu in fastest.load_record()["gpus"].values():
+        for entry in gpu.values():
+            title = entry["source"].removeprefix("RESULTS.md: ")
+            section = results.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+            passes = entry["attention_fwd_bwd_x_softmax"]["sdpa"]
+            assert f"| twicing, two SDPA passes | {passes}×" in section
+            assert f"{entry['training_tokens_per_s']['sdpa'] // 1000}k" in section
+
+
+def test_fused_on_a_gpu_asks_the_record_once_per_gpu_and_head_size(monkeypatch, tmp_path):
+    """What the model runs: kernel_is_fastest reads the GPU's name and the record (here both stand-ins)."""
+    monkeypatch.setattr(attention, "_FASTEST", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    faster = record_with(tmp_path, attention_x=1.5, tokens_per_s=250000)
+    monkeypatch.setattr(fastest, "load_record", lambda: faster)
+    assert attention.kernel_is_fastest(0, 64) and not attention.kernel_is_fastest(0, 128)
+    monkeypatch.setattr(fastest, "load_record", lambda: {})  # read once: the answer stays
+    assert attention.kernel_is_fastest(0, 64)
+
+
+def test_attention_impl_triton_is_refused_for_training_where_no_gpu_can_run_the_kernel():
+    from core.errors import UserError
+    from lm.config import RunConfig
+    from lm.initialization import build_gpt
+
+    model = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, twicing_layers="last:1")
+    with pytest.raises(UserError, match="attention_impl: triton needs a CUDA GPU with Triton.*use fused"):
+        build_gpt(RunConfig.from_dict({"model": {**model, "attention_impl": "triton"}}), "cpu")
+    build_gpt(RunConfig.from_dict({"model": {**model, "attention_impl": "fused"}}), "cpu")  # runs everywhere
+    no_twicing = {**model, "attention_impl": "triton", "twicing_layers": "none"}
+    build_gpt(RunConfig.from_dict({"model": no_twicing}), "cpu")  # nothing asks for the kernel
+
+
+def test_attention_impl_triton_runs_two_sdpa_passes_where_the_kernel_does_not_take_the_inputs():
+    """Off a GPU (eval or generation of a GPU run on a CPU, say), and on a GPU for fp32 or other head sizes."""
+    q, k, v = random_qkv(t=9)
+    assert relative_error(attention.twicing_attention_kernel(q, k, v), twicing_attention_reference(q, k, v)) <= 1e-10
+
+
+def test_the_model_imports_no_triton_on_a_cpu():
+    """The kernel (and torch.compile's machinery) load only where a GPU can run them."""
+    code = "import sys, lm.model; assert not {'triton', 'torch._dynamo'} & set(sys.modules), 'imported on a CPU'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr

@@ -160,7 +160,7 @@ def test_layers_use_the_attention_the_config_selects():
     assert [block.attn.variant.name for block in model.transformer.h] == ["twicing", "softmax", "twicing"]
 
 
-@pytest.mark.parametrize("attention_impl", ["fused", "sdpa", "reference"])
+@pytest.mark.parametrize("attention_impl", ["fused", "triton", "sdpa", "reference"])
 def test_each_layer_holds_the_registered_variant_it_runs(attention_impl):
     model = make_model(twicing_layers="last:1", attention_impl=attention_impl)
     variants = [block.attn.variant for block in model.transformer.h]
@@ -286,7 +286,7 @@ def test_flops_per_token_of_a_softmax_model():
 
 
 @pytest.mark.parametrize("twicing_layers, twiced", [("all", 3), ("last:1", 1), ([0, 2], 2)])
-@pytest.mark.parametrize("attention_impl", ["fused", "sdpa", "reference"])
+@pytest.mark.parametrize("attention_impl", ["fused", "triton", "sdpa", "reference"])
 def test_twicing_adds_exactly_one_attention_pass_per_twicing_layer(twicing_layers, twiced, attention_impl):
     """Twicing's second pass attn(Q, K, 2V - U) costs one more QK^T and AV: 3 x 2 T C per layer."""
     t, c = SMALL["block_size"], SMALL["n_embd"]

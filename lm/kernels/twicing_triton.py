@@ -1,16 +1,54 @@
-"""Fused causal twicing attention as a torch op: the Triton programs of lm.kernels.twicing_jit,
-launched forward and backward.
+"""Fused causal twicing attention as a torch op: the Triton programs of lm.kernels.twicing_jit
+(forward) and twicing_bwd_jit (backward), launched.
 
-Forward: pass 1 writes U = A V and each row's log-sum-exp L; pass 2 writes out = A (2V - U) from
-them. Backward: dW = P^T dO, then the row terms delta, then dK, dV and dQ (see twicing_jit).
-Nothing of size T x T is stored; saved for backward are Q, K, V, U, out and L, one (T, D) tensor
-more than flash attention. Exposed as a torch custom op (`twicing_lm::twicing_attention`) so that
-torch.compile treats it as one opaque, differentiable call. With TRITON_INTERPRET=1 set before
-Triton is first imported, it runs on CPU tensors in Triton's interpreter (the tests do).
+Forward: pass 1 writes U = A V and each row's log-sum-exp L; pass 2 writes out = A (2V - U).
+Backward: dW = P^T dO, whose epilogue writes X = 2 dO - dW and delta; then dK, dV (and dQ, added
+atomically; or, under deterministic algorithms, by a query-major program). Nothing of size T x T
+is stored; saved for backward are Q, K, V, U, out and L, one (T, D) tensor more than flash
+attention. U is returned (a generation cache keeps it) but is not differentiable. Exposed as a
+torch custom op (`twicing_lm::twicing_attention`), one opaque, differentiable call to
+torch.compile. With TRITON_INTERPRET=1 set before Triton is first imported, it runs on CPU tensors
+in Triton's interpreter (the tests do). On CUDA it takes bf16 and fp16 only: fp32 dots would run
+without tensor cores and the D = 128 tiles would not fit shared memory, so fp32 stays on the two
+SDPA passes (`supports`).
+
+Cost per (batch, head), causal, in units of one T x T/2 x D matmul (T^2 D FLOPs), of exp2 passes
+over the T^2/2 scores, and of HBM bytes in t = T D x 2 bytes (each tensor read once per launch:
+the re-reads of K, V and the query-side tiles across programs hit L2):
+
+  program          matmuls per tile                      exp   HBM bytes
+  pass 1           S = Q K^T, U += P V              2     1     Q K V in; U, L out                 4 t
+  pass 2           S, out += P W                    2     1     Q K V U L in; out                  5 t
+  dW + epilogue    S^T = K Q^T, dW += P^T dO        2     1     Q K dO, then O U in; X, delta out  6 t
+  dK dV (+ dQ)     S^T, dP^T = V X^T - U dO^T (2),  6     1     Q K V U dO X L delta in;
+                   dV += P^T X, dK += dS^T Q,                   dK dV out                          8 t
+                   dQ^T += K^T dS^T (fp32 atomics)              dQ: zeroed, added into, cast       7 t
+  kernel total                                      12    4                                  about 30 t
+  SDPA (flash), fwd + bwd                           7     2                                  about 16 t
+  two SDPA passes                                   14    4     2 x 16 t, W = 2V - U and dW  about 38 t
+
+So the kernel's floor is 12/7 = 1.71x SDPA in FLOPs, 2x in exp2 work and about 1.9x in bytes.
+At D = 64 a tile has only 4D = 256 matmul FLOPs per exp2 against Hopper's ~250 tensor FLOPs per
+MUFU exp2, so exp throughput holds the kernel near 2x; at D = 128 the matmuls dominate and 1.71x is
+the floor. Under deterministic algorithms dQ is recomputed (S, dP, dQ: 4 more matmuls, one more
+exp, and no dQ in dK dV): 15 matmuls, 2.14x. Two SDPA passes are 2x in FLOPs and exp, yet were
+measured at 1.72x one SDPA call on an H200 at T = 1024 (benchmarks/RESULTS.md; one call is itself
+far from peak at that length). Against them the kernel saves 2 of 14 matmuls and about 8 t of 38 t,
+so it wins only if its programs run as close to peak as SDPA's do: that is for a GPU run to show,
+and until one records it faster, two SDPA passes stay the default (lm.fastest).
+
+Why the forward stays in Triton rather than on the SDPA ops that return the log-sum-exp
+(aten._scaled_dot_product_flash_attention, _cudnn_attention): the FLOPs are the same (4 matmuls
+per tile), pass 2 here does less than an SDPA pass (no running max or rescale; W = 2V - U made in
+registers, never the 3 t of an elementwise kernel), and those ops' log-sum-exp differs by backend
+(natural log (B, H, T); padded to 32 rows; (B, H, T, 1)), chosen by torch at run time, and pass 2
+under GQA (K per kv head, W per query head) would need one call per group member. The attention
+benchmark times the forward alone (its fwd column); if SDPA's forward wins there, that is the
+next change.
 
 Grouped-query attention: q is (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv.
-Query head h reads kv head h // (Hq / Hkv) in place (the programs index it; nothing repeats K or
-V); U and out have Hq heads, dK and dV Hkv heads, each the sum over its group of query heads.
+Query head h reads kv head h // (Hq / Hkv) in place; U and out have Hq heads, dK and dV Hkv heads,
+each the sum over its group of query heads.
 """
 
 import contextlib
@@ -19,31 +57,34 @@ import math
 import torch
 import triton
 from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
+from triton.runtime import errors
 
+from lm.kernels.twicing_bwd_jit import _bwd_dkdv, _bwd_dq, _bwd_dw
 from lm.kernels.twicing_jit import (
     INTERPRETED,
-    KEY_MAJOR_KERNELS,
-    KEY_MAJOR_SHAPES,
-    QUERY_MAJOR_KERNELS,
-    QUERY_MAJOR_SHAPES,
+    SHAPES,
     SUPPORTED_HEAD_DIMS,
-    _bwd_delta,
-    _bwd_dkdv,
-    _bwd_dq,
-    _bwd_dw,
     _pass1_fwd,
     _pass2_fwd,
+    shared_memory_limit,
+    takes,
     tile_configs,
 )
 
-# Re-exported: the tests narrow and widen the tilings through this module.
+# ptxas failing, and the autotuner finding no configuration that runs; older Triton lacks either.
+FAILURES = tuple(
+    getattr(errors, name) for name in ("OutOfResources", "PTXASError", "AutotunerError") if hasattr(errors, name)
+)
+
+# The programs of each tiling, whose autotune configurations the tests narrow.
+QUERY_MAJOR_KERNELS = (_pass1_fwd, _pass2_fwd, _bwd_dq)
+KEY_MAJOR_KERNELS = (_bwd_dw, _bwd_dkdv)
+
 __all__ = [
     "INTERPRETED",
     "KEY_MAJOR_KERNELS",
-    "KEY_MAJOR_SHAPES",
     "QUERY_MAJOR_KERNELS",
-    "QUERY_MAJOR_SHAPES",
+    "SHAPES",
     "SUPPORTED_HEAD_DIMS",
     "supports",
     "tile_configs",
@@ -51,13 +92,15 @@ __all__ = [
     "twicing_attention_triton",
 ]
 
+LOG2E = 1.4426950408889634  # the kernels use exp2
+
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs keep fp32 products, as SDPA does
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 (interpreter only) keeps fp32 products
 
 
 def _time_major(q: torch.Tensor) -> torch.Tensor:
@@ -65,14 +108,6 @@ def _time_major(q: torch.Tensor) -> torch.Tensor:
     output: the model's transpose back to (batch, time, channels) is then free."""
     B, H, T, D = q.shape
     return q.new_empty(B, T, H, D).transpose(1, 2)
-
-
-def _query_grid(heads: int, T: int):
-    return lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), heads)
-
-
-def _key_grid(heads: int, T: int):
-    return lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), heads)
 
 
 def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -85,116 +120,90 @@ def _group(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.size(1) // k.size(1)
 
 
+def fixed_config(kernel, d: int) -> triton.Config:
+    """The one tiling `kernel` uses under deterministic algorithms: its first shape for head size
+    d that fits this GPU, the same on every run and rank."""
+    name, limit = kernel.fn.__name__, shared_memory_limit()
+    return next((c for c in kernel.configs if takes(name, c, d, limit)), kernel.configs[0])
+
+
+def _launch(kernel, blocks: int, rows: str, *args, **meta) -> None:
+    """Launch `kernel` over (programs, cdiv(T, its `rows` block)): autotuned, or under
+    torch.use_deterministic_algorithms on its fixed tiling (timing would pick shapes, and so
+    summation orders, that differ between runs and ranks)."""
+    T = meta["T"]
+    if torch.are_deterministic_algorithms_enabled():
+        config = fixed_config(kernel, meta["D"])
+        grid = (blocks, triton.cdiv(T, config.kwargs[rows]))
+        kernel.fn[grid](*args, **meta, **config.all_kwargs())
+    else:
+        kernel[lambda m: (blocks, triton.cdiv(T, m[rows]))](*args, **meta)
+
+
+def _on_device(x: torch.Tensor):
+    """Launches go to x's GPU, whichever is current (torch.cuda.device), and nowhere on the CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _common(q: torch.Tensor) -> dict:
+    B, H, T, D = q.shape
+    return dict(T=T, TK=triton.next_power_of_2(T), D=D, PRECISION=_precision(q.dtype))
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     q, k, v = _unit_last(q, k, v)
     B, H, T, D = q.shape
-    group = _group(q, k)
-    sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    group, meta = _group(q, k), _common(q)
+    qk_scale = LOG2E / math.sqrt(D)
     u, out = torch.empty_like(q, memory_format=torch.contiguous_format), _time_major(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-    grid = _query_grid(B * H, T)
-    common = dict(D=D, PRECISION=_precision(q.dtype))
-    _pass1_fwd[grid](
-        q, k, v, u, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(u), H, group, T, qk_scale, **common
-    )
-    _pass2_fwd[grid](
-        q,
-        k,
-        v,
-        u,
-        lse,
-        out,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        *_strides(u),
-        *_strides(out),
-        H,
-        group,
-        T,
-        qk_scale,
-        **common,
-    )
+    s = (*_strides(q), *_strides(k), *_strides(v), *_strides(u))
+    with _on_device(q):
+        _launch(_pass1_fwd, B * H, "BLOCK_M", q, k, v, u, lse, *s, H, group, qk_scale=qk_scale, **meta)
+        _launch(_pass2_fwd, B * H, "BLOCK_M", q, k, v, u, lse, out, *s, *_strides(out), H, group,
+                qk_scale=qk_scale, **meta)  # fmt: skip
     return out, u, lse
 
 
 def _backward(q, k, v, u, out, lse, dout):
-    """Gradients of out = P W, W = 2V - U, U = P V, P = softmax(scale Q K^T) (causal).
-
-    Pass 2 gives dW = P^T dO and dS2 = P * (dO W^T - delta2) with delta2_i = dO_i . out_i.
-    Through W: dV += 2 dW and dU = -dW. Pass 1 gives dV += P^T dU and
-    dS1 = P * (dU V^T - delta1) with delta1_i = dU_i . U_i. dS = dS1 + dS2 feeds dQ and dK.
-    Under GQA these hold per query head; a kv head's dK and dV sum its group's (one program each).
-    """
+    """Gradients of out = P W, W = 2V - U, U = P V (derivation: lm.kernels.twicing_bwd_jit)."""
     q, k, v, u, out, dout = _unit_last(q, k, v, u, out, dout)
     B, H, T, D = q.shape
-    group = _group(q, k)
+    group, meta = _group(q, k), _common(q)
     sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = sm_scale * 1.4426950408889634
-    common = dict(D=D, PRECISION=_precision(q.dtype))
-    key_grid, query_grid = _key_grid(B * H, T), _query_grid(B * H, T)
-    kv_grid = _key_grid(B * (H // group), T)  # dK, dV: one program per kv head and key block
-    # dW in the inputs' precision: it enters the dots as dU in that precision anyway, and the
-    # backward's peak memory stays near flash attention's.
-    dw = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    _bwd_dw[key_grid](
-        q, k, dout, lse, dw, *_strides(q), *_strides(k), *_strides(dout), *_strides(dw), H, group, T, qk_scale, **common
-    )
+    scales = dict(qk_scale=sm_scale * LOG2E, sm_scale=sm_scale)
+    # X = 2 dO - dW in the inputs' precision: it enters the dots in that precision anyway.
+    x = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     delta = torch.empty_like(lse)
-    _bwd_delta[(triton.cdiv(T, 64), B * H)](
-        out, u, dout, dw, delta, *_strides(out), *_strides(u), *_strides(dout), *_strides(dw), H, T, BLOCK_M=64, D=D
-    )
-    # dU = -dW is never stored: the kernels negate dW as they load it.
     dk, dv = (torch.empty(k.shape, device=q.device, dtype=q.dtype) for _ in range(2))
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(u), *_strides(dout))
     fuse_dq = not torch.are_deterministic_algorithms_enabled()
-    dq32 = (
-        torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fuse_dq else lse.new_zeros(1)
-    )  # (a stand-in)
-    _bwd_dkdv[kv_grid](
-        q,
-        k,
-        v,
-        u,
-        dout,
-        dw,
-        lse,
-        delta,
-        dk,
-        dv,
-        dq32,
-        *strides,
-        *_strides(dw),
-        *_strides(dk),
-        H,
-        group,
-        T,
-        qk_scale,
-        sm_scale,
-        FUSE_DQ=fuse_dq,
-        **common,
-    )
-    if fuse_dq:
-        del dw, delta  # before the cast allocates dq
-        return dq32.to(q.dtype), dk, dv
-    dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    _bwd_dq[query_grid](
-        q, k, v, u, dout, dw, lse, delta, dq, *strides, *_strides(dq), H, group, T, qk_scale, sm_scale, **common
-    )
+    dq32 = torch.zeros(x.shape, device=q.device, dtype=torch.float32) if fuse_dq else lse.new_zeros(1)  # (a stand-in)
+    qkvu = (*_strides(q), *_strides(k), *_strides(v), *_strides(u))
+    with _on_device(q):
+        _launch(_bwd_dw, B * H, "BLOCK_N", q, k, out, u, dout, lse, x, delta, *_strides(q), *_strides(k),
+                *_strides(out), *_strides(u), *_strides(dout), *_strides(x), H, group,
+                qk_scale=scales["qk_scale"], **meta)  # fmt: skip
+        _launch(_bwd_dkdv, B * (H // group), "BLOCK_N", q, k, v, u, dout, x, lse, delta, dk, dv, dq32, *qkvu,
+                *_strides(dout), *_strides(x), *_strides(dk), H, group, FUSE_DQ=fuse_dq, **scales, **meta)  # fmt: skip
+        if fuse_dq:
+            del x, delta  # before the cast allocates dq
+            return dq32.to(q.dtype), dk, dv
+        dq = torch.empty(x.shape, device=q.device, dtype=q.dtype)
+        _launch(_bwd_dq, B * H, "BLOCK_M", q, k, v, u, dout, x, lse, delta, dq, *qkvu, *_strides(dout),
+                *_strides(x), H, group, **scales, **meta)  # fmt: skip
     return dq, dk, dv
 
 
 @contextlib.contextmanager
 def _explained_failures():
-    """A kernel that does not compile for this GPU names the way around it."""
+    """A kernel that does not compile or launch on this GPU names the way around it."""
     try:
         yield
-    except (CompilationError, OutOfResources) as error:
+    except (CompilationError, *FAILURES) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise RuntimeError(
             f"the Triton twicing kernel failed on this GPU ({type(error).__name__}: {first}); "
-            "set model.attention_impl: sdpa to run twicing as two SDPA passes"
+            "set model.attention_impl: sdpa (or fused) to run twicing as two SDPA passes"
         ) from error
 
 
@@ -238,6 +247,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v = inputs
     out, u, lse = output
     ctx.save_for_backward(q, k, v, u, out, lse)
+    ctx.mark_non_differentiable(u, lse)  # U is for a generation cache; its gradient is not computed
 
 
 def _grads(ctx, dout, _du, _dlse):
@@ -250,7 +260,9 @@ _twicing_op.register_autograd(_grads, setup_context=_setup_context)
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes these inputs (else the caller uses two SDPA passes): causal self
-    attention, k and v with Hq or (GQA) a divisor of Hq heads, and the same batch, time and dim."""
+    attention, k and v with Hq or (GQA) a divisor of Hq heads, the same batch, time and dim, and on
+    CUDA bf16 or fp16 (fp32 only in the interpreter)."""
+    dtypes = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
     return (
         q.dim() == k.dim() == 4
         and k.shape == v.shape
@@ -258,8 +270,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and k.size(1) > 0
         and q.size(1) % k.size(1) == 0
         and q.size(-1) in SUPPORTED_HEAD_DIMS
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.dtype in dtypes
         and q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
         and (q.is_cuda or INTERPRETED)
     )
 
