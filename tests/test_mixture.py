@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import (
+    MIXTURE_TRAIN,
     assert_one_error_line,
     losses_from,
     metric_from,
     mixture_run_config,
+    run_lm,
     write_config,
 )
 from core.errors import UserError
@@ -140,6 +142,22 @@ def test_a_mixture_run_resumed_mid_run_continues_bitwise(mixture_runs):
     for key in ("train/loss", "train/lr", "data/tokens/big", "data/tokens/small", "val/loss", "val/loss/small"):
         after_20 = {step: value for step, value in metric_from(straight, key).items() if step > 20}
         assert metric_from(resumed, key) == after_20, key
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_train_on_the_windows_of_one(mixture_runs, mixture_shards, tmp_path):
+    """10 steps of the mixture run under torchrun with 2 ranks: the same windows, so the same losses to
+    fp32 rounding of the gradient all-reduce (test_training's 2e-6 for DP 2 against one process)."""
+    sources = {"big": (mixture_shards["big"], 0.8), "small": (mixture_shards["small"], 0.2)}
+    config = write_config(tmp_path / "dp2.yaml", mixture_run_config(sources, tmp_path / "dp2", MIXTURE_TRAIN))
+    result = run_lm("lm.train", "--config", str(config), "--stop-at", "10", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight, dp2 = mixture_runs / "straight", tmp_path / "dp2"
+    first_10 = {step: loss for step, loss in losses_from(straight).items() if step <= 10}
+    assert losses_from(dp2) == pytest.approx(first_10, rel=2e-6)
+    for key in ("data/tokens/big", "data/tokens/small"):
+        assert metric_from(dp2, key) == {step: n for step, n in metric_from(straight, key).items() if step <= 10}
+    assert metric_from(dp2, "val/loss/small")[0] == pytest.approx(metric_from(straight, "val/loss/small")[0], rel=1e-6)
 
 
 @pytest.mark.slow
