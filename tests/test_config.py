@@ -6,6 +6,7 @@ in a `UserError` whose message is one line and names the offending key.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -548,6 +549,12 @@ def test_bad_schedule_mfu_and_wandb_settings_are_one_line_naming_the_key(tmp_pat
     config = copy.deepcopy(VALID)
     config["train"].update({"warmup_steps": 0, **train})
     assert named in load_error(tmp_path, config)
+
+
+def test_the_shipped_mixture_demo_config_loads():
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "mixture-demo.yaml")
+    assert [(s.name, s.weight) for s in config.data.sources] == [("docs", 0.8), ("code", 0.2)]
+    assert (config.train.schedule, config.train.decay_shape) == ("wsd", "1-sqrt")
 
 
 def test_schedule_and_wandb_settings_load_and_default_to_cosine_without_wandb(tmp_path):
