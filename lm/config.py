@@ -220,7 +220,7 @@ class TrainConfig:
     memory_check: bool = True  # refuse to start a run that `lm plan` says does not fit a rank's memory
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
-    eval_windows: int = 16  # validation windows (of block_size tokens) per validation
+    eval_windows: int = 16  # validation windows (of block_size tokens) per validation, of each source of a mixture
     log_interval: int = 10  # steps between console lines, and between the loop's waits for the device
     checkpoint_interval: int = 0  # 0 saves only at the end
     keep_last: int = 0  # complete checkpoints to keep (oldest deleted first); 0 keeps all

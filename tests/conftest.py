@@ -177,13 +177,7 @@ def trained_tiny_run(tiny_shards, tmp_path_factory) -> Path:
 
 # The mixture run of mixture_runs: 0.8 big / 0.2 small, warmup-stable-decay with a 1-sqrt decay.
 MIXTURE_TRAIN = dict(
-    steps=50,
-    warmup_steps=5,
-    schedule="wsd",
-    decay_steps=15,
-    decay_shape="1-sqrt",
-    eval_interval=25,
-    log_interval=10,
+    steps=50, warmup_steps=5, schedule="wsd", decay_steps=15, decay_shape="1-sqrt", eval_interval=25, log_interval=10
 )
 
 
@@ -197,16 +191,9 @@ def mixture_runs(mixture_shards, tmp_path_factory) -> Path:
     logged = {"tensorboard": True, "wandb": {"project": "tests", "mode": "offline"}, "peak_tflops": 1.0}
     straight = mixture_run_config(sources, root / "straight", {**MIXTURE_TRAIN, **logged, "checkpoint_interval": 20})
     resumed = mixture_run_config(sources, root / "resumed", MIXTURE_TRAIN)
-    for args in (
-        ["--config", str(write_config(root / "straight.yaml", straight))],
-        [
-            "--config",
-            str(write_config(root / "resumed.yaml", resumed)),
-            "--resume",
-            str(root / "straight" / "checkpoints" / "step00000020"),
-        ],
-    ):
-        result = run_lm("train", *args)
+    step_20 = root / "straight" / "checkpoints" / "step00000020"
+    for name, config, resume in (("straight", straight, "none"), ("resumed", resumed, str(step_20))):
+        result = run_lm("train", "--config", str(write_config(root / f"{name}.yaml", config)), "--resume", resume)
         assert result.returncode == 0, result.stderr[-3000:]
     return root
 
