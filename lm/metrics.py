@@ -100,6 +100,7 @@ def start_wandb(run_dir: Path, config: RunConfig):
         id=id_file.read_text().strip() if id_file.is_file() else None,
         resume="allow",
         config=config.to_dict(),
+        allow_val_change=True,  # a resumed run may change what does not change the training (out_dir, logging)
         settings=wandb.Settings(console="off", silent=True),  # our console stays ours
     )
     id_file.write_text(run.id)
@@ -107,7 +108,7 @@ def start_wandb(run_dir: Path, config: RunConfig):
 
 
 class RunLog:
-    """Rank 0's console line, metrics.jsonl and TensorBoard scalars; other ranks record nothing."""
+    """Rank 0's console line, metrics.jsonl, TensorBoard and wandb scalars; other ranks record nothing."""
 
     def __init__(self, run_dir: Path, config: RunConfig, world: World):
         self.enabled = world.is_main
