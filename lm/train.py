@@ -276,10 +276,7 @@ def log_steps(run: Run, records: list[StepRecord], seconds: float, result: Train
         if run.mfu_per_token is not None:
             values["train/mfu"] = tokens_per_s * run.mfu_per_token
         if run.data.is_mixture:
-            values.update(run.data.batches.tokens_drawn(done))
-            for name, epoch, windows in run.data.batches.new_epochs(done - 1):  # a small source repeats
-                line = f"step {done}: data source {name} starts epoch {epoch}, its {windows} windows again"
-                run.log.event(done, line)
+            values.update(mixture_values(run, done))
         if run.policy.guard is not None:
             values["train/skipped_steps"] = run.policy.skipped
         result.losses.append(loss)
@@ -293,6 +290,13 @@ def log_steps(run: Run, records: list[StepRecord], seconds: float, result: Train
             values["train/grad_norm"] = grad_norm
         shown = done % t.log_interval == 0 or done == t.steps
         run.log.record(done, progress_line(done, t.steps, values) if shown else None, **values)
+
+
+def mixture_values(run: Run, done: int) -> dict[str, int]:
+    """data/tokens/<name> after `done` steps; each source starting another epoch in the step is an event."""
+    for name, epoch, windows in run.data.batches.new_epochs(done - 1):  # a small source repeats
+        run.log.event(done, f"step {done}: data source {name} starts epoch {epoch}, its {windows} windows again")
+    return run.data.batches.tokens_drawn(done)
 
 
 def validate(run: Run, step: int, result: TrainResult) -> None:
