@@ -123,6 +123,14 @@ def test_a_missing_source_directory_is_named_with_its_source(mixture_shards, tmp
     assert_one_error_line(lm_in_process("train", "--config", str(config)), "data.sources gone: ", "no-shards")
 
 
+def test_lm_plan_takes_a_mixture_config(mixture_shards, tmp_path, lm_in_process):
+    """Commands that read a run config but no data (lm plan, lm launch, lm eval of a run) take data.sources."""
+    sources = {"big": (mixture_shards["big"], 0.8), "small": (mixture_shards["small"], 0.2)}
+    config = write_config(tmp_path / "c.yaml", mixture_run_config(sources, tmp_path / "run"))
+    result = lm_in_process("plan", "--config", str(config), "--world", "1", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["per_rank_bytes"]["total"] > 0, result.stderr
+
+
 # ---- a real run: 50 steps of 0.8 big / 0.2 small (conftest.mixture_runs) ---------------------
 
 
