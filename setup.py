@@ -31,7 +31,9 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "ruff>=0.8"],
+        "wandb": ["wandb>=0.17"],  # train.wandb
+        # wandb too: its offline mode is tested
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "ruff>=0.8", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["lm = lm.cli:main"]},
 )

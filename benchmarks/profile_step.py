@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import local_environment  # noqa: E402
-from lm.config import RunConfig, apply_overrides  # noqa: E402
+from lm.config import RunConfig  # noqa: E402
+from lm.config_types import apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
 from lm.plain_loop import PlainStep  # noqa: E402
 from lm.train import optimizer_step, start_run  # noqa: E402

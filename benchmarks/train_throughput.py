@@ -45,8 +45,10 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import deepspeed_local_command, local_environment  # noqa: E402
-from lm.config import RunConfig, apply_overrides  # noqa: E402
+from lm.config import RunConfig  # noqa: E402
+from lm.config_types import apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
+from lm.flops import device_peak_tflops, flops_per_token  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from lm.plain_loop import train_plain  # noqa: E402
 
@@ -114,14 +116,6 @@ def plain_worker(config_path: str, out_path: str) -> None:
     close_distributed()
 
 
-def peak_tflops(device: str) -> float | None:
-    """Dense bf16 peak of the card, for MFU (None where unknown: no MFU column)."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return 989.0 if ("H100" in name or "H200" in name) else 312.0 if "A100" in name else None
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
@@ -182,7 +176,7 @@ def main() -> None:
         for layers in twicing:
             config["model"]["twicing_layers"] = layers
             run_config = RunConfig.from_dict(config)
-            flops = GPT(run_config.model).flops_per_token()
+            flops = flops_per_token(run_config.model)  # train/mfu's count too
             group = [
                 Row(layers, name, label + ", compiled" * (compile and stage is None), flops)
                 for name, label, _, stage in runs
@@ -225,7 +219,7 @@ class Row:
 def write_table(args, run_config: RunConfig, rows: list[Row], device: str, compile: bool) -> str:
     """The table as text (medians over the repeats so far), also written to --out when given."""
     t, m = run_config.train, run_config.model
-    peak = args.peak_tflops or peak_tflops(device)
+    peak = args.peak_tflops or device_peak_tflops(device)  # train/mfu's table
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"
     params = GPT(m).num_parameters()
     memory = "peak MiB" if device == "cuda" else "peak RSS MiB"

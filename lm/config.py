@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from core.errors import UserError
-from lm.config_types import build_section, did_you_mean
+from lm.config_types import apply_overrides, build_section, did_you_mean
 
 # What `model.arch` sets; explicit keys override it. GPT-2 (2019) and the Llama layout (Touvron et
 # al., 2023): rotary positions, RMSNorm, a SwiGLU MLP, no biases, an output layer of its own.
@@ -143,13 +143,49 @@ ATTENTION_VARIANTS: dict[tuple[str, str], str] = {
 
 
 @dataclass
+class DataSource:
+    """One corpus of a weighted mixture: a shard directory, and its share of every global batch."""
+
+    name: str = ""  # in metric names (data/tokens/<name>, val/loss/<name>): letters, digits, _ . -
+    path: str = ""
+    weight: float = 1.0  # relative: the shares are the weights over their sum
+
+
+@dataclass
 class DataConfig:
-    """Where the token shards are (a directory written by `lm prep` / `data_prep`)."""
+    """Where the token shards are (a directory written by `lm prep` / `data_prep`): one `path`, or a
+    weighted mixture of `sources` that share a tokenizer (lm.mixture draws their windows)."""
 
     path: str = ""
+    sources: list[DataSource] = field(default_factory=list)
     train_split: str = "train"
     val_split: str = "val"
     verify_checksums: bool = True
+
+    def __post_init__(self):
+        if self.path and self.sources:
+            raise UserError("data.path and data.sources are alternatives: give one of them")
+        names = set()
+        for i, s in enumerate(self.sources):
+            if not s.name or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in s.name):
+                raise UserError(f"data.sources[{i}].name must be letters, digits, '_', '.' or '-', got {s.name!r}")
+            if s.name in names:
+                raise UserError(f"data.sources[{i}].name {s.name!r} is used twice: each source needs its own name")
+            if not s.path:
+                raise UserError(f"data.sources[{i}] ({s.name}) needs a path: a token shard directory")
+            if not 0 < s.weight < float("inf"):
+                raise UserError(f"data.sources[{i}].weight ({s.name}) must be a positive number, got {s.weight}")
+            names.add(s.name)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging of what TensorBoard gets, from rank 0 (lm.metrics); needs `pip install wandb`."""
+
+    project: str = "twicing-lm"
+    entity: str | None = None  # the team or user; None: wandb's default for the logged-in user
+    name: str | None = None  # the run's display name; None: the run directory's name
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: written under the run directory only
 
 
 @dataclass
@@ -163,6 +199,12 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 100
+    # The LR after warmup (lm.schedule): cosine to min_lr at the last step; wsd: constant at lr, then
+    # over the last decay_steps steps down to min_lr (decay_shape linear, or 1-sqrt as in Hägele et
+    # al., 2024); constant: lr to the end.
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_steps: int | None = None  # wsd only, and needed there: 1 .. steps - warmup_steps
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd's decay
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -184,13 +226,16 @@ class TrainConfig:
     memory_check: bool = True  # refuse to start a run that `lm plan` says does not fit a rank's memory
     seed: int = 1337
     eval_interval: int = 100  # steps between validations; 0 validates only at the end
-    eval_windows: int = 16  # validation windows (of block_size tokens) per validation
+    eval_windows: int = 16  # validation windows (of block_size tokens) per validation, of each source of a mixture
     log_interval: int = 10  # steps between console lines, and between the loop's waits for the device
     checkpoint_interval: int = 0  # 0 saves only at the end
     keep_last: int = 0  # complete checkpoints to keep (oldest deleted first); 0 keeps all
     nonfinite: Literal["stop", "skip"] = "stop"  # a step with a non-finite loss or gradient (see lm.numerics)
     skip_limit: int = 10  # with nonfinite: skip, this many skipped steps in a row stop the run
     tensorboard: bool = True
+    wandb: WandbConfig | None = None  # also log to Weights & Biases (None: not)
+    # The accelerator's dense peak TFLOP/s for train/mfu; None: lm.flops' table of GPUs (no MFU on the CPU).
+    peak_tflops: float | None = None
     # Signals that end the run with a checkpoint and exit 0 (lm.stopping), as SIGTERM or TERM; [] for none.
     save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
@@ -220,6 +265,9 @@ class TrainConfig:
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
         self.checkpointed_blocks(1)  # validates the value
+        self.check_schedule()
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise UserError(f"train.peak_tflops must be positive, got {self.peak_tflops}")
         self.save_on_signal = [stop_signal_name(name) for name in self.save_on_signal]
         if self.offload != "none" and self.zero_stage == 0:
             raise UserError(f"train.offload={self.offload} needs ZeRO stage 1, 2 or 3 (train.zero_stage is 0)")
@@ -227,6 +275,18 @@ class TrainConfig:
             raise UserError(
                 f"train.offload=optimizer+params offloads ZeRO-3's weight partitions and needs train.zero_stage=3, "
                 f"got {self.zero_stage}"
+            )
+
+    def check_schedule(self) -> None:
+        if self.schedule != "wsd":
+            if self.decay_steps is not None:
+                raise UserError(f"train.decay_steps is wsd's; train.schedule is {self.schedule}")
+            return
+        room = self.steps - self.warmup_steps
+        if self.decay_steps is None or not 0 < self.decay_steps <= room:
+            raise UserError(
+                f"train.schedule=wsd needs train.decay_steps from 1 to train.steps - train.warmup_steps "
+                f"({self.steps} - {self.warmup_steps} = {room}), got {self.decay_steps}"
             )
 
     def checkpointed_blocks(self, n_layer: int) -> list[int]:
@@ -321,23 +381,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with sections model, data, train")
     return RunConfig.from_dict(apply_overrides(raw, overrides), source=str(path))
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`raw` (a config as plain sections) with `section.key=value` overrides applied, in place;
-    values parsed as YAML. Not yet validated: RunConfig.from_dict does that."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or not name:
-            raise UserError(f"override {item!r} is not of the form section.key=value")
-        if raw.get(section) is None:
-            raw[section] = {}
-        target = raw[section]
-        if not isinstance(target, dict):
-            raise UserError(f"override {item!r}: {section!r} is not a section")
-        try:
-            target[name] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"override {item!r}: the value is not valid YAML") from None
-    return raw

@@ -2,7 +2,10 @@
 
 lm.config's sections are typed dataclasses; a section arrives as a mapping parsed from YAML. Each
 key must be a field, each value must match the field's type (Literal, Union, list, float, int,
-...), and a mistake is one UserError line naming the key, with the closest valid name.
+a nested dataclass, ...), and a mistake is one UserError line naming the key, with the closest
+valid name. A nested dataclass (data.sources' entries, train.wandb) is a mapping checked the same
+way, named by its path: `data.sources[1].weight`. `--set section.key=value` overrides are
+applied to the raw sections here too (apply_overrides), before any checking.
 """
 
 import dataclasses
@@ -10,6 +13,8 @@ import difflib
 import types
 import typing
 from typing import Any, Literal, Union
+
+import yaml
 
 from core.errors import UserError
 
@@ -33,11 +38,23 @@ def build_section(cls, raw: Any, source: str, section: str):
             raise UserError(f"{where}: unknown key {key!r}{did_you_mean(str(key), names)}")
         if not _matches(value, hints[key]):
             raise UserError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
-    values = {k: (float(v) if hints[k] is float else v) for k, v in raw.items()}
+    values = {k: _build(v, hints[k], source, f"{section}.{k}") for k, v in raw.items()}
     try:
         return cls(**values)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
+
+
+def _build(value: Any, hint, source: str, where: str) -> Any:
+    """A value that `_matches` its hint, as the field holds it: floats as float, mappings as their dataclass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return _build(value, next(a for a in args if _matches(value, a)), source, where)
+    if origin is list:
+        return [_build(v, args[0], source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value, source, where)
+    return float(value) if hint is float else value
 
 
 def _matches(value: Any, hint) -> bool:
@@ -50,6 +67,8 @@ def _matches(value: Any, hint) -> bool:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)  # its keys and values are checked as it is built
     if hint is float:
         return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_float_text(value)
     if hint is int:
@@ -73,4 +92,26 @@ def _describe(hint) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` (a config as plain sections) with `section.key=value` overrides applied, in place;
+    values parsed as YAML. Not yet validated: RunConfig.from_dict does that."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"override {item!r} is not of the form section.key=value")
+        if raw.get(section) is None:
+            raw[section] = {}
+        target = raw[section]
+        if not isinstance(target, dict):
+            raise UserError(f"override {item!r}: {section!r} is not a section")
+        try:
+            target[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML") from None
+    return raw

@@ -43,7 +43,16 @@ class WindowBatches:
     and drops the remainder, which the next epoch's permutation then covers at random.
     """
 
-    def __init__(self, token_arrays: Sequence[np.ndarray], seq_len: int, global_batch_size: int, seed: int):
+    def __init__(
+        self,
+        token_arrays: Sequence[np.ndarray],
+        seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        stream: int | None = None,
+    ):
+        """`stream` keys the permutations too (rng [seed, stream, epoch]): each source of a mixture
+        (lm.mixture) shuffles its own way, however many windows it has."""
         if global_batch_size < 1:
             raise UserError(f"global batch size must be positive, got {global_batch_size}")
         if seed < 0:
@@ -52,6 +61,7 @@ class WindowBatches:
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.stream = stream
         counts = _windows_per_shard(self.token_arrays, seq_len)
         self.num_windows = int(counts.sum())
         # starts[i] is the global index of shard i's first window.
@@ -70,7 +80,7 @@ class WindowBatches:
     def _permutation(self, epoch: int) -> np.ndarray:
         # Cached: consecutive batches come from the same epoch almost always.
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, epoch] if self.stream is None else [self.seed, self.stream, epoch])
             self._perm = rng.permutation(self.num_windows)
             self._epoch = epoch
         return self._perm
@@ -91,6 +101,12 @@ class WindowBatches:
         size = self.global_batch_size
         picks = self._permutation(epoch)[b * size : (b + 1) * size]
         return torch.from_numpy(np.stack([self.window(int(i)) for i in picks]))
+
+    def shuffled_window(self, n: int) -> np.ndarray:
+        """Window number n of the shuffled order, epoch after epoch, all windows of an epoch taken
+        (the batches of a global batch size of 1)."""
+        epoch, i = divmod(n, self.num_windows)
+        return self.window(int(self._permutation(epoch)[i]))
 
     def epoch_of(self, k: int) -> int:
         return k // self.batches_per_epoch

@@ -1,5 +1,6 @@
 """What a run measures and where it goes: losses averaged over ranks, the validation loss, the
-memory probe, and rank 0's console line, metrics.jsonl and TensorBoard scalars."""
+memory probe, and rank 0's console line, metrics.jsonl, TensorBoard scalars and (train.wandb)
+Weights & Biases, which gets what TensorBoard gets: the same keys at the same steps."""
 
 import json
 import resource
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from core.errors import UserError
 from lm.config import RunConfig
 from lm.distributed import World
 from lm.parallel import ParallelGroups
@@ -59,18 +61,58 @@ def memory_mib(world: World) -> float:
 
 def progress_line(step: int, steps: int, values: dict) -> str:
     grad = f"grad {values['train/grad_norm']:.3f} | " if "train/grad_norm" in values else ""
+    mfu = f" ({values['train/mfu']:.1%} MFU)" if "train/mfu" in values else ""
     return (
         f"step {step}/{steps} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.2e} | {grad}"
-        f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s | {values['train/memory_mib']:.0f} MiB"
+        f"{values['train/tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | {values['train/memory_mib']:.0f} MiB"
     )
 
 
+def import_wandb():
+    """The wandb package, or the one line that says how to install it."""
+    try:
+        import wandb  # only when asked for: optional, and slow to import
+    except ImportError:
+        raise UserError(
+            "train.wandb is set but the wandb package is not installed: pip install wandb "
+            "(or pip install 'twicing-lm[wandb]'), or leave train.wandb out"
+        ) from None
+    return wandb
+
+
+def check_wandb(config: RunConfig) -> None:
+    """Before anything is built: a run that asks for wandb needs the package."""
+    if config.train.wandb is not None:
+        import_wandb()
+
+
+def start_wandb(run_dir: Path, config: RunConfig):
+    """Rank 0's wandb run, its files under run_dir/wandb. A resumed run continues the same wandb run:
+    its id is kept in run_dir/wandb-run-id."""
+    wandb, w = import_wandb(), config.train.wandb
+    id_file = run_dir / "wandb-run-id"
+    run = wandb.init(
+        project=w.project,
+        entity=w.entity,
+        name=w.name or run_dir.resolve().name,
+        mode=w.mode,
+        dir=str(run_dir),
+        id=id_file.read_text().strip() if id_file.is_file() else None,
+        resume="allow",
+        config=config.to_dict(),
+        allow_val_change=True,  # a resumed run may change what does not change the training (out_dir, logging)
+        settings=wandb.Settings(console="off", silent=True),  # our console stays ours
+    )
+    id_file.write_text(run.id)
+    return run
+
+
 class RunLog:
-    """Rank 0's console line, metrics.jsonl and TensorBoard scalars; other ranks record nothing."""
+    """Rank 0's console line, metrics.jsonl, TensorBoard and wandb scalars; other ranks record nothing."""
 
     def __init__(self, run_dir: Path, config: RunConfig, world: World):
         self.enabled = world.is_main
-        self.writer = None
+        self.writer = self.wandb = None
         if not self.enabled:
             return
         self.metrics = open(run_dir / "metrics.jsonl", "a")
@@ -78,6 +120,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when asked for
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if config.train.wandb is not None:
+            self.wandb = start_wandb(run_dir, config)
 
     def say(self, line: str) -> None:
         if self.enabled:
@@ -91,6 +135,8 @@ class RunLog:
         if self.writer:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
         if console:
             print(console, flush=True)
 
@@ -106,3 +152,5 @@ class RunLog:
             self.metrics.close()
             if self.writer:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()

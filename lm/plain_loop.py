@@ -15,10 +15,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from data_prep.shards import ShardSet
 from lm.config import RunConfig
-from lm.data import WindowBatches, rank_rows
+from lm.data import rank_rows
 from lm.initialization import build_gpt
+from lm.mixture import open_run_data
 from lm.schedule import build_optimizer, build_scheduler
 
 
@@ -32,10 +32,7 @@ class PlainStep:
     def __init__(self, config: RunConfig, device: str = "cpu", compile: bool = False):
         t = self.train = config.train
         self.device = device
-        shards = ShardSet.open(config.data.path, verify=False)
-        self.batches = WindowBatches(
-            shards.tokens(config.data.train_split), config.model.block_size, t.batch_size, t.seed
-        )
+        self.batches = open_run_data(config, verify=False).batches  # data.path's, or a mixture's
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.model = build_gpt(config, device)
         torch.manual_seed(t.seed + 1 + self.rank)  # lm.train's dropout stream of this data-parallel rank

@@ -1,4 +1,12 @@
-"""The optimizer and its learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step."""
+"""The optimizer and its learning-rate schedule (train.schedule), shared by the engine and the plain loop.
+
+Every schedule warms up linearly over train.warmup_steps (step w - 1 runs at lr), then:
+  cosine    half a cosine from lr down to min_lr, reached at step train.steps (so never quite used)
+  wsd       warmup-stable-decay: lr until the last train.decay_steps steps, which decay to min_lr, the
+            last step at min_lr exactly; linearly, or as 1 - sqrt(progress) (Hägele et al., 2024,
+            "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations")
+  constant  lr to the end
+"""
 
 import math
 
@@ -11,6 +19,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate used by optimizer step `step` (0-based)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "wsd":
+        decay_start = config.steps - config.decay_steps
+        if step < decay_start:
+            return config.lr
+        progress = min(1.0, (step + 1 - decay_start) / config.decay_steps)  # 1/D .. 1 over the last D steps
+        left = 1 - math.sqrt(progress) if config.decay_shape == "1-sqrt" else 1 - progress
+        return config.min_lr + left * (config.lr - config.min_lr)
     decay_steps = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)

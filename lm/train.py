@@ -23,15 +23,16 @@ from torch.profiler import record_function
 
 from core.errors import UserError, run_command
 from core.ranks import launcher_local_size, launcher_world_size
-from data_prep.shards import ShardSet
 from lm.attention import get_attention
 from lm.config import RunConfig, load_config
-from lm.data import WindowBatches, eval_windows, rank_rows
+from lm.data import rank_rows
 from lm.distributed import World, close_distributed, init_distributed
 from lm.ds_config import stage_name
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
+from lm.flops import flops_per_token, mfu, run_peak_tflops
 from lm.initialization import build_gpt, parameter_count
-from lm.metrics import RunLog, means_over_ranks, memory_mib, progress_line, validation_loss
+from lm.metrics import RunLog, check_wandb, means_over_ranks, memory_mib, progress_line, validation_loss
+from lm.mixture import RunData, open_run_data
 from lm.numerics import NonFinitePolicy, SkippableAdamW
 from lm.parallel import ParallelGroups, build_groups
 from lm.plan import check_memory
@@ -110,11 +111,11 @@ class Run:
     engine: Engine
     policy: NonFinitePolicy
     log: RunLog
-    batches: WindowBatches
-    val_windows: list[torch.Tensor]
+    data: RunData
     grad_accum: int
     start: int
     stop: StopAgreement
+    mfu_per_token: float | None  # train/mfu of one token per second (lm.flops); None: no peak FLOP/s known
 
     @property
     def run_dir(self) -> Path:
@@ -135,16 +136,6 @@ def train(
 
 
 # ---- set-up ----------------------------------------------------------------------------------
-
-
-def open_data(config: RunConfig) -> ShardSet:
-    shards = ShardSet.open(config.data.path, verify=config.data.verify_checksums)
-    if shards.vocab_size > config.model.vocab_size:
-        raise UserError(
-            f"tokenizer/model vocabulary mismatch: the shards in {config.data.path} use {shards.vocab_size} ids "
-            f"but model.vocab_size is {config.model.vocab_size}"
-        )
-    return shards
 
 
 def check_can_compile() -> None:
@@ -175,9 +166,10 @@ def start_run(
     """Everything before the first step: data, resume point, process groups, engine, run directory.
     The loop stops on the `signals` noted (none: it never stops on a signal)."""
     t = config.train
-    shards = open_data(config)  # before any process group: bad data fails fast and alike everywhere
+    data = open_run_data(config)  # before any process group: bad data fails fast and alike everywhere
     if t.compile:
         check_can_compile()
+    check_wandb(config)
     point = find_resume_point(config, resume, init_from)
     if t.memory_check:  # before any process group: every rank refuses alike, nothing is built
         check_memory(config, launcher_world_size(), launcher_local_size())
@@ -185,9 +177,6 @@ def start_run(
     quiet_deepspeed()
     groups = build_groups(t.tensor_parallel)
     stop = StopAgreement(signals)
-    seq_len = config.model.block_size
-    batches = WindowBatches(shards.tokens(config.data.train_split), seq_len, t.batch_size, t.seed)
-    val = eval_windows(shards.tokens(config.data.val_split), seq_len, t.eval_windows) if t.eval_windows else []
     grad_accum = t.grad_accum_steps(groups.dp_size)  # refuses sizes that do not divide
     start = point.initial_step()
     model, n_params = build_model(config, groups, world.device, point.initial_weights())
@@ -204,11 +193,13 @@ def start_run(
         torch.manual_seed(dropout_seed(t.seed, start, groups.dp_rank))  # the saved streams were other ranks'
     skipped = point.skipped_steps()
     run_dir = Path(t.out_dir)
-    prepare_run_dir(run_dir, config, shards.tokenizer_path, world)
+    prepare_run_dir(run_dir, config, data.tokenizer_path, world)
     warn_if_short_of_space(run_dir, config, world)
     policy = NonFinitePolicy(t, engine.module, world.device, lambda: last_checkpoint_hint(run_dir), skipped)
     log = RunLog(run_dir, config, world)
-    run = Run(config, world, groups, engine, policy, log, batches, val, grad_accum, start, stop)
+    peak = run_peak_tflops(t, world.device)
+    mfu_per_token = None if peak is None else mfu(1.0, flops_per_token(config.model), peak, world.world_size)
+    run = Run(config, world, groups, engine, policy, log, data, grad_accum, start, stop, mfu_per_token)
     run.log.say(startup_line(run, n_params, point))
     return run
 
@@ -239,7 +230,7 @@ def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
     """One optimizer step over global batch `step`: (this rank's loss summed over its micro steps, on
     the device and not yet synced; whether the update was applied)."""
     mb, device = run.config.train.micro_batch_size, run.world.device
-    batch = run.batches.global_batch(step)
+    batch = run.data.batches.global_batch(step)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro step
     for micro in range(run.grad_accum):
         rows = rank_rows(batch, run.groups.dp_rank, run.groups.dp_size, mb, micro).to(device)
@@ -282,6 +273,10 @@ def log_steps(run: Run, records: list[StepRecord], seconds: float, result: Train
         done = record.step
         grad_norm = None if record.grad_norm is None else float(record.grad_norm)
         values = {"train/lr": record.lr, "train/tokens_per_s": tokens_per_s, "train/memory_mib": memory}
+        if run.mfu_per_token is not None:
+            values["train/mfu"] = tokens_per_s * run.mfu_per_token
+        if run.data.is_mixture:
+            values.update(mixture_values(run, done))
         if run.policy.guard is not None:
             values["train/skipped_steps"] = run.policy.skipped
         result.losses.append(loss)
@@ -297,10 +292,22 @@ def log_steps(run: Run, records: list[StepRecord], seconds: float, result: Train
         run.log.record(done, progress_line(done, t.steps, values) if shown else None, **values)
 
 
+def mixture_values(run: Run, done: int) -> dict[str, int]:
+    """data/tokens/<name> after `done` steps; each source starting another epoch in the step is an event."""
+    for name, epoch, windows in run.data.batches.new_epochs(done - 1):  # a small source repeats
+        run.log.event(done, f"step {done}: data source {name} starts epoch {epoch}, its {windows} windows again")
+    return run.data.batches.tokens_drawn(done)
+
+
 def validate(run: Run, step: int, result: TrainResult) -> None:
-    v = validation_loss(run.engine, run.val_windows, run.config, run.world, run.groups)
+    """val/loss; for a mixture also val/loss/<name> per source, and val/loss their mean weighted as the mixture."""
+    val = run.data.val.items()
+    losses = {name: validation_loss(run.engine, windows, run.config, run.world, run.groups) for name, windows in val}
+    v = run.data.batches.mixed(losses) if run.data.is_mixture else losses[""]
     result.val.append((step, v))
-    run.log.record(step, f"step {step}: val loss {v:.4f}", **{"val/loss": v})
+    by_source = {f"val/loss/{name}": loss for name, loss in losses.items() if name}
+    shown = "".join(f", {name} {loss:.4f}" for name, loss in losses.items() if name)
+    run.log.record(step, f"step {step}: val loss {v:.4f}{shown}", **{"val/loss": v, **by_source})
 
 
 def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
@@ -310,7 +317,7 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
     before validation and before a checkpoint."""
     t = run.config.train
     result = TrainResult(step=run.start, run_dir=run.run_dir)
-    if run.val_windows and run.start == 0:
+    if run.data.val and run.start == 0:
         validate(run, 0, result)
     last = min(t.steps, stop_at or t.steps)
     records: list[StepRecord] = []
@@ -321,7 +328,7 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
         done = result.step = step + 1
         records.append(StepRecord(done, lr, loss_sum, run.engine.grad_norm(), applied))
         stop_signal = run.stop.at_boundary()  # the same on every rank
-        evaluate = run.val_windows and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps)
+        evaluate = run.data.val and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps)
         save = (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == last or stop_signal
         if not (evaluate or save or done % t.log_interval == 0):
             continue

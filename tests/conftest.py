@@ -113,6 +113,24 @@ def tiny_run_config(shards: Path, out_dir: Path, model: dict | None = None, trai
     }
 
 
+@pytest.fixture(scope="session")
+def mixture_shards(tiny_shards, tmp_path_factory) -> dict[str, Path]:
+    """Two sources of one tokenizer: "big" (tiny_shards, 1272 training windows of TINY_MODEL's 32
+    tokens) and "small" (one short document: 25 windows, so a 0.2 share of 8-row batches repeats
+    it every 16 steps), whose validation text is another document than big's first. Read-only."""
+    train, val = split_train_val(embedded_corpus()[:24], val_fraction=0.2, seed=0)
+    small = tmp_path_factory.mktemp("small-source")
+    prepare_shards(train[:1], val[1:2], small, tokenizer=tokenizer_file(tiny_shards))
+    return {"big": tiny_shards, "small": small}
+
+
+def mixture_run_config(sources: dict[str, tuple[Path, float]], out_dir: Path, train: dict | None = None) -> dict:
+    """tiny_run_config reading data.sources {name: (path, weight)} instead of data.path."""
+    config = tiny_run_config(Path("unused"), out_dir, train=train)
+    config["data"] = {"sources": [{"name": n, "path": str(p), "weight": w} for n, (p, w) in sources.items()]}
+    return config
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -156,6 +174,29 @@ def trained_tiny_run(tiny_shards, tmp_path_factory) -> Path:
     result = run_lm("train", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "run"
+
+
+# The mixture run of mixture_runs: 0.8 big / 0.2 small, warmup-stable-decay with a 1-sqrt decay.
+MIXTURE_TRAIN = dict(
+    steps=50, warmup_steps=5, schedule="wsd", decay_steps=15, decay_shape="1-sqrt", eval_interval=25, log_interval=10
+)
+
+
+@pytest.fixture(scope="session")
+def mixture_runs(mixture_shards, tmp_path_factory) -> Path:
+    """A directory with straight/ (MIXTURE_TRAIN in one go, checkpointed every 20 steps, with
+    TensorBoard, wandb offline and train.peak_tflops 1) and resumed/ (steps 21 to 50 of the same
+    training, resumed from straight's checkpoint of step 20, logging to metrics.jsonl only). Read-only."""
+    root = tmp_path_factory.mktemp("mixture-runs")
+    sources = {"big": (mixture_shards["big"], 0.8), "small": (mixture_shards["small"], 0.2)}
+    logged = {"tensorboard": True, "wandb": {"project": "tests", "mode": "offline"}, "peak_tflops": 1.0}
+    straight = mixture_run_config(sources, root / "straight", {**MIXTURE_TRAIN, **logged, "checkpoint_interval": 20})
+    resumed = mixture_run_config(sources, root / "resumed", MIXTURE_TRAIN)
+    step_20 = root / "straight" / "checkpoints" / "step00000020"
+    for name, config, resume in (("straight", straight, "none"), ("resumed", resumed, str(step_20))):
+        result = run_lm("train", "--config", str(write_config(root / f"{name}.yaml", config)), "--resume", resume)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
 
 
 def val_text(chars: int = 20000) -> str:

@@ -53,6 +53,19 @@ def train_with(world, section, key, value, *extra, out_dir="new-run"):
     return ["train", "--config", edit_config(world, "c.yaml", section, key, value, out_dir), *extra]
 
 
+def train_mixture(world, weights, path=None, **train):
+    """`lm train` of the good config reading data.sources {name: weight} (each the world's shards, but
+    a name "gone": a missing directory), beside data.path when `path` is given, and train changes."""
+    config = yaml.safe_load((world / "good.yaml").read_text())
+    sources = [
+        {"name": n, "path": str(world / ("no-shards" if n == "gone" else "shards")), "weight": w}
+        for n, w in weights.items()
+    ]
+    config["data"] = {"sources": sources, **({"path": path} if path else {})}
+    config["train"].update(out_dir=str(world / "new-run"), **train)
+    return ["train", "--config", str(write_config(world / "mixture.yaml", config))]
+
+
 def truncate(path, by=2):
     shutil.copyfile(path, path.parent.parent / "t")
     path.write_bytes((path.parent.parent / "t").read_bytes()[:-by])
@@ -108,6 +121,28 @@ CASES = {
         "train-00000.bin",
     ),
     "vocabulary mismatch": (lambda w: train_with(w, "model", "vocab_size", 100), "vocabulary mismatch"),
+    "negative mixture weight": (
+        lambda w: train_mixture(w, {"a": 0.8, "b": -0.2}),
+        "data.sources[1].weight (b) must be a positive number, got -0.2",
+    ),
+    "mixture weights summing to zero": (
+        lambda w: train_mixture(w, {"a": 0, "b": 0}),
+        "data.sources[0].weight (a) must be a positive number, got 0.0",
+    ),
+    "missing mixture source": (
+        lambda w: train_mixture(w, {"a": 0.8, "gone": 0.2}),
+        "data.sources gone: token shard directory",
+    ),
+    "both data.path and data.sources": (
+        lambda w: train_mixture(w, {"a": 1}, path=str(w / "shards")),
+        "data.path and data.sources are alternatives",
+    ),
+    "wsd decay longer than the run": (
+        lambda w: train_with(
+            w, "train", "schedule", "wsd", "--set", "train.decay_steps=3", "--set", "train.warmup_steps=0"
+        ),
+        "train.schedule=wsd needs train.decay_steps from 1 to train.steps - train.warmup_steps (2 - 0 = 2), got 3",
+    ),
     "existing run without --resume": (
         lambda w: train_with(w, "train", "steps", 2, out_dir="run"),
         "already holds a run",

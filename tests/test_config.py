@@ -6,13 +6,14 @@ in a `UserError` whose message is one line and names the offending key.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
 from core.errors import UserError
 from lm.attention import ATTENTION
-from lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from lm.config import DataConfig, DataSource, ModelConfig, RunConfig, TrainConfig, WandbConfig, load_config
 from lm.ds_config import DERIVED, MIN_BUCKET, deepspeed_config, engine_stage, stage_name
 
 VALID = {
@@ -476,6 +477,96 @@ def test_reference_impl_selects_the_reference_variants():
     fused = ModelConfig(n_layer=3, twicing_layers=[1]).layer_attention()
     assert fused == ["softmax", "twicing", "softmax"]
     assert set(config.layer_attention() + fused) <= set(ATTENTION)
+
+
+# --------------------------------------------------------------------------- mixtures, schedules, wandb
+
+
+def with_sources(*sources, **data):
+    """VALID reading data.sources (mappings) instead of data.path."""
+    config = copy.deepcopy(VALID)
+    config["data"] = {"sources": list(sources), **data}
+    return config
+
+
+A = {"name": "web", "path": "shards/web", "weight": 0.8}
+B = {"name": "code", "path": "shards/code", "weight": 0.2}
+
+
+def test_data_sources_build_typed_entries_that_round_trip(tmp_path):
+    config = load_config(write_yaml(tmp_path, with_sources(A, {"name": "code", "path": "shards/code", "weight": 1})))
+    assert [(s.name, s.path, s.weight) for s in config.data.sources] == [
+        ("web", "shards/web", 0.8),
+        ("code", "shards/code", 1.0),
+    ]
+    assert isinstance(config.data.sources[0], DataSource) and isinstance(config.data.sources[1].weight, float)
+    assert config.data.path == ""
+    assert RunConfig.from_dict(config.to_dict()) == config
+    overridden = load_config(write_yaml(tmp_path, VALID), ["data.path=''", f"data.sources=[{A}, {B}]"])
+    assert [s.name for s in overridden.data.sources] == ["web", "code"]
+
+
+@pytest.mark.parametrize(
+    "sources,data,named",
+    [
+        ([A, {**B, "weight": -1}], {}, "data.sources[1].weight (code) must be a positive number, got -1.0"),
+        (
+            [{**A, "weight": 0}, {**B, "weight": 0}],
+            {},
+            "data.sources[0].weight (web) must be a positive number, got 0.0",
+        ),
+        ([A, {**B, "weight": "heavy"}], {}, "data.sources[1].weight: expected float, got 'heavy'"),
+        ([A, B], {"path": "shards/demo"}, "data.path and data.sources are alternatives: give one of them"),
+        ([A, {**B, "name": "web"}], {}, "data.sources[1].name 'web' is used twice"),
+        ([A, {**B, "name": ""}], {}, "data.sources[1].name must be letters, digits"),
+        ([A, {**B, "name": "a/b"}], {}, "data.sources[1].name must be letters, digits, '_', '.' or '-', got 'a/b'"),
+        ([A, {"name": "code", "weight": 1}], {}, "data.sources[1] (code) needs a path"),
+        ([A, {**B, "wieght": 1}], {}, "data.sources[1]: unknown key 'wieght' (did you mean 'weight'?)"),
+        ([A, "shards/code"], {}, "data.sources: expected a list of a mapping of name, path, weight, got"),
+    ],
+)
+def test_bad_data_sources_are_one_line_naming_the_entry(tmp_path, sources, data, named):
+    assert named in load_error(tmp_path, with_sources(*sources, **data))
+
+
+@pytest.mark.parametrize(
+    "train,named",
+    [
+        ({"schedule": "wsd"}, "train.schedule=wsd needs train.decay_steps from 1 to train.steps - train.warmup_steps"),
+        ({"schedule": "wsd", "decay_steps": 11}, "(10 - 0 = 10), got 11"),
+        ({"schedule": "wsd", "decay_steps": 0}, "got 0"),
+        ({"schedule": "wsd", "decay_steps": 8, "warmup_steps": 4}, "(10 - 4 = 6), got 8"),
+        ({"decay_steps": 5}, "train.decay_steps is wsd's; train.schedule is cosine"),
+        ({"schedule": "linear"}, "train.schedule: expected one of 'cosine', 'wsd', 'constant'"),
+        ({"schedule": "wsd", "decay_steps": 5, "decay_shape": "sqrt"}, "expected one of 'linear', '1-sqrt'"),
+        ({"peak_tflops": 0}, "train.peak_tflops must be positive, got 0.0"),
+        ({"wandb": {"project": "p", "mode": "online-ish"}}, "train.wandb.mode: expected one of 'online', 'offline'"),
+        ({"wandb": {"projekt": "p"}}, "train.wandb: unknown key 'projekt' (did you mean 'project'?)"),
+        ({"wandb": "p"}, "train.wandb: expected a mapping of project, entity, name, mode or null, got 'p'"),
+    ],
+)
+def test_bad_schedule_mfu_and_wandb_settings_are_one_line_naming_the_key(tmp_path, train, named):
+    config = copy.deepcopy(VALID)
+    config["train"].update({"warmup_steps": 0, **train})
+    assert named in load_error(tmp_path, config)
+
+
+def test_the_shipped_mixture_demo_config_loads():
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "mixture-demo.yaml")
+    assert [(s.name, s.weight) for s in config.data.sources] == [("docs", 0.8), ("code", 0.2)]
+    assert (config.train.schedule, config.train.decay_shape) == ("wsd", "1-sqrt")
+
+
+def test_schedule_and_wandb_settings_load_and_default_to_cosine_without_wandb(tmp_path):
+    default = load_config(write_yaml(tmp_path, VALID)).train
+    assert (default.schedule, default.decay_steps, default.wandb, default.peak_tflops) == ("cosine", None, None, None)
+    config = copy.deepcopy(VALID)
+    wandb = {"project": "p", "mode": "offline"}
+    config["train"].update(schedule="wsd", warmup_steps=2, decay_steps=3, decay_shape="1-sqrt", wandb=wandb)
+    t = load_config(write_yaml(tmp_path, config)).train
+    assert (t.schedule, t.decay_steps, t.decay_shape) == ("wsd", 3, "1-sqrt")
+    assert t.wandb == WandbConfig(project="p", mode="offline")
+    assert RunConfig.from_dict(load_config(write_yaml(tmp_path, config)).to_dict()).train == t
 
 
 # --------------------------------------------------------------------------- DeepSpeed config

@@ -262,12 +262,13 @@ def test_eod_token_without_a_given_tokenizer_is_refused(corpus, tmp_path):
 def test_model_smaller_than_the_hf_vocabulary_is_refused(hf_shards, tmp_path):
     from conftest import tiny_run_config
     from lm.config import RunConfig
-    from lm.train import open_data
+    from lm.mixture import open_run_data, open_shards
 
-    assert open_data(RunConfig.from_dict(tiny_run_config(hf_shards, tmp_path / "run"))).vocab_size == 384
+    config = RunConfig.from_dict(tiny_run_config(hf_shards, tmp_path / "run"))
+    assert open_shards(str(hf_shards), config, verify=True).vocab_size == 384
     small = RunConfig.from_dict(tiny_run_config(hf_shards, tmp_path / "run", model={"vocab_size": 256}))
     with pytest.raises(UserError, match="vocabulary mismatch.*use 384 ids but model.vocab_size is 256"):
-        open_data(small)
+        open_run_data(small)  # as lm.train opens its data
 
 
 def test_run_and_converted_directories_find_tokenizer_model_else_tokenizer_json(hf_shards, tmp_path):
