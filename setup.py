@@ -31,7 +31,17 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "ruff>=0.8"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],  # lm harness
+        # accelerate: lm-eval's own HF backend, which the harness tests check ours against;
+        # scipy: compare_paper_lm.py's Welch t-test (without it, a plain two-standard-error rule)
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "transformers>=4.40",
+            "ruff>=0.8",
+            "accelerate>=0.26",
+            "scipy>=1.9",
+        ],
     },
     entry_points={"console_scripts": ["lm = lm.cli:main"]},
 )
