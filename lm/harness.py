@@ -12,7 +12,7 @@ advancing by `--stride`, as `lm eval` scores a text, so a rolling-loglikelihood 
 gives the total NLL `lm eval --context C --stride S` gives on the same text.
 
 Tasks are lm-eval's by name, YAML files, or those of `--include-path DIR`. When every task named is
-in DIR, lm-eval's ~15k built-in task files are not indexed (seconds saved); otherwise they are.
+in DIR or a file, lm-eval's ~15k built-in task files are not indexed (seconds saved); otherwise they are.
 Prints lm-eval's table; with --json, its results object (json-serialisable) instead.
 
 lm-eval is an optional dependency: `pip install 'twicing-lm[eval]'`.
@@ -50,12 +50,11 @@ def task_manager(names: list[str], include_path: str | None = None):
     """lm-eval's TaskManager that knows every task named, or one line naming the first unknown one."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None:
-        if not Path(include_path).is_dir():
-            raise UserError(f"--include-path {include_path}: no such directory")
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(n in local.all_tasks or is_task_file(n) for n in names):
-            return local
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include-path {include_path}: no such directory")
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(n in local.all_tasks or is_task_file(n) for n in names):
+        return local
     manager = TaskManager(include_path=include_path)
     for name in names:
         if name not in manager.all_tasks and not is_task_file(name):
@@ -120,7 +119,12 @@ def main(argv=None) -> int:
     source_config(args.checkpoint)  # a missing or incomplete checkpoint fails before lm-eval's task index
     manager = task_manager(args.tasks, args.include_path)
     lm = harness_model(args.checkpoint, args.context, args.stride, args.batch_size)
-    results = evaluate_tasks(lm, args.tasks, manager, args.num_fewshot, args.limit)
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        results = evaluate_tasks(lm, args.tasks, manager, args.num_fewshot, args.limit)
+    except (ConnectionError, DatasetNotFoundError) as exc:  # a hub dataset, offline or misspelt
+        raise UserError(f"a task's dataset could not be loaded: {str(exc).splitlines()[0]}") from None
     from lm_eval.utils import handle_non_serializable, make_table
 
     if args.json:
