@@ -132,7 +132,7 @@ def test_lm_harness_prints_lm_evals_results_with_accuracy_fields_as_json(trained
     assert results["config"]["context"] == 32 and results["config"]["checkpoint"].endswith("step00000120")
 
 
-def test_without_lm_eval_one_line_says_how_to_install_it(trained_tiny_run, lm_in_process, monkeypatch):
+def test_without_lm_eval_one_line_says_how_to_install_it(tmp_path, lm_in_process, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails, as if not installed
-    result = lm_in_process("harness", "--checkpoint", str(trained_tiny_run), "--tasks", "hellaswag")
+    result = lm_in_process("harness", "--checkpoint", str(tmp_path), "--tasks", "hellaswag")  # said first
     assert_one_error_line(result, "pip install 'twicing-lm[eval]'")
