@@ -32,8 +32,19 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],  # train.wandb
-        # wandb too: its offline mode is tested
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "ruff>=0.8", "wandb>=0.17"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],  # lm harness
+        # wandb: its offline mode is tested; accelerate: lm-eval's own HF backend, which the harness
+        # tests check ours against; scipy: compare_paper_lm.py's Welch t-test (without it, a plain
+        # two-standard-error rule)
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "transformers>=4.40",
+            "ruff>=0.8",
+            "wandb>=0.17",
+            "accelerate>=0.26",
+            "scipy>=1.9",
+        ],
     },
     entry_points={"console_scripts": ["lm = lm.cli:main"]},
 )

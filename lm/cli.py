@@ -4,6 +4,7 @@ lm demo      the whole pipeline on an embedded corpus (CPU, a few minutes)
 lm prep      train a sentencepiece tokenizer and write token shards
 lm train     train under DeepSpeed from a YAML run config
 lm eval      perplexity of a checkpoint on a text or WikiText-103
+lm harness   lm-evaluation-harness tasks on a checkpoint
 lm analyze   the paper's analyses: over-smoothing, word-swap robustness, spectra
 lm convert   checkpoint -> consolidated safetensors
 lm generate  sample text from a checkpoint
@@ -21,6 +22,7 @@ COMMANDS = {
     "prep": ("data_prep.prep", "train a tokenizer and write token shards"),
     "train": ("lm.train", "train under DeepSpeed from a run config"),
     "eval": ("lm.evaluate", "perplexity of a checkpoint on a text or WikiText-103"),
+    "harness": ("lm.harness", "lm-evaluation-harness tasks on a checkpoint (needs twicing-lm[eval])"),
     "analyze": ("lm.analyze", "over-smoothing, word-swap robustness and spectral curves of checkpoints"),
     "convert": ("lm.convert", "convert a checkpoint for inference"),
     "generate": ("lm.generate", "generate text from a checkpoint"),

@@ -27,6 +27,7 @@ def generate_batch(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     vocab_size: int | None = None,
+    finished=None,
 ) -> list[list[int]]:
     """Extend every prompt by `max_new_tokens` ids (temperature 0: greedy); returns the new ids.
 
@@ -37,6 +38,9 @@ def generate_batch(
     `use_cache`, the prompt is encoded once and each step feeds only the newest token (keeping K, V
     and, for twicing, U per layer); once the context is full, decoding slides a window of the last
     block_size tokens and recomputes it, since learned positions cannot shift inside a cache.
+
+    `finished(i, new_ids) -> bool`, if given, ends a batch early once it holds for every prompt i of
+    it (lm harness stops at its tasks' stop strings); the caller cuts each output where it likes.
     """
     block = model.config.block_size
     for ids in prompts:
@@ -57,6 +61,10 @@ def generate_batch(
             next_ids = sample(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p, generator)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             if step == max_new_tokens - 1:
+                break
+            if finished is not None and all(
+                finished(i, ids[row, len(prompts[i]) :].tolist()) for row, i in enumerate(rows)
+            ):
                 break
             if cache is not None and ids.size(1) <= block:
                 logits, _ = model(next_ids[:, None], cache=cache)

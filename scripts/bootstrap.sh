@@ -38,7 +38,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
     .venv/bin/python -m pip install -q "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
   fi
   echo "bootstrap: installing twicing-lm and its dependencies into .venv"
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  # eval: lm-evaluation-harness for `lm harness`, whose tests need it too
+  .venv/bin/python -m pip install -q -e ".[test,eval]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import deepspeed, sentencepiece, lm" >/dev/null 2>&1 || { echo "bootstrap: installation failed" >&2; exit 1; }
   # A CPU torch brings no Triton; the kernel's tests then run in Triton's interpreter, which works
   # with numpy 2 from Triton 3.9 on. A CUDA torch keeps the Triton it was built against.

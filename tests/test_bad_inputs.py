@@ -12,10 +12,11 @@ import socket
 import pytest
 import yaml
 
-from conftest import assert_one_error_line, copy_two_step_world, run_lm, tree_digest, write_config
+from conftest import REPO, assert_one_error_line, copy_two_step_world, run_lm, tree_digest, write_config
 from lm.convert import convert
 
 pytestmark = pytest.mark.slow
+HARNESS_TASKS = REPO / "tests" / "harness_task"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,11 @@ def train_mixture(world, weights, path=None, **train):
     config["data"] = {"sources": sources, **({"path": path} if path else {})}
     config["train"].update(out_dir=str(world / "new-run"), **train)
     return ["train", "--config", str(write_config(world / "mixture.yaml", config))]
+
+
+def harness(world, *args):
+    """`lm harness` of the 2-step run with these arguments."""
+    return ["harness", "--checkpoint", str(world / "run"), *args]
 
 
 def truncate(path, by=2):
@@ -201,6 +207,24 @@ CASES = {
     "top-p out of range": (
         lambda w: ["generate", "--checkpoint", str(w / "run"), "--prompt", "x", "--top-p", "1.5"],
         "--top-p must be in (0, 1]",
+    ),
+    "unknown lm-eval task": (
+        lambda w: harness(w, "--tasks", "twicing_choice", "--include-path", str(HARNESS_TASKS)),
+        "unknown lm-eval task 'twicing_choice' (did you mean 'twicing_choices'",
+    ),
+    "harness of a missing checkpoint": (
+        lambda w: ["harness", "--checkpoint", str(w / "no-run"), "--tasks", "twicing_choices"],
+        "checkpoint path not found",
+    ),
+    "harness limit of zero": (lambda w: harness(w, "--tasks", "hellaswag", "--limit", "0"), "--limit must be positive"),
+    "harness negative limit": (lambda w: harness(w, "--tasks", "hellaswag", "--limit", "-3"), "got -3"),
+    "harness negative few-shot": (
+        lambda w: harness(w, "--tasks", "hellaswag", "--num-fewshot", "-1"),
+        "--num-fewshot must be 0 or more, got -1",
+    ),
+    "harness few-shot not a number": (
+        lambda w: harness(w, "--tasks", "hellaswag", "--num-fewshot", "two"),
+        "argument --num-fewshot: invalid int value: 'two'",
     ),
     "convert into a non-empty directory": (
         lambda w: ["convert", "--checkpoint", str(w / "run"), "--out", str(w / "shards")],
