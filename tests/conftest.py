@@ -25,7 +25,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_prep.corpus import embedded_corpus, split_train_val
 from data_prep.prep import prepare_shards
@@ -323,40 +322,6 @@ def tree_digest(path: Path) -> str:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| in the Frobenius norm."""
     return ((a - b).norm() / b.norm()).item()
-
-
-class CopiesOf(TorchDispatchMode):
-    """Records the bytes of the largest tensor any aten op makes from the given tensors' storage."""
-
-    def __init__(self, *tensors):
-        super().__init__()
-        self.storages = {x.untyped_storage().data_ptr() for x in tensors}
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        if any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in self.storages for x in inputs):
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    self.largest = max(self.largest, o.numel() * o.element_size())
-        return out
-
-
-class LargestTensorSeen(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward); meta tensors, which
-    hold no memory, do not count."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor) and o.device.type != "meta":
-                self.largest = max(self.largest, o.numel())
-        return out
 
 
 # --------------------------------------------------------------------------- plain-loop references

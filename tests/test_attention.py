@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LargestTensorSeen, relative_error
+from conftest import relative_error
 from lm import attention, fastest
 from lm.attention import (
     causal_attention_matrix,
@@ -20,6 +20,7 @@ from lm.attention import (
     twicing_attention_reference,
 )
 from lm.config import ATTENTION_VARIANTS, ModelConfig
+from tensor_probes import LargestTensorSeen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

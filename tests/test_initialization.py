@@ -4,11 +4,11 @@ parameter at a time, and every tensor-parallel layout starts as the exact slice 
 import pytest
 import torch
 
-from conftest import LargestTensorSeen
 from lm.config import ModelConfig
 from lm.initialization import initial_value, initialize, parameter_seed
 from lm.model import GPT
 from lm.parallel import ParallelGroups, merge_state_dicts, shard_model
+from tensor_probes import LargestTensorSeen
 
 CONFIG = ModelConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4, n_embd=32, d_ff=128, twicing_layers="last:1")
 SEED = 7

@@ -13,13 +13,14 @@ import importlib
 import pytest
 import torch
 
-from conftest import CopiesOf, LargestTensorSeen, relative_error
+from conftest import relative_error
 from lm.attention import (
     softmax_attention_reference,
     twicing_attention,
     twicing_attention_reference,
     twicing_attention_sdpa,
 )
+from tensor_probes import CopiesOf, LargestTensorSeen
 
 pytest.importorskip("triton")  # scripts/bootstrap.sh installs it; only a bare environment lacks it
 GPU = torch.cuda.is_available()
