@@ -213,6 +213,23 @@ def test_zigzag_gives_every_rank_the_same_causal_work(n):
     assert len({causal_work(p) for p in contiguous(*[8] * n)}) == n  # what zigzag is for
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_zigzag_ranks_compute_equal_score_blocks(monkeypatch, n):
+    # Each rank's scores of one ring: C x C on the diagonal, C x C/2 for each of the n - 1 others.
+    c = 4  # tokens a rank
+    positions = zigzag_positions(c * n, n)
+    rank_of = {int(p): r for r, ps in enumerate(positions) for p in ps}
+    work = [0] * n
+
+    def recording(q, k, q_pos, k_pos):
+        work[rank_of[int(q_pos[0])]] += len(q_pos) * len(k_pos)
+        return block_scores(q, k, q_pos, k_pos)
+
+    monkeypatch.setattr(ring, "block_scores", recording)
+    ring_softmax_attention(*random_qkv(c * n), positions)
+    assert work == [c * c + (n - 1) * c * c // 2] * n
+
+
 def test_zigzag_refuses_a_length_not_divisible_by_2n():
     with pytest.raises(ValueError, match="divisible by 6, not 15"):
         zigzag_positions(15, 3)

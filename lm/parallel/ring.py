@@ -18,9 +18,10 @@ rows normalised within the block, and lse_ij; two partial results of a row merge
 
     lse = logaddexp(lse_a, lse_b),    O = exp(lse_a - lse) O_a + exp(lse_b - lse) O_b,
 
-which exponentiates nothing positive (flash attention's running max, carried as the lse). A row that
-sees no key of a block has lse_ij = -inf and weight 0; a block whose keys are all after all its
-queries is skipped; a block whose keys are all before its queries needs no mask.
+which exponentiates nothing positive (flash attention's running max, carried as the lse). A block
+whose keys are all after all its queries is skipped; the others are cut to the queries that see any
+of its keys and the keys any of its queries sees (`visible_part`), and a row left out has
+lse_ij = -inf and weight 0; a block whose keys are all before its queries needs no mask.
 
 Ring 2: out = (2A - A^2) V = A W with W = 2V - U. Row block j of W needs only row block j of U,
 which rank j holds once ring 1 is done, so ring 2 passes (K_j, W_j) and sums out_i = sum_j A_ij W_j.
@@ -64,7 +65,8 @@ before ring 1 ends on rank j (W_j needs all of U_j), nor ring 1's backward befor
 
 Load balance. Under the causal mask, contiguous chunks give rank N-1 N times the work of rank 0.
 Zigzag chunking (`zigzag_positions`) cuts T into 2N equal pieces and gives rank r pieces r and
-2N-1-r, an early and a late one: every rank then has the same number of visible (query, key) pairs.
+2N-1-r, an early and a late one: every rank then has the same number of visible (query, key) pairs,
+and computes the same score blocks, C x C on the diagonal and C x C/2 off it, C = T/N.
 """
 
 import math
@@ -110,9 +112,29 @@ def zigzag_merge(chunks: list[torch.Tensor], dim: int = -2) -> torch.Tensor:
 # --------------------------------------------------------------------------- one chunk pair
 
 
-def sees_any(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
-    """Whether any query of a chunk sees any key of another (false: the whole block is masked)."""
-    return bool(k_pos.min() <= q_pos.max())
+def visible_part(q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """The rows of a chunk pair that see any key and the columns any query sees, as (rows, cols),
+    each a slice where it is a run of the chunk, else an index tensor; None when no query sees any
+    key. Under zigzag a pair off the diagonal is half a block: the early piece of the keys (j < i)
+    or the late piece of the queries (j > i), which is what evens out the ranks' work."""
+    if k_pos.min() > q_pos.max():
+        return None
+    return _as_slice(q_pos >= k_pos.min()), _as_slice(k_pos <= q_pos.max())
+
+
+def _as_slice(keep: torch.Tensor):
+    index = keep.nonzero().squeeze(1)
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == index.numel() else index  # a slice is a view
+
+
+def _padded(part: torch.Tensor, rows, size: int, fill: float) -> torch.Tensor:
+    """(..., n, D) results of the visible rows as (..., size, D), `fill` in the rows not computed."""
+    if isinstance(rows, slice) and rows == slice(0, size):
+        return part
+    full = part.new_full(part.shape[:-2] + (size,) + part.shape[-1:], fill)
+    full[..., rows, :] = part
+    return full
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -144,20 +166,23 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: t
     return s.masked_fill(future, NEG_INF) if future.any() else s  # keys all earlier: no mask
 
 
-def _probabilities(q, k, q_pos, k_pos, lse) -> torch.Tensor:
-    """A_ij = exp(S_ij - lse_i), grouped, from the whole sequence's lse of the query rows."""
-    return torch.exp(block_scores(q, k, q_pos, k_pos) - _grouped(lse.unsqueeze(-1), k.size(-3)))
+def _probabilities(q, k, q_pos, k_pos, lse, rows, cols) -> torch.Tensor:
+    """The visible part of A_ij = exp(S_ij - lse_i), grouped, from the whole sequence's lse of the rows."""
+    s = block_scores(q[..., rows, :], k[..., cols, :], q_pos[rows], k_pos[cols])
+    return torch.exp(s - _grouped(lse[..., rows].unsqueeze(-1), k.size(-3)))
 
 
 def attend_block(q, k, v, q_pos, k_pos) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Softmax attention of query chunk i over key chunk j alone: (O_ij, lse_ij) of shapes (B, H, T_i, D)
     and (B, H, T_i), or None when no query sees any key. A row that sees no key has lse -inf, O 0."""
-    if not sees_any(q_pos, k_pos):
+    if (part := visible_part(q_pos, k_pos)) is None:
         return None
-    s = block_scores(q, k, q_pos, k_pos)
-    lse = s.logsumexp(-1)
-    out = torch.exp(s - _finite(lse).unsqueeze(-1)) @ _grouped(v, k.size(-3))
-    return out.flatten(1, 2), lse.flatten(1, 2)
+    rows, cols = part
+    s = block_scores(q[..., rows, :], k[..., cols, :], q_pos[rows], k_pos[cols])
+    lse = s.logsumexp(-1)  # finite: every visible row sees at least the chunk's earliest key
+    out = (torch.exp(s - lse.unsqueeze(-1)) @ _grouped(v[..., cols, :], k.size(-3))).flatten(1, 2)
+    n = q.size(-2)
+    return _padded(out, rows, n, 0.0), _padded(lse.flatten(1, 2).unsqueeze(-1), rows, n, NEG_INF).squeeze(-1)
 
 
 def merge_block(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,25 +197,30 @@ def merge_block(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Ten
 def reattend_block(q, k, w, q_pos, k_pos, lse) -> torch.Tensor | None:
     """Twicing's second pass on one chunk pair: A_ij W_j (B, H, T_i, D) with A normalised by ring 1's
     lse_i (B, H, T_i), or None when no query sees any key. W has the query heads."""
-    if not sees_any(q_pos, k_pos):
+    if (part := visible_part(q_pos, k_pos)) is None:
         return None
-    return (_probabilities(q, k, q_pos, k_pos, lse) @ _grouped(w, k.size(-3))).flatten(1, 2)
+    rows, cols = part
+    out = _probabilities(q, k, q_pos, k_pos, lse, rows, cols) @ _grouped(w[..., cols, :], k.size(-3))
+    return _padded(out.flatten(1, 2), rows, q.size(-2), 0.0)
 
 
 def attend_block_backward(q, k, x, q_pos, k_pos, lse, grad, delta):
     """One chunk pair's share of the backward of O = A X given dO = grad and delta = rowsum(grad * O):
     (dQ_i, dK_j, dX_j) terms, dX_j in the heads of x (V: kv heads, W: query heads); None when masked."""
-    if not sees_any(q_pos, k_pos):
+    if (part := visible_part(q_pos, k_pos)) is None:
         return None
+    rows, cols = part
     kv = k.size(-3)
-    p = _probabilities(q, k, q_pos, k_pos, lse)  # (B, H_kv, G, T_i, T_j)
-    g = _grouped(grad, kv)
+    p = _probabilities(q, k, q_pos, k_pos, lse, rows, cols)  # (B, H_kv, G, rows, cols)
+    g = _grouped(grad[..., rows, :], kv)
     dx = p.transpose(-2, -1) @ g
-    dp = g @ _grouped(x, kv).transpose(-2, -1)
-    ds = p * (dp - _grouped(delta.unsqueeze(-1), kv)) / math.sqrt(q.size(-1))
-    dq = ds @ _grouped(k, kv)
-    dk = ds.transpose(-2, -1) @ _grouped(q, kv)
-    return dq.flatten(1, 2), _heads_of(dk, k), _heads_of(dx, x)
+    dp = g @ _grouped(x[..., cols, :], kv).transpose(-2, -1)
+    ds = p * (dp - _grouped(delta[..., rows].unsqueeze(-1), kv)) / math.sqrt(q.size(-1))
+    dq = ds @ _grouped(k[..., cols, :], kv)
+    dk = ds.transpose(-2, -1) @ _grouped(q[..., rows, :], kv)
+    n_q, n_k = q.size(-2), k.size(-2)
+    dk, dx = _heads_of(dk, k), _heads_of(dx, x)
+    return _padded(dq.flatten(1, 2), rows, n_q, 0.0), _padded(dk, cols, n_k, 0.0), _padded(dx, cols, n_k, 0.0)
 
 
 # --------------------------------------------------------------------------- the rings, in one process
