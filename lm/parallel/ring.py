@@ -63,7 +63,8 @@ each ring makes N - 1 hops (a backward's gradient accumulators one more, to get 
 Under GQA ring 2 costs more than ring 1, since W has a row per query head. Ring 2 cannot start
 before ring 1 ends on rank j (W_j needs all of U_j), nor ring 1's backward before ring 2's.
 
-Load balance. Under the causal mask, contiguous chunks give rank N-1 N times the work of rank 0.
+Load balance. Under the causal mask, contiguous chunks give rank N-1 N blocks to compute and rank 0
+one (about 2N-1 times the visible (query, key) pairs).
 Zigzag chunking (`zigzag_positions`) cuts T into 2N equal pieces and gives rank r pieces r and
 2N-1-r, an early and a late one: every rank then has the same number of visible (query, key) pairs,
 and computes the same score blocks, C x C on the diagonal and C x C/2 off it, C = T/N.
@@ -72,6 +73,7 @@ and computes the same score blocks, C x C on the diagonal and C x C/2 off it, C 
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 NEG_INF = float("-inf")
 
@@ -153,7 +155,7 @@ def _heads_of(grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (a row that sees nothing) as 0, so exp(s - lse) is 0 there rather than NaN."""
+    """lse with -inf (a row that has seen nothing) as 0, so that exp(-inf - lse) is 0 there, not NaN."""
     return lse.masked_fill(lse == NEG_INF, 0.0)
 
 
@@ -292,13 +294,15 @@ class _RingAttention(torch.autograd.Function):
         if twice:  # W_j = 2 V_j - U_j, on rank j as soon as its ring 1 is done
             ws = [_residual_values(vj, uj) for vj, uj in zip(vs, us)]
             outs = _ring_reattend(qs, ks, ws, positions, lses)
-        u, out = merge_chunks(us, positions), merge_chunks(outs, positions)
+        u = merge_chunks(us, positions)
+        out = merge_chunks(outs, positions) if twice else u
         lse = merge_chunks([x.unsqueeze(-1) for x in lses], positions)
         ctx.save_for_backward(q, k, v, u, out, lse)
         ctx.positions, ctx.twice = positions, twice
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is no autograd graph: a second derivative would be wrong, so it raises
     def backward(ctx, d_out):
         pos, twice = ctx.positions, ctx.twice
         q, k, v, u, out, lse = (split_chunks(x, pos) for x in ctx.saved_tensors)
