@@ -68,6 +68,11 @@ one (about 2N-1 times the visible (query, key) pairs).
 Zigzag chunking (`zigzag_positions`) cuts T into 2N equal pieces and gives rank r pieces r and
 2N-1-r, an early and a late one: every rank then has the same number of visible (query, key) pairs,
 and computes the same score blocks, C x C on the diagonal and C x C/2 off it, C = T/N.
+
+Over a process group, each step of `ring_steps` becomes a send of the held chunk to rank i + 1 and
+a receive from rank i - 1 (overlapped with that step's block); the backward's dK_j, dX_j travel
+with their chunk and make one last hop home. Under bf16, out, lse and the gradient accumulators
+would stay in fp32.
 """
 
 import math
@@ -271,7 +276,7 @@ def _ring_backward(qs, ks, xs, pos, lses, grads, outs, dq, dk, dx):
 
 def _check_positions(positions: list[torch.Tensor], seq_len: int) -> None:
     every = torch.cat(positions)
-    if every.numel() != seq_len or not torch.equal(every.sort().values, torch.arange(seq_len)):
+    if every.numel() != seq_len or not torch.equal(every.sort().values, torch.arange(seq_len, device=every.device)):
         raise ValueError(f"the chunks' positions must cover 0..{seq_len - 1} once each")
 
 
@@ -287,6 +292,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, positions, twice):
+        positions = [p.to(q.device) for p in positions]
         _check_positions(positions, q.size(-2))
         qs, ks, vs = (split_chunks(x, positions) for x in (q, k, v))
         us, lses = _ring_attend(qs, ks, vs, positions)
