@@ -3,6 +3,7 @@
 `groups.build_groups` splits the world into tensor-parallel groups of consecutive ranks and
 data-parallel groups across them, exposed as the `mpu` object DeepSpeed takes; `shard.shard_model`
 turns a (full, identically seeded) GPT into this rank's slice, built from the layers in `layers`.
+`ring` holds the math of ring context parallelism for softmax and twicing attention, per chunk.
 """
 
 from lm.parallel.groups import ParallelGroups, build_groups
