@@ -98,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--processes", type=int, choices=[1, 2], default=1)
     p.add_argument("--interleave", type=int, default=0, metavar="N", help="then N steps of each, taking turns")
-    p.add_argument("--shards", default=None, help=argparse.SUPPRESS)  # made by the parent of --processes 2
+    p.add_argument("--shards", default=None, help="token shards to use (default: the demo corpus, made here)")
     args = p.parse_args()
     if args.steps < 1 or args.interleave < 0:
         p.error("--steps must be at least 1 and --interleave at least 0")
@@ -109,7 +109,7 @@ def main() -> None:
     args = parse_args()
     if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # the parent: shards once, then torchrun
         with tempfile.TemporaryDirectory() as tmp:
-            shards = demo_shards(Path(tmp) / "data", vocab(raw_config(args)))
+            shards = args.shards or demo_shards(Path(tmp) / "data", vocab(raw_config(args)))
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             command += [f"--nproc_per_node={args.processes}", __file__, *sys.argv[1:], "--shards", str(shards)]
             subprocess.run(command, env=local_environment(args.processes), check=True)
