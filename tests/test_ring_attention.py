@@ -6,7 +6,6 @@ balances the causal work."""
 import pytest
 import torch
 
-from conftest import LargestTensorSeen
 from lm.attention import causal_attention_matrix, softmax_attention_reference, twicing_attention_reference
 from lm.parallel import ring
 from lm.parallel.ring import (
@@ -22,6 +21,7 @@ from lm.parallel.ring import (
     zigzag_positions,
     zigzag_split,
 )
+from tensor_probes import LargestTensorSeen
 
 TOLERANCE = 1e-10
 B, D = 2, 8
