@@ -120,7 +120,7 @@ def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, gro
     init = deepspeed.zero.Init(
         data_parallel_group=groups.dp_group,
         mpu=groups,
-        config_dict_or_path=deepspeed_config(config.train, groups.dp_size, config.model),
+        config_dict_or_path=deepspeed_config(config.train, groups.dp_size, config.model),  # device: ZeRO-1/2 only
     )
     if init.mem_efficient_linear:
         # What Init(module=...) also does: F.linear saves weight.t(), a view that keeps every gathered
@@ -204,19 +204,20 @@ class Engine:
         import deepspeed
 
         train = config.train
+        device = next(model.parameters()).device.type
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             mpu=groups,
-            config=deepspeed_config(train, groups.dp_size, config.model, next(model.parameters()).device.type),
+            config=deepspeed_config(train, groups.dp_size, config.model, device),
             dist_init_required=False,
         )
         self.optimizer = optimizer
         self.dp_rank = groups.dp_rank
         self.stage = engine_stage(train, groups.dp_size)  # the stage DeepSpeed runs, and saves files of
-        self.clip_is_ours = clips_itself(train, groups.dp_size)
-        self.clip = train.grad_clip if self.clip_is_ours else 0.0
+        clip_is_ours = clips_itself(train, groups.dp_size)
+        self.clip = train.grad_clip if clip_is_ours else 0.0
         self.norm: torch.Tensor | None = None  # the last step's gradient norm, where we clip
         if self.stage in (1, 2) and weights_are_master(train):
             share_master_weights(self.ds.optimizer)
@@ -225,12 +226,12 @@ class Engine:
         if self.stage == 0 and groups.dp_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False
-        self.direct = self.clip_is_ours and groups.dp_size == 1
-        if self.direct:  # the engine's forward hooks would still run on its module: they go
-            self.ds.module_forward_pre_hook.remove()
-            self.ds.module_forward_post_hook.remove()
+        self.direct = clip_is_ours and groups.dp_size == 1
+        if self.direct:  # its forward hooks would still run on the module: removed as DeepCompile does
+            for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+                getattr(self.ds, hook).remove()
+                setattr(self.ds, hook, None)
         self.accum = self.ds.gradient_accumulation_steps()
-        device = next(model.parameters()).device.type
         self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=train.precision == "bf16")
         # DeepSpeed's own loader calls torch.load(weights_only=False), which executes whatever a
         # crafted file asks for; every file it reads goes through the safe reader instead.
