@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from core.errors import UserError
+from lm.config_layout import check_parallel_layout
 from lm.config_types import apply_overrides, build_section, did_you_mean
 
 # What `model.arch` sets; explicit keys override it. GPT-2 (2019) and the Llama layout (Touvron et
@@ -211,7 +212,15 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: Literal[0, 1, 2, 3] = 0
-    tensor_parallel: int = 1  # ranks per tensor-parallel group; data-parallel size = world / this
+    tensor_parallel: int = 1  # ranks per tensor-parallel group
+    # Megatron sequence parallelism (TP > 1): between the TP regions the activations are split
+    # along the sequence over the TP group (all-gather in, reduce-scatter out: lm.parallel.layers).
+    sequence_parallel: bool = False
+    # Ranks per context-parallel group: each sequence split into this many chunks (lm.parallel.context);
+    # data-parallel size = world / (tensor_parallel x context_parallel). all_to_all (Ulysses) swaps the
+    # sequence split for a head split around attention; ring passes key/value chunks round the group.
+    context_parallel: int = 1
+    context_parallel_impl: Literal["all_to_all", "ring"] = "ring"
     # bf16: fp32 weights and Adam state, bf16 compute under torch.autocast (DeepSpeed's
     # torch_autocast mode, the plain loop's recipe). bf16-weights: DeepSpeed's bf16 mode, bf16
     # weights with an fp32 master copy in the optimizer (less memory for weights, slower on GPU).
@@ -241,7 +250,15 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over ours
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batch_size", "log_interval", "tensor_parallel", "skip_limit"):
+        for name in (
+            "steps",
+            "batch_size",
+            "micro_batch_size",
+            "log_interval",
+            "tensor_parallel",
+            "context_parallel",
+            "skip_limit",
+        ):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in (
@@ -331,7 +348,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check_tensor_parallel(self.model, self.train.tensor_parallel)
+        check_parallel_layout(self.model, self.train)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -349,19 +366,6 @@ class RunConfig:
             return cls(**sections)
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None
-
-
-def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
-    """Tensor parallelism splits query and key/value heads, MLP units and the vocabulary: each must divide by tp."""
-    for name, value in (
-        ("model.n_head", model.n_head),
-        ("model.n_kv_head", model.n_kv_head),
-        ("model.vocab_size", model.vocab_size),
-        ("model.d_ff", model.ffn_dim),
-    ):
-        if value % tp:
-            hint = "; it may exceed the tokenizer's vocabulary, so round it up" if name == "model.vocab_size" else ""
-            raise UserError(f"{name} ({value}) is not divisible by train.tensor_parallel ({tp}){hint}")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

@@ -24,7 +24,8 @@ same on every rank of a TP group. No activation that is partitioned across TP ra
 
 import torch
 
-from lm.config import ModelConfig, check_tensor_parallel
+from lm.config import ModelConfig
+from lm.config_layout import check_tensor_parallel
 from lm.model import GPT, block_prefix, embedding_names
 from lm.parallel.groups import ParallelGroups
 from lm.parallel.layers import (
