@@ -63,10 +63,8 @@ def check_context_parallel(model, train) -> None:
             f"train.context_parallel_impl=ring cuts each sequence into 2 x context_parallel zigzag pieces: "
             f"model.block_size ({model.block_size}) is not divisible by 2 x {cp}"
         )
-    refused = model.attention_impl == "reference" or (
-        model.attention_impl == "triton" and model.twicing_layer_indices()
-    )
-    if refused:
+    attention = model.attention_impl
+    if attention == "reference" or (attention == "triton" and model.twicing_layer_indices()):
         raise UserError(
             f"train.context_parallel_impl=ring cannot run model.attention_impl={attention} "
             f"({RING_REFUSES[attention]}); use fused or sdpa, or context_parallel_impl=all_to_all"
