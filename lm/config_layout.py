@@ -75,3 +75,16 @@ def check_parallel_layout(model, train) -> None:
     check_tensor_parallel(model, train.tensor_parallel)
     check_sequence_parallel(model, train)
     check_context_parallel(model, train)
+
+
+def layout_summary(train, dp: int) -> str:
+    """`TP 2 (SP) x CP 2 (ring) x DP 1`: the parallel layout, context and sequence parallelism where used."""
+    sp = " (SP)" if train.sequence_parallel else ""
+    cp = f" x CP {train.context_parallel} ({train.context_parallel_impl})" if train.context_parallel > 1 else ""
+    return f"TP {train.tensor_parallel}{sp}{cp} x DP {dp}"
+
+
+def model_parallel_groups(train) -> str:
+    """What the world must split into, for an error line."""
+    cp = f" x context_parallel={train.context_parallel}" if train.context_parallel > 1 else ""
+    return f"tensor-parallel groups of train.tensor_parallel={train.tensor_parallel}{cp}"

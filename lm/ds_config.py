@@ -20,6 +20,12 @@ DERIVED = {
 MIN_BUCKET = 4 * 2**20
 
 
+def zero_ranks(train: TrainConfig, data_parallel_size: int) -> int:
+    """The ranks ZeRO partitions over: data x context parallel (each CP rank holds a chunk of the
+    same sequences, and its gradients are averaged with the others' like a data-parallel rank's)."""
+    return data_parallel_size * train.context_parallel
+
+
 def engine_stage(train: TrainConfig, data_parallel_size: int) -> int:
     """The ZeRO stage DeepSpeed runs: train.zero_stage, except ZeRO-1/2 on one data-parallel rank.
 
@@ -30,7 +36,7 @@ def engine_stage(train: TrainConfig, data_parallel_size: int) -> int:
     (it moves the optimizer off the device), and so does bf16-weights (its fp32 master lives in
     ZeRO's optimizer).
     """
-    if train.zero_stage in (1, 2) and data_parallel_size == 1 and weights_are_master(train):
+    if train.zero_stage in (1, 2) and zero_ranks(train, data_parallel_size) == 1 and weights_are_master(train):
         return 0
     return train.zero_stage
 
@@ -89,7 +95,8 @@ def deepspeed_config(train: TrainConfig, data_parallel_size: int, model: ModelCo
     if zero.get("stage", train.zero_stage) != train.zero_stage:
         raise UserError("train.deepspeed.zero_optimization.stage conflicts with train.zero_stage; set train.zero_stage")
     config = {
-        "train_batch_size": train.batch_size,
+        # DeepSpeed counts a chunk of a sequence (context parallelism) as a sample of its own.
+        "train_batch_size": train.batch_size * train.context_parallel,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps(data_parallel_size),
         "gradient_clipping": 0.0 if clips_itself(train, data_parallel_size) else train.grad_clip,
@@ -143,14 +150,15 @@ def zero_defaults(train: TrainConfig, data_parallel_size: int, unit: int, device
     zero = {"stage": stage}
     if stage == 0:
         return zero
+    ranks = zero_ranks(train, data_parallel_size)
     bucket = max(2 * unit, MIN_BUCKET)
     zero.update(reduce_bucket_size=bucket)
     if stage in (1, 2):
         zero.update(allgather_bucket_size=bucket)
-        if data_parallel_size > 1 and device == "cuda":
+        if ranks > 1 and device == "cuda":
             # Reduce full buckets on a side stream during backward (off by default below stage 3).
             zero.update(overlap_comm=True)
-        elif data_parallel_size > 1:
+        elif ranks > 1:
             # The CPU has no side stream to overlap on, and no allocator to fragment: copying each
             # gradient into a contiguous bucket as it appears is pure cost (two buckets of memory
             # too), where reducing the gradients themselves, flattened once per bucket, is not.

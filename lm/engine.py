@@ -118,7 +118,7 @@ def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, gro
     import deepspeed
 
     init = deepspeed.zero.Init(
-        data_parallel_group=groups.dp_group,
+        data_parallel_group=groups.get_data_parallel_group(),  # DP x CP
         mpu=groups,
         config_dict_or_path=deepspeed_config(config.train, groups.dp_size, config.model),  # device: ZeRO-1/2 only
     )
@@ -214,7 +214,7 @@ class Engine:
             dist_init_required=False,
         )
         self.optimizer = optimizer
-        self.dp_rank = groups.dp_rank
+        self.zero_rank = groups.zero_rank  # its ZeRO partitions' index, over DP x CP
         self.stage = engine_stage(train, groups.dp_size)  # the stage DeepSpeed runs, and saves files of
         clip_is_ours = clips_itself(train, groups.dp_size)
         self.clip = train.grad_clip if clip_is_ours else 0.0
@@ -223,10 +223,10 @@ class Engine:
             share_master_weights(self.ds.optimizer)
         if self.stage in (1, 2):
             gather_weights_by_broadcast()
-        if self.stage == 0 and groups.dp_size == 1:
+        if self.stage == 0 and groups.zero_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False
-        self.direct = clip_is_ours and groups.dp_size == 1
+        self.direct = clip_is_ours and groups.zero_size == 1
         if self.direct:  # its forward hooks would still run on the module: removed as DeepCompile does
             for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
                 getattr(self.ds, hook).remove()
@@ -378,7 +378,7 @@ class Engine:
                 if self.stage in (1, 2):
                     safe_set_full_optimizer_state(p, value, key)
                 else:  # its partition, cut as ZeRO-3 cuts the weights: ceil(n / dp) values each, zero padded
-                    safe_set_local_optimizer_state(p, zero3_partition(value, p.ds_tensor.numel(), self.dp_rank), key)
+                    safe_set_local_optimizer_state(p, zero3_partition(value, p.ds_tensor.numel(), self.zero_rank), key)
 
     @torch.no_grad()
     def full_optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:

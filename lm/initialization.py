@@ -19,6 +19,7 @@ from lm.attention import check_runnable
 from lm.config import ModelConfig, RunConfig
 from lm.model import GPT, is_norm_parameter, writes_residual
 from lm.parallel import ParallelGroups, shard_model
+from lm.parallel.context import apply_context_parallel
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -105,6 +106,7 @@ def build_gpt(
         model = GPT(config.model)
     if groups is not None:
         model = shard_model(model, groups)
+        model = apply_context_parallel(model, groups, config.train.context_parallel_impl)
     values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
     params = materialized(model, values, device)  # the same weights in every layout
     if place is not None:

@@ -11,18 +11,19 @@ from core.errors import UserError, run_command
 from launch.hosts import Allocation
 from launch.job import parse_args, resolve_allocation, start
 from lm.config import RunConfig, load_config
+from lm.config_layout import layout_summary, model_parallel_groups
 
 
 def check_fits(config: RunConfig, allocation: Allocation) -> int:
     """The data-parallel size; refuses a layout the allocation cannot hold, naming the numbers."""
-    world, tp = allocation.world_size, config.train.tensor_parallel
-    if world % tp:
-        raise UserError(
-            f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into "
-            f"tensor-parallel groups of train.tensor_parallel={tp}"
+    world, tp, cp = allocation.world_size, config.train.tensor_parallel, config.train.context_parallel
+    if world % (tp * cp):
+        groups = f"tensor-parallel groups of train.tensor_parallel={tp}" + (
+            f" x context_parallel={cp}" if cp > 1 else ""
         )
-    config.train.grad_accum_steps(world // tp)  # raises with the batch numbers
-    return world // tp
+        raise UserError(f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into {groups}")
+    config.train.grad_accum_steps(world // (tp * cp))  # raises with the batch numbers
+    return world // (tp * cp)
 
 
 def main(argv=None) -> int:
@@ -30,10 +31,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.set)
     allocation = resolve_allocation(args)
     dp = check_fits(config, allocation)
-    summary = (
-        f"{len(allocation.hosts)} node(s), {allocation.world_size} processes: "
-        f"TP {config.train.tensor_parallel} x DP {dp}"
-    )
+    summary = f"{len(allocation.hosts)} node(s), {allocation.world_size} processes: {layout_summary(config.train, dp)}"
     return start(args, allocation, Path(config.train.out_dir).resolve() / "launch", summary)
 
 

@@ -13,6 +13,7 @@ from core.errors import UserError
 from lm.config import RunConfig
 from lm.distributed import World
 from lm.parallel import ParallelGroups
+from lm.parallel.context import context_layout
 
 
 def means_over_ranks(sums: torch.Tensor, count: int, device: torch.device) -> list[float]:
@@ -32,9 +33,11 @@ def validation_loss(
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
     padding its share with zero-weight copies of the first window. The ranks of a TP group score
-    the same windows; summing over the world counts each TP replica alike, so the mean holds.
+    the same windows, those of a CP group each its chunk of them (chunks of one size): summing over
+    the world counts each TP replica and each chunk alike, so the mean holds.
     """
     engine.eval()
+    context = context_layout(groups, config.train.context_parallel_impl)
     mine = windows[groups.dp_rank :: groups.dp_size]
     per_rank = -(-len(windows) // groups.dp_size)
     weights = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)))
@@ -43,7 +46,7 @@ def validation_loss(
     mb = config.train.micro_batch_size
     for i in range(0, per_rank, mb):
         rows = torch.stack(mine[i : i + mb]).to(world.device)
-        _, per_token = engine(rows[:, :-1], rows[:, 1:], reduction="none")
+        _, per_token = engine(*context.chunk(rows), reduction="none")  # this rank's chunk (context parallel)
         per_row = per_token.float().mean(dim=1)
         total += (per_row.cpu() * weights[i : i + mb]).sum()
     engine.train()

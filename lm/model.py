@@ -24,6 +24,7 @@ memory; parameters and state-dict names are the same either way.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -241,6 +242,10 @@ class GPT(nn.Module):
             self.token_embedding.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.loss = CrossEntropy()  # no parameters, so no state-dict keys; replaced under TP
         self.recompute_blocks: frozenset[int] = frozenset()  # blocks whose activations backward recomputes
+        # Context parallelism (lm.parallel.context): idx is this rank's chunk of a sequence over
+        # `context_ranks` ranks, and chunk_positions(T) gives the global positions of its tokens.
+        self.context_ranks = 1
+        self.chunk_positions: Callable[[int], torch.Tensor] | None = None
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
@@ -300,13 +305,15 @@ class GPT(nn.Module):
         reduction "mean" gives the mean over all tokens, "none" the (B, T) per-token losses.
         With `cache` (one LayerCache per layer, from `new_cache()`), idx continues the cached
         tokens: the whole prompt first, then one token per call.
-        Under tensor parallelism the logits are this rank's vocabulary slice (lm.parallel).
+        Under tensor parallelism the logits are this rank's vocabulary slice, under context
+        parallelism idx, targets and the logits are this rank's chunk of the sequence (lm.parallel).
         """
         start = cache[0].length if cache else 0
-        t = start + idx.size(1)
+        t = start + idx.size(1) * self.context_ranks
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.config.block_size})")
-        pos = torch.arange(start, t, device=idx.device)
+        pos = torch.arange(start, t) if self.chunk_positions is None else self.chunk_positions(t)
+        pos = pos.to(idx.device)
         x = self.token_embedding(idx)
         rotary = None
         if self.config.position == "learned":

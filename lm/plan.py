@@ -30,7 +30,8 @@ import torch
 from core.errors import UserError, run_command
 from lm.attention import get_attention
 from lm.config import ModelConfig, RunConfig, load_config
-from lm.ds_config import deepspeed_config, engine_stage, stage_name, weights_are_master
+from lm.config_layout import layout_summary, model_parallel_groups
+from lm.ds_config import deepspeed_config, engine_stage, stage_name, weights_are_master, zero_ranks
 from lm.initialization import parameter_count
 
 ADAM = 8  # exp_avg and exp_avg_sq, fp32
@@ -90,11 +91,14 @@ class MemoryPlan:
 
 def data_parallel_size(config: RunConfig, world: int) -> int:
     """The data-parallel size of `world` ranks; refuses a layout that does not divide."""
-    tp = config.train.tensor_parallel
-    if world < 1 or world % tp:
-        raise UserError(f"--world {world} does not split into tensor-parallel groups of train.tensor_parallel={tp}")
-    config.train.grad_accum_steps(world // tp)  # raises with the batch numbers
-    return world // tp
+    tp, cp = config.train.tensor_parallel, config.train.context_parallel
+    if world < 1 or world % (tp * cp):
+        groups = f"tensor-parallel groups of train.tensor_parallel={tp}" + (
+            f" x context_parallel={cp}" if cp > 1 else ""
+        )
+        raise UserError(f"--world {world} does not split into groups of {groups}")
+    config.train.grad_accum_steps(world // (tp * cp))  # raises with the batch numbers
+    return world // (tp * cp)
 
 
 def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
@@ -103,20 +107,21 @@ def plan(config: RunConfig, world: int, device: str = "cpu") -> MemoryPlan:
     dp, tp = data_parallel_size(config, world), t.tensor_parallel
     stage = engine_stage(t, dp)  # ZeRO-1/2 on one data-parallel rank run as ZeRO-0
     params = parameter_count(m) / tp  # this rank's TP slice (replicated norms and positions: small)
-    share = params / dp  # one ZeRO partition of it
+    zero = zero_ranks(t, dp)  # ZeRO partitions over data x context parallel ranks
+    share = params / zero  # one ZeRO partition of it
     low_weights = t.precision == "bf16-weights"
     w = 2 if low_weights else 4  # weights and gradients as the model holds them
-    weights = params * w / (dp if stage == 3 else 1)
+    weights = params * w / (zero if stage == 3 else 1)
     # Stage 1 reduces gradient buckets into the partition during backward, as stage 2 does (one
     # implementation in DeepSpeed): measured alike.
-    gradients = params * w / (dp if stage >= 1 else 1)
+    gradients = params * w / (zero if stage >= 1 else 1)
     states = params if stage == 0 else share
     master = 0 if weights_are_master(t) else 4 * states  # a second, fp32 copy of the weights
     optimizer = ADAM * states + master
     buffers, gathered = zero_buffers(config, dp, stage, params, w, device)
     activations = activation_bytes(config)
     if stage == 0:  # DP > 1: DeepSpeed flattens every gradient for its all-reduce, after backward
-        temporaries = 0 if dp == 1 else w * min(params, 5e8)
+        temporaries = 0 if zero == 1 else w * min(params, 5e8)
     elif stage == 3 and t.offload != "none":
         temporaries = 0  # ZeRO-3 reduces gradients straight into their CPU partitions; the step runs there
     else:
@@ -163,14 +168,23 @@ def activation_bytes(config: RunConfig) -> float:
     That is the kept blocks (a checkpointed block keeps only its input) plus the larger of the
     logits' copies with backward's working set, alive at its start, or one block recomputed in
     full, alive while backward runs through it (by then the logits are freed, except under ZeRO-3).
+    A rank holds its chunk of the sequence under context parallelism (every activation / CP); TP
+    splits what the projections compute by heads and units, and sequence parallelism also the
+    rest (norms, residuals, dropout), which TP alone keeps whole on every rank.
     """
     t, m = config.train, config.model
-    tokens = t.micro_batch_size * m.block_size
+    tokens = t.micro_batch_size * m.block_size / t.context_parallel
     value = 2.5 if t.precision != "fp32" else 4  # autocast: matmul outputs bf16, norms and residuals fp32
-    unit = tokens * m.n_embd * value / t.tensor_parallel
-    saved = [saved_per_block(m, get_attention(kind).twices) * unit for kind in m.layer_attention()]
+    whole = tokens * m.n_embd * value  # one (tokens, n_embd) activation of this rank's chunk
+    unit = whole / t.tensor_parallel
+    outside = SAVED_OUTSIDE_PROJECTIONS * (unit if t.sequence_parallel else whole)
+    saved = [
+        (saved_per_block(m, get_attention(kind).twices) - SAVED_OUTSIDE_PROJECTIONS) * unit + outside
+        for kind in m.layer_attention()
+    ]
     recomputed = set(t.checkpointed_blocks(m.n_layer))
-    kept = sum(tokens * m.n_embd * value if i in recomputed else b for i, b in enumerate(saved))
+    block_input = unit if t.sequence_parallel else whole
+    kept = sum(block_input if i in recomputed else b for i, b in enumerate(saved))
     logits = LOGIT_COPIES * tokens * m.vocab_size * 4 / t.tensor_parallel
     recompute = max(saved) if recomputed else 0.0
     if t.zero_stage == 3:
@@ -277,6 +291,8 @@ def main(argv=None) -> int:
             "world": args.world,
             "data_parallel": dp,
             "tensor_parallel": config.train.tensor_parallel,
+            "context_parallel": config.train.context_parallel,
+            "sequence_parallel": config.train.sequence_parallel,
             "zero_stage": config.train.zero_stage,
             "engine_zero_stage": engine_stage(config.train, dp),  # as DeepSpeed runs it
             "device": device,
@@ -293,7 +309,7 @@ def main(argv=None) -> int:
         t = config.train
         print(
             f"{parameter_count(config.model) / 1e6:.2f}M parameters, {stage_name(t, dp)}, "
-            f"TP {t.tensor_parallel} x DP {dp}, {t.precision}, offload {t.offload}, "
+            f"{layout_summary(t, dp)}, {t.precision}, offload {t.offload}, "
             f"checkpointing {t.activation_checkpointing}, "
             f"micro batch {t.micro_batch_size} x {config.model.block_size} tokens; per rank:"
         )

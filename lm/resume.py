@@ -162,19 +162,22 @@ def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
             )
 
 
-def layout_name(tp: int, dp: int, stage: int) -> str:
-    return f"TP{tp}xDP{dp} ZeRO-{stage}"
+def layout_name(tp: int, dp: int, stage: int, cp: int = 1) -> str:
+    return f"TP{tp}x" + (f"CP{cp}x" if cp > 1 else "") + f"DP{dp} ZeRO-{stage}"
 
 
 def layout_change(tag_dir: Path, train: TrainConfig, world: int) -> str | None:
     """None when this run of `world` ranks has the layout DeepSpeed's files of `tag_dir` were
-    written in (TP size, data-parallel size, the stage DeepSpeed ran: lm.ds_config.engine_stage),
+    written in (TP, CP and DP sizes, the stage DeepSpeed ran: lm.ds_config.engine_stage),
     else "SAVED -> THIS" (e.g. "TP1xDP2 ZeRO-2 -> TP2xDP1 ZeRO-3"); refuses what cannot be re-split."""
     info = ckpt.read_marker(tag_dir)
     saved_tp = info["config"]["train"].get("tensor_parallel", 1)
-    saved = layout_name(saved_tp, info["world_size"] // saved_tp, ckpt.layout_stage(info))
-    dp = max(1, world // train.tensor_parallel)
-    ours = layout_name(train.tensor_parallel, dp, engine_stage(train, dp))
+    saved_cp = info["config"]["train"].get("context_parallel", 1)
+    saved_dp = info["world_size"] // (saved_tp * saved_cp)
+    saved = layout_name(saved_tp, saved_dp, ckpt.layout_stage(info), saved_cp)
+    cp = train.context_parallel
+    dp = max(1, world // (train.tensor_parallel * cp))
+    ours = layout_name(train.tensor_parallel, dp, engine_stage(train, dp), cp)
     if saved == ours:
         return None
     if train.precision == "bf16-weights":  # its fp32 master lives in DeepSpeed's bf16 optimizer

@@ -35,6 +35,7 @@ from lm.metrics import RunLog, check_wandb, means_over_ranks, memory_mib, progre
 from lm.mixture import RunData, open_run_data
 from lm.numerics import NonFinitePolicy, SkippableAdamW
 from lm.parallel import ParallelGroups, build_groups
+from lm.parallel.context import ContextLayout, context_layout
 from lm.plan import check_memory
 from lm.resume import (
     ResumePoint,
@@ -108,6 +109,7 @@ class Run:
     config: RunConfig
     world: World
     groups: ParallelGroups
+    context: ContextLayout  # which positions of each window this rank holds
     engine: Engine
     policy: NonFinitePolicy
     log: RunLog
@@ -175,22 +177,23 @@ def start_run(
         check_memory(config, launcher_world_size(), launcher_local_size())
     world = init_distributed()
     quiet_deepspeed()
-    groups = build_groups(t.tensor_parallel)
+    groups = build_groups(t.tensor_parallel, t.context_parallel)
     stop = StopAgreement(signals)
     grad_accum = t.grad_accum_steps(groups.dp_size)  # refuses sizes that do not divide
     start = point.initial_step()
     model, n_params = build_model(config, groups, world.device, point.initial_weights())
     optimizer = build_optimizer(model, t, kind=SkippableAdamW)
     engine = Engine(model, optimizer, build_scheduler(optimizer, t, start), config, groups)
-    # Dropout draws from a stream of its own per data-parallel rank, shared by the ranks of a TP
-    # group (it drops only replicated activations, see lm.parallel.shard); weights were drawn alike.
-    torch.manual_seed(t.seed + 1 + groups.dp_rank)
+    # Dropout draws from a stream of its own per data-parallel and context-parallel rank (they hold
+    # different tokens), shared by the ranks of a TP group (it drops only replicated activations,
+    # see lm.parallel.shard); weights were drawn alike.
+    torch.manual_seed(t.seed + 1 + groups.zero_rank)
     if point.loads_deepspeed_files:  # the same layout: DeepSpeed's own load, bitwise
         start = engine.load(point.tag_dir)["step"]
         restore_rng_state(point.tag_dir, world.rank)
     elif point.resharded:  # weights came in as initial weights; Adam's state goes into the partitions
         engine.set_optimizer_state(*point.optimizer_state(config.model, groups.tp_size, groups.tp_rank))
-        torch.manual_seed(dropout_seed(t.seed, start, groups.dp_rank))  # the saved streams were other ranks'
+        torch.manual_seed(dropout_seed(t.seed, start, groups.zero_rank))  # the saved streams were other ranks'
     skipped = point.skipped_steps()
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, data.tokenizer_path, world)
@@ -199,7 +202,8 @@ def start_run(
     log = RunLog(run_dir, config, world)
     peak = run_peak_tflops(t, world.device)
     mfu_per_token = None if peak is None else mfu(1.0, flops_per_token(config.model), peak, world.world_size)
-    run = Run(config, world, groups, engine, policy, log, data, grad_accum, start, stop, mfu_per_token)
+    context = context_layout(groups, t.context_parallel_impl)
+    run = Run(config, world, groups, context, engine, policy, log, data, grad_accum, start, stop, mfu_per_token)
     run.log.say(startup_line(run, n_params, point))
     return run
 
@@ -212,6 +216,8 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
         f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
         f"{t.micro_batch_size} x {m.block_size} tokens"
     )
+    if g.cp_size > 1:
+        line += f", each sequence in {g.cp_size} chunks (context parallel, {t.context_parallel_impl})"
     twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
     if twicing is not None:
         line += f", twicing on {twicing.runs_on(run.world.device, m.head_dim)}"
@@ -234,9 +240,10 @@ def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro step
     for micro in range(run.grad_accum):
         rows = rank_rows(batch, run.groups.dp_rank, run.groups.dp_size, mb, micro).to(device)
+        inputs, targets = run.context.chunk(rows)  # this rank's chunk of each window (context parallel)
         # Named ranges for profilers (benchmarks/profile_step.py); free when none is recording.
         with record_function("forward"):
-            _, loss = run.engine(rows[:, :-1], rows[:, 1:])
+            _, loss = run.engine(inputs, targets)
         with record_function("backward"):  # with the gradient reduction
             run.engine.backward(loss)
         run.policy.observe_loss(loss)
