@@ -18,9 +18,7 @@ def check_fits(config: RunConfig, allocation: Allocation) -> int:
     """The data-parallel size; refuses a layout the allocation cannot hold, naming the numbers."""
     world, tp, cp = allocation.world_size, config.train.tensor_parallel, config.train.context_parallel
     if world % (tp * cp):
-        groups = f"tensor-parallel groups of train.tensor_parallel={tp}" + (
-            f" x context_parallel={cp}" if cp > 1 else ""
-        )
+        groups = model_parallel_groups(config.train)
         raise UserError(f"{allocation.world_size} processes ({len(allocation.hosts)} nodes) do not split into {groups}")
     config.train.grad_accum_steps(world // (tp * cp))  # raises with the batch numbers
     return world // (tp * cp)

@@ -93,9 +93,7 @@ def data_parallel_size(config: RunConfig, world: int) -> int:
     """The data-parallel size of `world` ranks; refuses a layout that does not divide."""
     tp, cp = config.train.tensor_parallel, config.train.context_parallel
     if world < 1 or world % (tp * cp):
-        groups = f"tensor-parallel groups of train.tensor_parallel={tp}" + (
-            f" x context_parallel={cp}" if cp > 1 else ""
-        )
+        groups = model_parallel_groups(config.train)
         raise UserError(f"--world {world} does not split into groups of {groups}")
     config.train.grad_accum_steps(world // (tp * cp))  # raises with the batch numbers
     return world // (tp * cp)
