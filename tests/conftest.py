@@ -328,7 +328,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # The plain loop is one process without ZeRO or tensor parallelism, eager: these settings of a
 # config do not change its losses, so one reference serves every layout of the same run.
-LAYOUT_KEYS = ("out_dir", "tensor_parallel", "zero_stage", "compile")
+LAYOUT_KEYS = (
+    "out_dir",
+    "tensor_parallel",
+    "sequence_parallel",
+    "context_parallel",
+    "context_parallel_impl",
+    "zero_stage",
+    "compile",
+)
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,22 @@ CASES = {
         lambda w: train_with(w, "train", "tensor_parallel", 3),
         "model.n_head (2) is not divisible by train.tensor_parallel (3)",
     ),
+    "sequence parallelism without TP": (
+        lambda w: train_with(w, "train", "sequence_parallel", True),
+        "train.sequence_parallel splits activations over the tensor-parallel group and needs train.tensor_parallel > 1",
+    ),
+    "all_to_all over more ranks than heads": (
+        lambda w: train_with(w, "train", "context_parallel", 4, "--set", "train.context_parallel_impl=all_to_all"),
+        "model.n_head / (tensor_parallel x context_parallel) heads: 2 / (1 x 4) is not whole",
+    ),
+    "ring zigzag not dividing the block": (
+        lambda w: train_with(w, "train", "context_parallel", 3),
+        "model.block_size (32) is not divisible by 2 x 3",
+    ),
+    "ring with an attention it cannot run": (
+        lambda w: train_with(w, "model", "attention_impl", "reference", "--set", "train.context_parallel=2"),
+        "train.context_parallel_impl=ring cannot run model.attention_impl=reference",
+    ),
     "missing config file": (lambda w: ["train", "--config", str(w / "nope.yaml")], "config file not found"),
     "invalid YAML": (
         lambda w: ((w / "bad.yaml").write_text("model: [1\n"), ["train", "--config", str(w / "bad.yaml")])[-1],

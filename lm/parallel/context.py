@@ -47,6 +47,10 @@ class ContextLayout:
         c = seq_len // self.size
         return torch.arange(self.rank * c, (self.rank + 1) * c)
 
+    def gathered_positions(self, seq_len: int) -> torch.Tensor:
+        """The positions of the CP ranks' chunks concatenated in rank order (what an all-gather holds)."""
+        return torch.cat([replace(self, rank=r).positions(seq_len) for r in range(self.size)])
+
     def chunk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of this rank from windows `rows` (B, T + 1): its chunk of rows[:, :-1]
         and of rows[:, 1:], the same positions of each."""
