@@ -5,7 +5,8 @@
         [--set train.precision=bf16 ...] [--shards DIR] [--out table.md]
 
 A layout is ZxN[tK][,KEY=VALUE...]: ZeRO stage Z on N processes, tensor-parallel size K (default 1),
-and train.KEY=VALUE for that row only (--set applies to every row). Each row is one launch of
+and train.KEY=VALUE for that row only (--set applies to every row), such as context_parallel=2 or
+sequence_parallel=true; the batch is one micro batch per data-parallel rank. Each row is one launch of
 --steps optimizer steps (fp32 unless --set says otherwise, the final checkpoint included) of a
 twicing-in-every-layer GPT. Every rank's peak RSS (VmHWM) is read from /proc twice:
 when the rank prints its `training ... parameters` line (engine built, before the first step: what
@@ -20,6 +21,15 @@ weights 4, gradients 4, Adam 8).
 Measured with MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0, so that RSS follows live
 memory rather than what glibc keeps of freed heap. On a GPU the same figures come from
 torch.cuda.max_memory_allocated in metrics.jsonl (not read here).
+
+`--activations T [T ...]` measures activation memory per rank against the sequence length instead:
+
+    .venv/bin/python benchmarks/memory.py --activations 1024 2048 --layers 12 --d-model 768 --heads 12 \
+        --block 64 --layouts 0x1 0x2,context_parallel=2 0x4,context_parallel=4 0x2t2 0x2t2,sequence_parallel=true
+
+For each layout, the largest rank's peak RSS at block size T less its peak at --block (the same model
+and layout: weights, gradients and Adam's state cancel), and that against the first layout's at the
+same T.
 """
 
 import argparse
@@ -139,9 +149,10 @@ def run_config(
 ) -> dict:
     """The run config of one launch, with --set applied and validated as `lm train` would."""
     stage, nproc, tp = layout
+    cp = next((int(o.partition("=")[2]) for o in overrides if o.startswith("train.context_parallel=")), 1)
     train = {
         "steps": steps,
-        "batch_size": micro * nproc // tp,
+        "batch_size": micro * nproc // (tp * cp),
         "micro_batch_size": micro,
         "warmup_steps": 0,
         "zero_stage": stage,
@@ -188,10 +199,17 @@ def main() -> None:
     p.add_argument("--shards", default=None, help="token shards (2048-piece tokenizer); made from the demo corpus")
     p.add_argument("--out", default=None, help="also write the table here")
     p.add_argument("--plan-only", action="store_true", help="print lm plan's column for each layout, launch nothing")
+    p.add_argument("--activations", nargs="+", type=int, default=None, metavar="T", help="activations against T")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = demo_shards(args.shards or work / "data", VOCAB)
+        if args.activations:
+            table = activation_table(args, shards, work)
+            print("\n" + table)
+            if args.out:
+                Path(args.out).write_text(table + "\n")
+            return
         big = model_config(args.layers, args.d_model, args.heads, args.block)
         n_params = parameter_count(big)
         rows = [
@@ -233,6 +251,35 @@ def main() -> None:
         print("\n" + table)
         if args.out:
             Path(args.out).write_text(table + "\n")
+
+
+def activation_table(args, shards: Path, work: Path) -> str:
+    """Per-rank activation memory of each layout at each T (peak at T less peak at --block)."""
+    rows = [
+        f"model: {args.layers} layers, d {args.d_model}, {args.heads} heads, twicing all, vocab {VOCAB}, "
+        f"micro-batch {args.micro_batch}, {args.steps} step(s); activations = peak RSS at T less at block "
+        f"{args.block}; overrides {args.set or 'none'}",
+        "",
+        "| layout | T | peak RSS (GB) | activations (GB) | / first layout's |",
+        "|---|---|---|---|---|",
+    ]
+    reference: dict[int, int] = {}
+    for row, text in enumerate(args.layouts):
+        layout, settings = parse_layout(text)
+        nproc = layout[1]
+
+        def config_at(block: int, layout=layout, settings=settings) -> dict:
+            model = model_config(args.layers, args.d_model, args.heads, block)
+            return run_config(model, shards, work, layout, args.set + settings, args.micro_batch, args.steps)
+
+        base = launch(config_at(args.block), work, f"act-base-{row}", nproc)["peak"]
+        for t in args.activations:
+            peak = launch(config_at(t), work, f"act-{row}-{t}", nproc)["peak"]
+            used = peak - base
+            reference.setdefault(t, used)
+            rows.append(f"| {text} | {t} | {peak / 1e9:.2f} | {used / 1e9:.2f} | {used / reference[t]:.2f} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
