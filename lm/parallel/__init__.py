@@ -4,6 +4,8 @@
 data-parallel groups across them, exposed as the `mpu` object DeepSpeed takes; `shard.shard_model`
 turns a (full, identically seeded) GPT into this rank's slice, built from the layers in `layers`.
 `ring` holds the math of ring context parallelism for softmax and twicing attention, per chunk.
+`ring_group` runs those rings over a process group and `ulysses` trades sequence for heads
+with all-to-alls instead: the two ways to split one sequence over a context-parallel group.
 """
 
 from lm.parallel.groups import ParallelGroups, build_groups

@@ -69,10 +69,10 @@ Zigzag chunking (`zigzag_positions`) cuts T into 2N equal pieces and gives rank 
 2N-1-r, an early and a late one: every rank then has the same number of visible (query, key) pairs,
 and computes the same score blocks, C x C on the diagonal and C x C/2 off it, C = T/N.
 
-Over a process group, each step of `ring_steps` becomes a send of the held chunk to rank i + 1 and
-a receive from rank i - 1 (overlapped with that step's block); the backward's dK_j, dX_j travel
-with their chunk and make one last hop home. Under bf16, out, lse and the gradient accumulators
-would stay in fp32.
+Over a process group (lm.parallel.ring_group), each step of `ring_steps` becomes a send of the
+held chunk to rank i + 1 and a receive from rank i - 1, overlapped with that step's block; the
+backward's dK_j, dX_j travel one step behind their chunk and make one last hop home. Its module
+docstring has the rest: the hops' order, the memory held, and bf16.
 """
 
 import math
@@ -280,9 +280,14 @@ def _check_positions(positions: list[torch.Tensor], seq_len: int) -> None:
         raise ValueError(f"the chunks' positions must cover 0..{seq_len - 1} once each")
 
 
-def _residual_values(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def residual_values(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """W = 2V - U in U's (query) heads, each kv head of V broadcast over its group."""
     return (2 * _grouped(v, v.size(-3)) - _grouped(u, v.size(-3))).flatten(1, 2)
+
+
+def residual_values_backward(dw: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """V's share of the gradient of W = 2V - U: 2 dW, summed over each kv head's group."""
+    return 2 * _heads_of(_grouped(dw, v.size(-3)), v)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -298,7 +303,7 @@ class _RingAttention(torch.autograd.Function):
         us, lses = _ring_attend(qs, ks, vs, positions)
         outs = us
         if twice:  # W_j = 2 V_j - U_j, on rank j as soon as its ring 1 is done
-            ws = [_residual_values(vj, uj) for vj, uj in zip(vs, us)]
+            ws = [residual_values(vj, uj) for vj, uj in zip(vs, us)]
             outs = _ring_reattend(qs, ks, ws, positions, lses)
         u = merge_chunks(us, positions)
         out = merge_chunks(outs, positions) if twice else u
@@ -317,12 +322,12 @@ class _RingAttention(torch.autograd.Function):
         d_u = d_out
         if twice:
             # Ring 2 backward first: it yields dW_j, which holds the upstream gradient of U.
-            w = [_residual_values(vj, uj) for vj, uj in zip(v, u)]
+            w = [residual_values(vj, uj) for vj, uj in zip(v, u)]
             dw = [torch.zeros_like(c) for c in w]
             _ring_backward(q, k, w, pos, lse, d_out, out, dq, dk, dw)
             d_u = [-g for g in dw]  # W = 2V - U
             for j in range(len(pos)):
-                dv[j] += 2 * _heads_of(_grouped(dw[j], k[j].size(-3)), v[j])
+                dv[j] += residual_values_backward(dw[j], v[j])
         _ring_backward(q, k, v, pos, lse, d_u, u, dq, dk, dv)
         return merge_chunks(dq, pos), merge_chunks(dk, pos), merge_chunks(dv, pos), None, None
 
