@@ -28,6 +28,8 @@ from lm.attention import AttentionVariant
 from lm.model import GPT
 from lm.parallel.groups import ParallelGroups
 from lm.parallel.ring import zigzag_positions
+from lm.parallel.ring_group import ring_attention
+from lm.parallel.ulysses import ulysses_attention
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,6 @@ def context_layout(groups: ParallelGroups, impl: str) -> ContextLayout:
 
 def context_variant(variant: AttentionVariant, group, impl: str) -> AttentionVariant:
     """`variant` attending over the whole sequence of which q, k, v hold this rank's chunk."""
-    from lm.parallel.ring_group import ring_attention  # TEMP until merged
-    from lm.parallel.ulysses import ulysses_attention
-
     if impl == "ring":
 
         def attend(q, k, v):
