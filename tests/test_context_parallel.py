@@ -140,3 +140,22 @@ def test_plan_counts_context_parallel_ranks_and_refuses_a_world_they_do_not_divi
     path = write_config(tmp_path / "cp2.yaml", config(context_parallel=2))
     result = lm_in_process("plan", "--config", str(path), "--world", "3")
     assert result.returncode == 2 and "tensor_parallel=1 x context_parallel=2" in result.stderr
+
+
+@pytest.mark.parametrize("impl", ["ring", "all_to_all"])
+def test_the_cp_ranks_chunks_cover_each_window_once_and_keep_inputs_and_targets_aligned(impl):
+    from lm.parallel.context import ContextLayout
+
+    rows = torch.arange(2 * 17).view(2, 17)  # two windows of T + 1 = 17 tokens
+    layouts = [ContextLayout(2, rank, impl) for rank in range(2)]
+    chunks = [layout.chunk(rows) for layout in layouts]
+    positions = layouts[0].gathered_positions(16)
+    assert sorted(positions.tolist()) == list(range(16))
+    for layout, (inputs, targets) in zip(layouts, chunks):
+        assert inputs.shape == targets.shape == (2, 8)
+        assert torch.equal(targets, inputs + 1)  # each target is the token after its input
+        assert torch.equal(inputs[0], layout.positions(16))  # the rank's global positions, in its order
+    if impl == "ring":  # zigzag: an early and a late quarter each
+        assert layouts[0].positions(16).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    else:
+        assert layouts[1].positions(16).tolist() == list(range(8, 16))
