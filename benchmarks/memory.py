@@ -25,11 +25,12 @@ torch.cuda.max_memory_allocated in metrics.jsonl (not read here).
 `--activations T [T ...]` measures activation memory per rank against the sequence length instead:
 
     .venv/bin/python benchmarks/memory.py --activations 1024 2048 --layers 12 --d-model 768 --heads 12 \
-        --block 64 --layouts 0x1 0x2,context_parallel=2 0x4,context_parallel=4 0x2t2 0x2t2,sequence_parallel=true
+        --layouts 0x1 0x2,context_parallel=2 0x4,context_parallel=4 0x2t2 0x2t2,sequence_parallel=true
 
-For each layout, the largest rank's peak RSS at block size T less its peak at --block (the same model
-and layout: weights, gradients and Adam's state cancel), and that against the first layout's at the
-same T.
+Each row is one torchrun launch of ranks that build the run, take one whole step, then measure one
+micro step: the largest rank's peak RSS growth over its forward (what it keeps for backward) and
+through its backward, from its RSS at the start (peak reset with /proc/self/clear_refs), and the
+forward's figure against the first layout's at the same T.
 """
 
 import argparse
@@ -253,34 +254,89 @@ def main() -> None:
             Path(args.out).write_text(table + "\n")
 
 
+def proc_status_bytes(key: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def measure_rank_activations(config_path: str, out_dir: str) -> None:
+    """One rank's activation memory (run by torchrun): after one whole step (Adam's state and every
+    buffer made), the peak RSS growth of one micro step's forward (what it keeps for backward) and
+    through its backward, from the RSS at its start; glibc hands freed memory back (MALLOC)."""
+    import gc
+    import json
+
+    import torch.distributed as dist
+
+    from lm.data import rank_rows
+    from lm.distributed import close_distributed
+    from lm.train import optimizer_step, start_run
+
+    run = start_run(load_config(config_path))
+    optimizer_step(run, 0)
+    g, mb = run.groups, run.config.train.micro_batch_size
+    rows = rank_rows(run.data.batches.global_batch(1), g.dp_rank, g.dp_size, mb, 0)
+    inputs, targets = run.context.chunk(rows)
+    gc.collect()
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = proc_status_bytes("VmRSS")
+    _, loss = run.engine(inputs, targets)
+    kept = proc_status_bytes("VmHWM") - before
+    run.engine.backward(loss)
+    through = proc_status_bytes("VmHWM") - before
+    rank = dist.get_rank()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"forward": kept, "backward": through}))
+    run.log.close()
+    close_distributed()
+
+
+def launch_activations(config: dict, work: Path, name: str, nproc: int) -> dict:
+    """The largest rank's activation memory (measure_rank_activations) of one torchrun launch."""
+    import json
+
+    path, out = work / f"{name}.yaml", work / name
+    config["train"]["out_dir"] = str(out / "run")
+    out.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(config))
+    env = {**local_environment(nproc), **MALLOC, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += [__file__, "--measure-rank", str(path), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    ranks = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    return {key: max(r[key] for r in ranks) for key in ("forward", "backward")}
+
+
 def activation_table(args, shards: Path, work: Path) -> str:
-    """Per-rank activation memory of each layout at each T (peak at T less peak at --block)."""
+    """Per-rank activation memory of each layout at each T, against the first layout's at the same T."""
     rows = [
         f"model: {args.layers} layers, d {args.d_model}, {args.heads} heads, twicing all, vocab {VOCAB}, "
-        f"micro-batch {args.micro_batch}, {args.steps} step(s); activations = peak RSS at T less at block "
-        f"{args.block}; overrides {args.set or 'none'}",
+        f"micro-batch {args.micro_batch}; the largest rank's peak RSS growth over one micro step's "
+        f"forward (kept for backward) and through its backward; overrides {args.set or 'none'}",
         "",
-        "| layout | T | peak RSS (GB) | activations (GB) | / first layout's |",
+        "| layout | T | forward keeps (GB) | through backward (GB) | forward / first layout's |",
         "|---|---|---|---|---|",
     ]
     reference: dict[int, int] = {}
     for row, text in enumerate(args.layouts):
         layout, settings = parse_layout(text)
-        nproc = layout[1]
-
-        def config_at(block: int, layout=layout, settings=settings) -> dict:
-            model = model_config(args.layers, args.d_model, args.heads, block)
-            return run_config(model, shards, work, layout, args.set + settings, args.micro_batch, args.steps)
-
-        base = launch(config_at(args.block), work, f"act-base-{row}", nproc)["peak"]
         for t in args.activations:
-            peak = launch(config_at(t), work, f"act-{row}-{t}", nproc)["peak"]
-            used = peak - base
-            reference.setdefault(t, used)
-            rows.append(f"| {text} | {t} | {peak / 1e9:.2f} | {used / 1e9:.2f} | {used / reference[t]:.2f} |")
+            model = model_config(args.layers, args.d_model, args.heads, t)
+            config = run_config(model, shards, work, layout, args.set + settings, args.micro_batch, 1)
+            used = launch_activations(config, work, f"act-{row}-{t}", layout[1])
+            reference.setdefault(t, used["forward"])
+            rows.append(
+                f"| {text} | {t} | {used['forward'] / 1e9:.3f} | {used['backward'] / 1e9:.3f} | "
+                f"{used['forward'] / reference[t]:.2f} |"
+            )
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--measure-rank"]:
+        measure_rank_activations(*sys.argv[2:4])
+    else:
+        main()
