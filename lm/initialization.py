@@ -97,15 +97,15 @@ def build_gpt(
     place: Callable[[Iterator[torch.nn.Parameter]], None] | None = None,
 ) -> GPT:
     """This rank's GPT as every training loop starts it, never holding more than its slice plus one
-    full parameter: built on the meta device, sliced for `groups`' tensor parallelism, each parameter
-    drawn (train.seed) or taken from `initial_weights` and handed to `place` as soon as it holds its
-    value (lm.engine.partition_zero3 partitions it there), and the blocks that
-    train.activation_checkpointing names set to recompute."""
+    full parameter: built on the meta device, sliced for `groups`' tensor parallelism (and
+    train.sequence_parallel), each parameter drawn (train.seed) or taken from `initial_weights` and
+    handed to `place` as soon as it holds its value (lm.engine.partition_zero3 partitions it there),
+    and the blocks that train.activation_checkpointing names set to recompute."""
     check_runnable(config.model.attention_impl, len(config.model.twicing_layer_indices()), torch.device(device))
     with torch.device("meta"):
         model = GPT(config.model)
     if groups is not None:
-        model = shard_model(model, groups)
+        model = shard_model(model, groups, config.train.sequence_parallel)
         model = apply_context_parallel(model, groups, config.train.context_parallel_impl)
     values = initial_values(config.model, config.train.seed) if initial_weights is None else initial_weights.__getitem__
     params = materialized(model, values, device)  # the same weights in every layout

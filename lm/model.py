@@ -16,7 +16,8 @@ What is new is the attention of each layer, a variant registered in `lm.attentio
 the config: plain softmax attention, or twicing attention (Abdullaev & Nguyen, "Transformer Meets
 Twicing", ICLR 2025), out = (2A - A^2) V, which the paper's language model uses in its last two
 layers. The loss is a parameter-free submodule, so that tensor parallelism can swap in its own
-vocabulary-parallel cross-entropy as it swaps the other layers (lm.parallel).
+vocabulary-parallel cross-entropy as it swaps the other layers (lm.parallel); so is
+`sequence_split`, which sequence parallelism makes keep this rank's part of the embedded sequence.
 
 Activation checkpointing (`recompute_blocks`, set from train.activation_checkpointing) keeps only
 the input of the chosen blocks and runs their forward again in backward, trading compute for
@@ -241,6 +242,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.token_embedding.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.loss = CrossEntropy()  # no parameters, so no state-dict keys; replaced under TP
+        self.sequence_split = nn.Identity()  # likewise; sequence parallelism keeps this rank's tokens
         self.recompute_blocks: frozenset[int] = frozenset()  # blocks whose activations backward recomputes
         # Context parallelism (lm.parallel.context): idx is this rank's chunk of a sequence over
         # `context_ranks` ranks, and chunk_positions(T) gives the global positions of its tokens.
@@ -305,8 +307,9 @@ class GPT(nn.Module):
         reduction "mean" gives the mean over all tokens, "none" the (B, T) per-token losses.
         With `cache` (one LayerCache per layer, from `new_cache()`), idx continues the cached
         tokens: the whole prompt first, then one token per call.
-        Under tensor parallelism the logits are this rank's vocabulary slice, under context
-        parallelism idx, targets and the logits are this rank's chunk of the sequence (lm.parallel).
+        Under tensor parallelism the logits are this rank's vocabulary slice; under sequence
+        parallelism the blocks see this rank's part of the sequence, the logits all of it; under
+        context parallelism idx, targets and the logits are this rank's chunk of the sequence (lm.parallel).
         """
         start = cache[0].length if cache else 0
         t = start + idx.size(1) * self.context_ranks
@@ -320,7 +323,7 @@ class GPT(nn.Module):
             x = x + self.position_embedding(pos)
         else:
             rotary = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-        x = self.embedding_dropout(x)
+        x = self.embedding_dropout(self.sequence_split(x))
         for i, block in enumerate(self.blocks):
             if i in self.recompute_blocks and cache is None and torch.is_grad_enabled():
                 # Non-reentrant: the recompute calls the block (and its hooks, ZeRO-3's gathers, TP's

@@ -162,8 +162,10 @@ def check_same_model(tag_dir: Path, model: ModelConfig) -> None:
             )
 
 
-def layout_name(tp: int, dp: int, stage: int, cp: int = 1) -> str:
-    return f"TP{tp}x" + (f"CP{cp}x" if cp > 1 else "") + f"DP{dp} ZeRO-{stage}"
+def layout_name(tp: int, dp: int, stage: int, cp: int = 1, sp: bool = False) -> str:
+    """`TP2xDP1 ZeRO-1`, `TP2(SP)xCP2xDP1 ZeRO-3`: what decides which files a rank saved and what its
+    RNG streams drive (sequence parallelism gives each TP rank a dropout stream of its own)."""
+    return f"TP{tp}" + ("(SP)" if sp else "") + "x" + (f"CP{cp}x" if cp > 1 else "") + f"DP{dp} ZeRO-{stage}"
 
 
 def layout_change(tag_dir: Path, train: TrainConfig, world: int) -> str | None:
@@ -173,11 +175,12 @@ def layout_change(tag_dir: Path, train: TrainConfig, world: int) -> str | None:
     info = ckpt.read_marker(tag_dir)
     saved_tp = info["config"]["train"].get("tensor_parallel", 1)
     saved_cp = info["config"]["train"].get("context_parallel", 1)
+    saved_sp = info["config"]["train"].get("sequence_parallel", False)
     saved_dp = info["world_size"] // (saved_tp * saved_cp)
-    saved = layout_name(saved_tp, saved_dp, ckpt.layout_stage(info), saved_cp)
+    saved = layout_name(saved_tp, saved_dp, ckpt.layout_stage(info), saved_cp, saved_sp)
     cp = train.context_parallel
     dp = max(1, world // (train.tensor_parallel * cp))
-    ours = layout_name(train.tensor_parallel, dp, engine_stage(train, dp), cp)
+    ours = layout_name(train.tensor_parallel, dp, engine_stage(train, dp), cp, train.sequence_parallel)
     if saved == ours:
         return None
     if train.precision == "bf16-weights":  # its fp32 master lives in DeepSpeed's bf16 optimizer
@@ -188,9 +191,10 @@ def layout_change(tag_dir: Path, train: TrainConfig, world: int) -> str | None:
     return f"{saved} -> {ours}"
 
 
-def dropout_seed(seed: int, step: int, dp_rank: int) -> int:
-    """The dropout stream of a run re-split at `step`: the saved streams belong to the old ranks."""
-    return parameter_seed(seed, f"dropout/step{step}/dp{dp_rank}")
+def dropout_seed(seed: int, step: int, stream: int) -> int:
+    """The seed of dropout stream `stream` (lm.parallel.dropout_stream) of a run re-split at `step`:
+    the saved streams belong to the old ranks."""
+    return parameter_seed(seed, f"dropout/step{step}/dp{stream}")  # "dp": the name of earlier runs' streams
 
 
 def check_same_weights_dtype(tag_dir: Path, precision: str) -> None:

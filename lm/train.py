@@ -34,7 +34,7 @@ from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, check_wandb, means_over_ranks, memory_mib, progress_line, validation_loss
 from lm.mixture import RunData, open_run_data
 from lm.numerics import NonFinitePolicy, SkippableAdamW
-from lm.parallel import ParallelGroups, build_groups
+from lm.parallel import ParallelGroups, build_groups, dropout_stream
 from lm.parallel.context import ContextLayout, context_layout
 from lm.plan import check_memory
 from lm.resume import (
@@ -184,16 +184,17 @@ def start_run(
     model, n_params = build_model(config, groups, world.device, point.initial_weights())
     optimizer = build_optimizer(model, t, kind=SkippableAdamW)
     engine = Engine(model, optimizer, build_scheduler(optimizer, t, start), config, groups)
-    # Dropout draws from a stream of its own per data-parallel and context-parallel rank (they hold
-    # different tokens), shared by the ranks of a TP group (it drops only replicated activations,
-    # see lm.parallel.shard); weights were drawn alike.
-    torch.manual_seed(t.seed + 1 + groups.zero_rank)
+    # Dropout draws from a stream of its own per DP and CP rank, shared by the ranks of a TP group
+    # unless sequence parallelism gives each its own shard (lm.parallel.dropout_stream); weights
+    # were drawn alike.
+    stream = dropout_stream(groups, t.sequence_parallel)
+    torch.manual_seed(t.seed + 1 + stream)
     if point.loads_deepspeed_files:  # the same layout: DeepSpeed's own load, bitwise
         start = engine.load(point.tag_dir)["step"]
         restore_rng_state(point.tag_dir, world.rank)
     elif point.resharded:  # weights came in as initial weights; Adam's state goes into the partitions
         engine.set_optimizer_state(*point.optimizer_state(config.model, groups.tp_size, groups.tp_rank))
-        torch.manual_seed(dropout_seed(t.seed, start, groups.zero_rank))  # the saved streams were other ranks'
+        torch.manual_seed(dropout_seed(t.seed, start, stream))  # the saved streams were other ranks'
     skipped = point.skipped_steps()
     run_dir = Path(t.out_dir)
     prepare_run_dir(run_dir, config, data.tokenizer_path, world)

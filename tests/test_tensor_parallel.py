@@ -1,4 +1,5 @@
-"""Specification of tensor parallelism: TP x DP layouts equal to the unsplit model, under every ZeRO stage."""
+"""Specification of tensor parallelism: TP x DP layouts equal to the unsplit model, under every ZeRO stage,
+and sequence parallelism equal to both."""
 
 import json
 import shutil
@@ -48,6 +49,40 @@ def test_tp2_logits_loss_and_gradients_equal_the_full_model(tmp_path):
         assert results[model]["init_is_exact_slice"]  # TP=2 starts as the exact slice of TP=1
     # Twicing adds no communication: its second pass needs only the local heads.
     assert results["all"]["all_reduces"] == results["none"]["all_reduces"]
+    check_sequence_parallel(results, parameters)
+
+
+def check_sequence_parallel(results: dict, parameters: dict) -> None:
+    """Sequence parallelism computes the same, from other collectives, and keeps the state dict."""
+    n_layer, n_embd = 3, 32
+    for model, count in parameters.items():
+        plain, split = results[model], results[f"{model}/sp"]
+        errors = split["errors"]
+        assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, (model, errors)
+        assert split["parameters_checked"] == count and split["state_dict_keys_unchanged"]
+        # TP all-reduces activations at every region, both ways; SP only in the embedding. Instead,
+        # forward: an all-gather into each region (2 per block, the head's), a reduce-scatter out of
+        # each block's 2; backward: the reverse, and the all-gather of the embeddings' split.
+        assert plain["activation_all_reduces"] >= 4 * n_layer and plain["all_gathers"] == plain["reduce_scatters"] == 0
+        assert split["activation_all_reduces"] == 1
+        assert split["all_gathers"] == (2 * n_layer + 1) + (2 * n_layer + 1)
+        assert split["reduce_scatters"] == 2 * n_layer + (2 * n_layer + 1)
+        # What remains: the cross-entropy's two (as under TP) and the gradient sums of the parameters
+        # used on a shard, one per norm (gain and bias together) and per row-parallel bias.
+        grad_sums = split["other_all_reduce_sizes"][2:]
+        assert split["other_all_reduce_sizes"][:2] == plain["other_all_reduce_sizes"]
+        row_biases = 2 * n_layer if model != "llama-gqa" else 0
+        assert len(grad_sums) == (2 * n_layer + 1) + row_biases and max(grad_sums) <= 2 * n_embd
+    # Activation checkpointing recomputes the blocks' collectives, and the same gradients.
+    recomputed = results["none/sp+recompute"]
+    assert recomputed["errors"]["grads"] <= 1e-5 and recomputed["all_gathers"] > results["none/sp"]["all_gathers"]
+    # Dropout: under TP the ranks drop the replicated activations alike; under SP each rank's shard
+    # draws its own mask (lm.parallel.dropout_stream). Either way they agree on the loss and on the
+    # gradients of the parameters every rank holds.
+    tp, sp = results["dropout"]["tp"], results["dropout"]["sp"]
+    assert tp["streams_equal"] and tp["masks_equal"]
+    assert not sp["streams_equal"] and not sp["masks_equal"]
+    assert tp["loss_equal"] and sp["loss_equal"] and tp["replicated_grads_equal"] and sp["replicated_grads_equal"]
 
 
 def run_stages(config: dict, tmp_path, nproc: int, *extra: str) -> dict:

@@ -6,7 +6,10 @@ For softmax and twicing models of GPT-2's layout, and twicing models with groupe
 (2 kv heads for 4 query heads) in Llama's layout and in GPT-2's (with rotary positions, RMSNorm,
 SwiGLU and an untied output layer): logits (gathered over the vocabulary slices), loss and gradients
 (each rank's slice against the same slice of the full gradient), as worst relative errors; and
-the number of collectives one forward+backward issues. Rank 0 writes OUT.json.
+the number of collectives one forward+backward issues. Each model also with sequence parallelism
+("NAME/sp"), and GPT-2's softmax model with it and every block recomputed ("none/sp+recompute").
+Under "dropout": with model.dropout > 0, whether the TP ranks drop alike, with SP and without.
+Rank 0 writes OUT.json.
 """
 
 import json
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from lm.config import ModelConfig
 from lm.distributed import close_distributed, init_distributed
 from lm.model import GPT
-from lm.parallel import build_groups, shard_model
+from lm.parallel import build_groups, dropout_stream, shard_model
 
 CONFIG = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=64)
 MODELS = {
@@ -42,26 +45,42 @@ def gathered_logits(logits: torch.Tensor, group, tp: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def compare(options: dict, groups) -> dict:
+def counting(calls: dict):
+    """Patches counting the collectives issued: the sizes of all-reduces, the number of the others."""
+
+    def counted(name, real):
+        def call(tensor, *args, **kwargs):
+            calls.setdefault(name, []).append(tensor.numel())
+            return real(tensor, *args, **kwargs)
+
+        return mock.patch.object(dist, name, call)
+
+    names = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+    return [counted(name, getattr(dist, name)) for name in names]
+
+
+def compare(options: dict, groups, sequence_parallel: bool = False, recompute: bool = False) -> dict:
     config = ModelConfig(**CONFIG, **options)
     torch.manual_seed(0)
     full = GPT(config)
     torch.manual_seed(0)
-    sharded = shard_model(GPT(config), groups)
+    sharded = shard_model(GPT(config), groups, sequence_parallel)
+    if recompute:
+        sharded.recompute_blocks = frozenset(range(config.n_layer))
     ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
     ref_logits, ref_loss = full(ids, targets)
     ref_loss.backward()
-    calls = {"n": 0}
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(*args, **kwargs):
-        calls["n"] += 1
-        return real_all_reduce(*args, **kwargs)
-
-    with mock.patch.object(dist, "all_reduce", counting_all_reduce):
+    calls = {}
+    patches = counting(calls)
+    for patch in patches:
+        patch.start()
+    try:
         logits, loss = sharded(ids, targets)
         loss.backward()
+    finally:
+        for patch in patches:
+            patch.stop()
     errors = {
         "logits": relative(gathered_logits(logits, groups.tp_group, groups.tp_size), ref_logits),
         "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
@@ -77,11 +96,46 @@ def compare(options: dict, groups) -> dict:
         worst = max(worst, relative(p.grad, ref_grad))
         checked += 1
     errors["grads"] = worst
+    hidden = ids.numel() * config.n_embd  # an all-reduce of this size moves activations (B, T, C)
+    reduced = calls.get("all_reduce", [])
     return {
         "errors": errors,
         "parameters_checked": checked,
         "init_is_exact_slice": slices_equal,
-        "all_reduces": calls["n"],
+        "state_dict_keys_unchanged": list(sharded.state_dict()) == list(full.state_dict()),
+        "all_reduces": len(reduced),
+        "activation_all_reduces": sum(n == hidden for n in reduced),
+        "other_all_reduce_sizes": [n for n in reduced if n != hidden],
+        "all_gathers": len(calls.get("all_gather_single", [])),
+        "reduce_scatters": len(calls.get("reduce_scatter_single", [])),
+    }
+
+
+def same_on_every_tp_rank(x: torch.Tensor, groups) -> bool:
+    parts = [torch.empty_like(x) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=groups.tp_group)
+    return all(torch.equal(part, parts[0]) for part in parts)
+
+
+def dropout(groups, sequence_parallel: bool) -> dict:
+    """Seeded as lm.train seeds dropout: do the TP ranks draw the same embedding-dropout mask, and do
+    they still agree on the loss and on the gradients of the parameters they all hold?"""
+    config = ModelConfig(**CONFIG, dropout=0.5)
+    torch.manual_seed(0)
+    model = shard_model(GPT(config), groups, sequence_parallel)
+    stream = dropout_stream(groups, sequence_parallel)
+    torch.manual_seed(1 + stream)
+    dropped = []
+    model.embedding_dropout.register_forward_hook(lambda module, args, out: dropped.append(out == 0))
+    ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    _, loss = model(ids, ids)
+    loss.backward()
+    replicated = [p.grad.flatten() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+    return {
+        "streams_equal": same_on_every_tp_rank(torch.tensor([stream]), groups),
+        "masks_equal": same_on_every_tp_rank(dropped[0], groups),
+        "loss_equal": same_on_every_tp_rank(loss.detach(), groups),
+        "replicated_grads_equal": same_on_every_tp_rank(torch.cat(replicated), groups),
     }
 
 
@@ -89,6 +143,9 @@ def main(out_path: str) -> None:
     init_distributed()
     groups = build_groups(dist.get_world_size())
     results = {name: compare(options, groups) for name, options in MODELS.items()}
+    results |= {f"{name}/sp": compare(options, groups, sequence_parallel=True) for name, options in MODELS.items()}
+    results["none/sp+recompute"] = compare(MODELS["none"], groups, sequence_parallel=True, recompute=True)
+    results["dropout"] = {"tp": dropout(groups, False), "sp": dropout(groups, True)}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -12,12 +12,37 @@ The vocabulary is split too: each rank embeds the ids in its range of the vocabu
 partial embeddings are summed; the tied output projection gives each rank the logits of its
 range, and the cross-entropy (a module, replacing the model's `loss`) is computed from those slices
 without ever gathering full logits.
+
+Sequence parallelism (`sequence_parallel=True`, Korthikanti et al., 2022; lm.parallel.sequence)
+splits what plain TP keeps whole on every rank, the activations between the TP regions, along the
+sequence: the embeddings after positions are added, every norm, residual add and dropout, act on
+this rank's T / tp tokens. Each region's all-reduce becomes a pair that moves as much (a ring
+all-reduce is a reduce-scatter and an all-gather): the norm that opens a region all-gathers the
+sequence (backward: reduce-scatter), replacing the column-parallel layers'
+`copy_to_tensor_parallel`; the row-parallel layer that closes it reduce-scatters its partial sums
+(backward: all-gather) instead of all-reducing them, and adds its bias on the shard. One gather
+per region, in the norm rather than in each column-parallel layer: Llama's q/k/v_proj and
+gate/up_proj share one gathered input (and keep it once for backward).
+
+Parameters used on a shard (norm gains and biases, row-parallel biases) get only their shard's
+gradient on each rank; `sum_grads_over_tp` sums them over the TP group in the backward, inside the
+autograd graph, so DeepSpeed's reduction over the data-parallel group (during backward under
+ZeRO-1/2/3) sees complete gradients, and a checkpointed block's recompute re-creates the same sum.
+
+Memory per rank: of what TP keeps whole per block for backward (the paper counts 10sbh bytes of
+16-bit activations: the two norms' inputs 4sbh, the two dropout masks 2sbh, the inputs of the two
+column-parallel regions 4sbh), SP here divides by tp the norms' inputs (the residual stream) and
+the masks; under activation checkpointing the block's input, all a block keeps, is 1/tp too.
+The gathered norm output that the column-parallel layers keep for their weight gradient stays
+whole: Megatron keeps its shard and gathers it again in backward, not done here.
 """
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lm.parallel.sequence import reduce_scatter_sequence, sum_grads_over_tp
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -70,33 +95,45 @@ def mark_sharded(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Param
     return param
 
 
+def into_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """A column-parallel layer's input: replicated under TP, whose input gradient it sums; under SP
+    the whole sequence from the SequenceParallelNorm before it, whose backward sums it already."""
+    return x if sequence_parallel else copy_to_tensor_parallel(x, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T + b_local, with W_local the rows `index` of the full weight."""
 
-    def __init__(self, full: nn.Linear, index: torch.Tensor, group):
+    def __init__(self, full: nn.Linear, index: torch.Tensor, group, sequence_parallel: bool = False):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel
         self.weight = mark_sharded(nn.Parameter(full.weight.detach()[index].clone()), 0, index)
         self.bias = None
         if full.bias is not None:
             self.bias = mark_sharded(nn.Parameter(full.bias.detach()[index].clone()), 0, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
+        return F.linear(into_region(x, self.group, self.sequence_parallel), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over TP ranks of x_local W_local^T, plus the (replicated) bias once."""
+    """y = sum over TP ranks of x_local W_local^T, plus the (replicated) bias once; under SP this
+    rank's sequence shard of y."""
 
-    def __init__(self, full: nn.Linear, index: torch.Tensor, group):
+    def __init__(self, full: nn.Linear, index: torch.Tensor, group, sequence_parallel: bool = False):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel
         self.weight = mark_sharded(nn.Parameter(full.weight.detach()[:, index].clone()), 1, index)
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
-        return y if self.bias is None else y + self.bias
+        if not self.sequence_parallel:
+            y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
+            return y if self.bias is None else y + self.bias
+        y = reduce_scatter_sequence(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + sum_grads_over_tp(self.group, self.bias)[0]
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -120,13 +157,14 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelLMHead(nn.Module):
     """Logits of this rank's vocabulary range, from the (tied) vocabulary-parallel embedding."""
 
-    def __init__(self, embedding: VocabParallelEmbedding):
+    def __init__(self, embedding: VocabParallelEmbedding, sequence_parallel: bool = False):
         super().__init__()
         self.group = embedding.group
+        self.sequence_parallel = sequence_parallel
         self.weight = embedding.weight  # tied, as in the unsharded model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight)
+        return F.linear(into_region(x, self.group, self.sequence_parallel), self.weight)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

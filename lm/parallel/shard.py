@@ -20,9 +20,17 @@ attn(Q, K, 2V - U) needs only the same heads' Q, K, V and U, so it adds no commu
 Dropout acts only on replicated activations (embeddings and the outputs of row-parallel layers),
 which must stay identical across a TP group: lm.train seeds dropout per data-parallel rank, the
 same on every rank of a TP group. No activation that is partitioned across TP ranks is dropped.
+
+With `sequence_parallel` (lm.parallel.layers, lm.parallel.sequence) the same layers run with their
+sequence-parallel collectives, every norm becomes a SequenceParallelNorm (norm of the shard, then
+the all-gather into the region it opens) and the model's `sequence_split` keeps this rank's part of
+the embeddings. No parameter changes: names, shapes and checkpoints are those of plain TP. Every
+dropout then acts on a shard of the sequence, so each TP rank draws its own masks
+(`dropout_stream`).
 """
 
 import torch
+import torch.nn as nn
 
 from lm.config import ModelConfig
 from lm.config_layout import check_tensor_parallel
@@ -35,6 +43,7 @@ from lm.parallel.layers import (
     VocabParallelEmbedding,
     VocabParallelLMHead,
 )
+from lm.parallel.sequence import SequenceParallelNorm, SequenceSplit
 
 
 def _slice(size: int, tp: int, rank: int) -> torch.Tensor:
@@ -127,9 +136,10 @@ def slice_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp: int
 
 
 @torch.no_grad()
-def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
-    """Replace the split layers of `model` (in place) by this rank's tensor-parallel slices."""
-    tp, rank, group = groups.tp_size, groups.tp_rank, groups.tp_group
+def shard_model(model: GPT, groups: ParallelGroups, sequence_parallel: bool = False) -> GPT:
+    """Replace the split layers of `model` (in place) by this rank's tensor-parallel slices; with
+    `sequence_parallel`, also split the activations between them along the sequence."""
+    tp, rank, group, sp = groups.tp_size, groups.tp_rank, groups.tp_group, sequence_parallel
     if tp == 1:
         return model
     config = model.config
@@ -140,15 +150,22 @@ def shard_model(model: GPT, groups: ParallelGroups) -> GPT:
         for path, (style, index) in splits.items():
             parent, _, leaf = path.rpartition(".")
             owner = block.get_submodule(parent)
-            setattr(owner, leaf, parallel[style](getattr(owner, leaf), index, group))
+            setattr(owner, leaf, parallel[style](getattr(owner, leaf), index, group, sp))
         block.attention.n_head = config.n_head // tp
         block.attention.n_kv_head = config.n_kv_head // tp
     vocab = _slice(config.vocab_size, tp, rank)
     vocab_start = int(vocab[0])
     model.replace_token_embedding(VocabParallelEmbedding(model.token_embedding, vocab_start, len(vocab), group))
     if config.tie_embeddings:
-        model.lm_head = VocabParallelLMHead(model.token_embedding)
+        model.lm_head = VocabParallelLMHead(model.token_embedding, sp)
     else:  # an output layer of its own: a column-parallel layer over the vocabulary
-        model.lm_head = ColumnParallelLinear(model.lm_head, vocab, group)
+        model.lm_head = ColumnParallelLinear(model.lm_head, vocab, group, sp)
     model.loss = VocabParallelCrossEntropy(vocab_start, group)
+    if sp:
+        model.sequence_split = SequenceSplit(group)
+        # Every norm of a pre-norm GPT (ln_1, ln_2, the final one) opens a TP region.
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+                    setattr(parent, name, SequenceParallelNorm(child, group))
     return model

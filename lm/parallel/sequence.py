@@ -1,0 +1,189 @@
+"""Sequence parallelism (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+Models", 2022): between the tensor-parallel regions each TP rank keeps 1/tp of the sequence.
+
+The pieces, in the order a forward meets them (lm.parallel.shard puts them in place):
+- `SequenceSplit` (the model's `sequence_split`) keeps this rank's shard of the embeddings; its
+  backward all-gathers the gradient.
+- `SequenceParallelNorm` replaces every norm: it normalises the shard, then all-gathers the whole
+  sequence for the TP region it opens (every norm of a pre-norm GPT is followed by column-parallel
+  layers: ln_1, ln_2, the final norm); its backward reduce-scatters, which sums the partial input
+  gradients of the region's column-parallel layers over the TP group and keeps this rank's shard.
+- A row-parallel layer reduce-scatters its partial sums (`reduce_scatter_sequence`) where plain TP
+  all-reduces them; its backward all-gathers.
+
+Activations are (B, T, C) and are split along T (dim 1). gloo and NCCL collectives take and give
+tensors concatenated along dim 0, so the helpers below move the rank's chunk index to the front and back.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lm.parallel.groups import ParallelGroups
+
+
+def chunks_first(x: torch.Tensor, tp: int) -> torch.Tensor:
+    """(B, T, ...) -> (tp, B, T / tp, ...): chunk r of the sequence is entry r, contiguous."""
+    return x.unflatten(1, (tp, x.size(1) // tp)).movedim(1, 0).contiguous()
+
+
+def chunks_joined(stacked: torch.Tensor) -> torch.Tensor:
+    """(tp, B, T / tp, ...) -> (B, T, ...): the inverse of chunks_first."""
+    return stacked.movedim(0, 1).flatten(1, 2)
+
+
+def _all_gather(shard: torch.Tensor, group) -> torch.Tensor:
+    tp = dist.get_world_size(group)
+    # gloo wants the ranks' tensors concatenated along dim 0, not stacked
+    joined = shard.new_empty((tp * shard.size(0), *shard.shape[1:]))
+    dist.all_gather_single(joined, shard.contiguous(), group=group)
+    return chunks_joined(joined.unflatten(0, (tp, shard.size(0))))
+
+
+def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
+    tp = dist.get_world_size(group)
+    shard = full.new_empty((full.size(0), full.size(1) // tp, *full.shape[2:]))
+    # gloo in this torch has a real reduce-scatter, as NCCL does: one code path for both.
+    dist.reduce_scatter_single(shard, chunks_first(full, tp).flatten(0, 1), group=group)
+    return shard
+
+
+def _split(full: torch.Tensor, group) -> torch.Tensor:
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if full.size(1) % tp:
+        raise ValueError(f"sequence parallelism splits {full.size(1)} tokens over {tp} ranks: not whole")
+    part = full.size(1) // tp
+    # A copy, so that no view keeps the whole sequence alive for backward.
+    return full.narrow(1, rank * part, part).clone(memory_format=torch.contiguous_format)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence in the forward; reduce-scatter (sum, keep the shard) in the backward."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        ctx.group = group
+        return _all_gather(shard, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence in the forward; all-gather in the backward."""
+
+    @staticmethod
+    def forward(ctx, full, group):
+        ctx.group = group
+        return _reduce_scatter(full, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    """This rank's shard of a replicated sequence in the forward; all-gather in the backward."""
+
+    @staticmethod
+    def forward(ctx, full, group):
+        ctx.group = group
+        return _split(full, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group), None
+
+
+class _SumGradsOverTP(torch.autograd.Function):
+    """Identity on parameters in the forward; in the backward their gradients, in one all-reduce, summed
+    over the TP group: each rank's is from its shard of the sequence alone."""
+
+    @staticmethod
+    def forward(ctx, group, *params):
+        ctx.group = group
+        return params
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        return None, *(part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads))
+
+
+def gather_sequence(shard: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSequence.apply(shard, group)
+
+
+def reduce_scatter_sequence(full: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(full, group)
+
+
+def split_sequence(full: torch.Tensor, group) -> torch.Tensor:
+    return _SplitSequence.apply(full, group)
+
+
+def sum_grads_over_tp(group, *params: nn.Parameter) -> tuple[torch.Tensor, ...]:
+    """`params` to use on a sequence shard; the DP reduction (DeepSpeed's) then sees complete gradients."""
+    return _SumGradsOverTP.apply(group, *params)
+
+
+class SequenceSplit(nn.Module):
+    """The model's `sequence_split` under sequence parallelism: this rank's shard of the embeddings
+    (learned positions already added to the whole sequence), before the embedding dropout.
+
+    The token embedding still all-reduces its partial sums whole: a reduce-scatter there would move
+    half as much, but would need the positions added per shard.
+    """
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_sequence(x, self.group)
+
+
+class SequenceParallelNorm(nn.Module):
+    """LayerNorm or RMSNorm of this rank's sequence shard, then the whole sequence for the TP region
+    that follows. Holds the norm's own parameters under the same names, so the state dict is unchanged.
+
+    The parameters pass through `sum_grads_over_tp`, whose output is a view that the norm keeps for
+    backward. Under ZeRO-3 that view would keep a gathered weight alive to backward, but norm gains
+    and biases are under DeepSpeed's persistence threshold and stay whole anyway (lm.ds_config).
+    """
+
+    def __init__(self, norm: nn.LayerNorm | nn.RMSNorm, group):
+        super().__init__()
+        self.group = group
+        self.rms = isinstance(norm, nn.RMSNorm)
+        self.shape, self.eps = norm.normalized_shape, norm.eps
+        self.weight = norm.weight
+        self.bias = None if self.rms else norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            (weight,), bias = sum_grads_over_tp(self.group, self.weight), None
+        else:
+            weight, bias = sum_grads_over_tp(self.group, self.weight, self.bias)
+        if self.rms:
+            y = F.rms_norm(x, self.shape, weight, self.eps)
+        else:
+            y = F.layer_norm(x, self.shape, weight, bias, self.eps)
+        return gather_sequence(y, self.group)
+
+
+def dropout_stream(groups: ParallelGroups, sequence_parallel: bool) -> int:
+    """Which dropout stream this rank draws from (lm.train seeds seed + 1 + stream).
+
+    Without sequence parallelism every dropout acts on activations replicated over the TP group,
+    which must stay identical: one stream per data-parallel and context-parallel rank (those hold
+    different tokens), shared by its TP ranks. With it every dropout acts on this rank's own shard
+    of the sequence: one stream per rank, or the TP ranks would drop the same positions of their
+    different shards.
+    """
+    if not sequence_parallel:
+        return groups.zero_rank  # dp_rank x cp_size + cp_rank
+    return groups.zero_rank * groups.tp_size + groups.tp_rank
