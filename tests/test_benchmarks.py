@@ -84,3 +84,11 @@ def test_memory_benchmark_prints_measurement_and_plan_for_each_layout(tiny_shard
     result = run_benchmark("memory.py", *size, "--layouts", layout, "--shards", str(tiny_shards), threads=2)
     row = next(line for line in result.stdout.splitlines() if line.startswith("| ZeRO-3 x 1, offload=optimizer |"))
     assert len(row.split("|")) == 11  # measured, per parameter, at the training line, plan, ratio, ideal, baseline
+
+
+def test_the_activation_rows_measure_a_context_parallel_layout(tiny_shards):
+    size = ["--layers", "1", "--d-model", "32", "--heads", "2", "--activations", "64"]
+    result = run_benchmark("memory.py", *size, "--layouts", "0x2,context_parallel=2", "--shards", str(tiny_shards))
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 0x2,context_parallel=2 | 64 |"))
+    forward, backward = (float(cell) for cell in row.split("|")[3:5])
+    assert 0 < forward <= backward and row.rstrip().endswith("| 1.00 |")  # its own reference
