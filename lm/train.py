@@ -217,6 +217,8 @@ def startup_line(run: Run, n_params: int, point: ResumePoint) -> str:
         f"{t.precision}, TP {g.tp_size} x DP {g.dp_size} x {run.grad_accum} micro step(s) x "
         f"{t.micro_batch_size} x {m.block_size} tokens"
     )
+    if t.sequence_parallel:
+        line += ", sequence parallel within TP"
     if g.cp_size > 1:
         line += f", each sequence in {g.cp_size} chunks (context parallel, {t.context_parallel_impl})"
     twicing = next((v for v in map(get_attention, m.layer_attention()) if v.twices), None)
