@@ -64,10 +64,10 @@ def build_groups(tp_size: int, cp_size: int = 1) -> ParallelGroups:
     """Create every TP, CP, DP and ZeRO group (each rank must create all of them, in the same order)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp_size < 1 or cp_size < 1 or world % (tp_size * cp_size):
-        raise UserError(
-            f"train.tensor_parallel x train.context_parallel ({tp_size} x {cp_size}) must divide "
-            f"the number of processes ({world})"
-        )
+        sizes = f"train.tensor_parallel ({tp_size})"
+        if cp_size != 1:
+            sizes = f"train.tensor_parallel x train.context_parallel ({tp_size} x {cp_size})"
+        raise UserError(f"{sizes} must divide the number of processes ({world})")
     block = tp_size * cp_size
     tp_rank, cp_rank, dp_rank = rank % tp_size, (rank // tp_size) % cp_size, rank // block
 
