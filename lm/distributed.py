@@ -10,9 +10,12 @@ SLURM_JOB_NODELIST. A lone process gets an explicit single-rank loopback world. 
 shared-memory all-reduce, which training never uses, is kept out of /dev/shm (lm.shared_memory).
 """
 
+import contextlib
 import gc
+import importlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +114,20 @@ def check_master_port() -> None:
             ) from None
 
 
+@contextlib.contextmanager
+def without_shm_extension() -> Iterator[None]:
+    """DeepSpeed's torch backend without its shared-memory all-reduce extension: not compiled or
+    loaded; `inference_all_reduce` (DeepSpeed-Inference's, which we never call) falls back to torch's."""
+    backend = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch
+
+    build = backend.build_shm_op
+    backend.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        backend.build_shm_op = build
+
+
 def init_distributed() -> World:
     """Join (or create) the process group with DeepSpeed's helper: gloo on CPU, NCCL on GPUs."""
     prepare_environment()
@@ -123,7 +140,10 @@ def init_distributed() -> World:
     cuda = torch.cuda.is_available()
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL picks a device
-    with without_shm_all_reduce():  # training never uses it; it would leak 69 MB per rank (lm.shared_memory)
+    # Training never uses DeepSpeed's shared-memory all-reduce: no buffer (it would leak 69 MB per
+    # rank, lm.shared_memory) and no build of its C++ extension (25 s on a 2-core machine, and a wait
+    # on its lock for every process starting meanwhile).
+    with without_shm_all_reduce(), without_shm_extension():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.distributed.barrier()  # every rank has mapped every rank's shm buffer, if DeepSpeed made them
