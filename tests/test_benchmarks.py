@@ -33,7 +33,7 @@ def test_benchmark_runs_and_prints_its_table(name):
 
 def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(tiny_shards, tmp_path):
     """`gpu_check.sh --smoke`: the kernel test, the attention benchmark and the training-throughput
-    rows (plain loop, DDP and DeepSpeed with two processes), as on the GPU but tiny."""
+    rows (the plain loop, DeepSpeed ZeRO-0 in one process), as on the GPU but tiny."""
     env = {
         **cpu_env(threads=2),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = ours
@@ -51,7 +51,7 @@ def test_the_gpu_check_runs_every_step_at_toy_size_and_prints_the_tables_last(ti
     tables = result.stdout.split("================ tables ================")[-1]
     assert "1 passed" in tables  # the kernel test
     assert "twicing_sdpa" in tables and "(ok, tolerance" in tables  # the attention benchmark
-    assert "all      ddp-2p" in tables and "all      ds-2p-z2" in tables  # the training rows
+    assert "all      plain" in tables and "all      ds-1p-z0" in tables  # the training rows
     assert (tmp_path / "train-all.txt").is_file() and (tmp_path / "attention.txt").is_file()
 
 
