@@ -62,10 +62,11 @@ def check_sequence_parallel(results: dict, parameters: dict) -> None:
         assert split["parameters_checked"] == count and split["state_dict_keys_unchanged"]
         # TP all-reduces activations at every region, both ways; SP only in the embedding. Instead,
         # forward: an all-gather into each region (2 per block, the head's), a reduce-scatter out of
-        # each block's 2; backward: the reverse, and the all-gather of the embeddings' split.
+        # each block's 2; backward: the reverse, and the all-gather of the embeddings' split, and
+        # per region one more all-gather, of the shard its column-parallel layers kept.
         assert plain["activation_all_reduces"] >= 4 * n_layer and plain["all_gathers"] == plain["reduce_scatters"] == 0
         assert split["activation_all_reduces"] == 1
-        assert split["all_gathers"] == (2 * n_layer + 1) + (2 * n_layer + 1)
+        assert split["all_gathers"] == (2 * n_layer + 1) + (2 * n_layer + 1) + (2 * n_layer + 1)
         assert split["reduce_scatters"] == 2 * n_layer + (2 * n_layer + 1)
         # What remains: the cross-entropy's two (as under TP) and the gradient sums of the parameters
         # used on a shard, one per norm (gain and bias together) and per row-parallel bias.
@@ -83,6 +84,11 @@ def check_sequence_parallel(results: dict, parameters: dict) -> None:
     assert tp["streams_equal"] and tp["masks_equal"]
     assert not sp["streams_equal"] and not sp["masks_equal"]
     assert tp["loss_equal"] and sp["loss_equal"] and tp["replicated_grads_equal"] and sp["replicated_grads_equal"]
+    # Plain TP keeps the norms' outputs whole for the column-parallel layers' backward (and the norms'
+    # inputs); SP keeps no (B, T, n_embd) tensor, only shards, and gets bitwise the same gradients.
+    for model, kept in results["kept_whole"].items():
+        assert kept["tp"] >= 4 * n_layer + 2 and kept["sp"] == 0, (model, kept)
+        assert results["sp_exact"][model] == {"fp32": True, "bf16": True}, model
 
 
 def run_stages(config: dict, tmp_path, nproc: int, *extra: str) -> dict:

@@ -9,20 +9,26 @@ SwiGLU and an untied output layer): logits (gathered over the vocabulary slices)
 the number of collectives one forward+backward issues. Each model also with sequence parallelism
 ("NAME/sp"), and GPT-2's softmax model with it and every block recomputed ("none/sp+recompute").
 Under "dropout": with model.dropout > 0, whether the TP ranks drop alike, with SP and without.
-Rank 0 writes OUT.json.
+Under "kept_whole": per model, how many (B, T, n_embd) activations one forward keeps for backward,
+under TP and under SP; under "sp_exact", whether SP's column-parallel layers, which keep the shard
+and gather it again, give bitwise the gradients of F.linear keeping the gathered input, in fp32 and
+under bf16 autocast. Rank 0 writes OUT.json.
 """
 
+import contextlib
 import json
 import sys
 from unittest import mock
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lm.config import ModelConfig
 from lm.distributed import close_distributed, init_distributed
 from lm.model import GPT
 from lm.parallel import build_groups, dropout_stream, shard_model
+from lm.parallel.sequence import SequenceRegion
 
 CONFIG = dict(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, d_ff=64)
 MODELS = {
@@ -139,6 +145,48 @@ def dropout(groups, sequence_parallel: bool) -> dict:
     }
 
 
+def kept_whole(options: dict, groups, sequence_parallel: bool) -> int:
+    """How many tensors a forward saves for backward that hold the whole sequence at full width: shape
+    (B, T, n_embd) or flattened (B * T, n_embd), as F.linear keeps its input. Under SP the column-parallel
+    layers keep only this rank's shard of the gathered norm output, so none should."""
+    config = ModelConfig(**(CONFIG | dict(d_ff=128)), **options)  # 64 MLP units per rank: not n_embd wide
+    torch.manual_seed(0)
+    model = shard_model(GPT(config), groups, sequence_parallel)
+    ids = torch.randint(0, config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(1))
+    whole = {(5, 16, config.n_embd), (5 * 16, config.n_embd)}  # 80 rows: no weight's dimension
+    kept = []
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        kept.append(tuple(saved.shape) in whole)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        _, loss = model(ids, ids)
+    loss.backward()
+    return sum(kept)
+
+
+def sp_grads(options: dict, groups, autocast: bool, keep_gathered: bool) -> list[torch.Tensor]:
+    config = ModelConfig(**CONFIG, **options)
+    torch.manual_seed(0)
+    model = shard_model(GPT(config), groups, sequence_parallel=True)
+    ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    plain = mock.patch.object(SequenceRegion, "linear", lambda region, x, weight, bias: F.linear(x, weight, bias))
+    with plain if keep_gathered else contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(ids, ids)
+        loss.backward()
+    return [logits.detach(), *(p.grad for p in model.parameters())]
+
+
+def sp_exact(options: dict, groups) -> dict:
+    exact = {}
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        kept_shard, kept_gathered = (sp_grads(options, groups, autocast, keep) for keep in (False, True))
+        exact[precision] = all(map(torch.equal, kept_shard, kept_gathered))
+    return exact
+
+
 def main(out_path: str) -> None:
     init_distributed()
     groups = build_groups(dist.get_world_size())
@@ -146,6 +194,11 @@ def main(out_path: str) -> None:
     results |= {f"{name}/sp": compare(options, groups, sequence_parallel=True) for name, options in MODELS.items()}
     results["none/sp+recompute"] = compare(MODELS["none"], groups, sequence_parallel=True, recompute=True)
     results["dropout"] = {"tp": dropout(groups, False), "sp": dropout(groups, True)}
+    results["kept_whole"] = {
+        name: {"tp": kept_whole(options, groups, False), "sp": kept_whole(options, groups, True)}
+        for name, options in MODELS.items()
+    }
+    results["sp_exact"] = {name: sp_exact(options, groups) for name, options in MODELS.items()}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -22,7 +22,9 @@ sequence (backward: reduce-scatter), replacing the column-parallel layers'
 `copy_to_tensor_parallel`; the row-parallel layer that closes it reduce-scatters its partial sums
 (backward: all-gather) instead of all-reducing them, and adds its bias on the shard. One gather
 per region, in the norm rather than in each column-parallel layer: Llama's q/k/v_proj and
-gate/up_proj share one gathered input (and keep it once for backward).
+gate/up_proj share one gathered input. For backward they keep one tensor between them, the norm's
+shard, which the first of them to run backward all-gathers again for all (`SequenceRegion`): one
+all-gather per region more in backward, as in Megatron.
 
 Parameters used on a shard (norm gains and biases, row-parallel biases) get only their shard's
 gradient on each rank; `sum_grads_over_tp` sums them over the TP group in the backward, inside the
@@ -31,10 +33,14 @@ ZeRO-1/2/3) sees complete gradients, and a checkpointed block's recompute re-cre
 
 Memory per rank: of what TP keeps whole per block for backward (the paper counts 10sbh bytes of
 16-bit activations: the two norms' inputs 4sbh, the two dropout masks 2sbh, the inputs of the two
-column-parallel regions 4sbh), SP here divides by tp the norms' inputs (the residual stream) and
-the masks; under activation checkpointing the block's input, all a block keeps, is 1/tp too.
-The gathered norm output that the column-parallel layers keep for their weight gradient stays
-whole: Megatron keeps its shard and gathers it again in backward, not done here.
+column-parallel regions 4sbh), SP divides all by tp: the norms' inputs (the residual stream), the
+masks, and the regions' inputs, kept as the norms' shards; under activation checkpointing the
+block's input, all a block keeps, is 1/tp too. What stays is what TP already splits by heads and
+units (Q, K, V, attention's and twicing's intermediates, the MLP's hidden units). Measured
+(benchmarks/memory.py --activations, 12 layers, d 768, twicing everywhere, fp32, T = 2048): one
+micro batch's forward keeps 0.870 GB per rank under TP2, 0.712 GB (0.82x) under TP2 + SP; 0.791 GB
+(0.91x) when the column-parallel layers kept the gathered sequence. Under bf16 autocast 0.618 GB,
+0.500 GB (0.81x; 0.539 GB, 0.87x, before): the shard is kept in bf16, as autocast's matmuls read it.
 """
 
 import torch
@@ -42,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.parallel.sequence import reduce_scatter_sequence, sum_grads_over_tp
+from lm.parallel.sequence import SequenceRegion, reduce_scatter_sequence, sum_grads_over_tp
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -95,26 +101,26 @@ def mark_sharded(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Param
     return param
 
 
-def into_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """A column-parallel layer's input: replicated under TP, whose input gradient it sums; under SP
-    the whole sequence from the SequenceParallelNorm before it, whose backward sums it already."""
-    return x if sequence_parallel else copy_to_tensor_parallel(x, group)
-
-
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local, with W_local the rows `index` of the full weight."""
+    """y_local = x W_local^T + b_local, with W_local the rows `index` of the full weight.
 
-    def __init__(self, full: nn.Linear, index: torch.Tensor, group, sequence_parallel: bool = False):
+    Under SP (`region`, lm.parallel.sequence.SequenceRegion) x is the whole sequence that the norm
+    before it gathered, whose backward sums the input gradient over the TP group; the layer keeps
+    only the norm's shard of x for backward."""
+
+    def __init__(self, full: nn.Linear, index: torch.Tensor, group, region: SequenceRegion | None = None):
         super().__init__()
         self.group = group
-        self.sequence_parallel = sequence_parallel
+        self.region = region
         self.weight = mark_sharded(nn.Parameter(full.weight.detach()[index].clone()), 0, index)
         self.bias = None
         if full.bias is not None:
             self.bias = mark_sharded(nn.Parameter(full.bias.detach()[index].clone()), 0, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(into_region(x, self.group, self.sequence_parallel), self.weight, self.bias)
+        if self.region is not None:
+            return self.region.linear(x, self.weight, self.bias)
+        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -155,16 +161,19 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelLMHead(nn.Module):
-    """Logits of this rank's vocabulary range, from the (tied) vocabulary-parallel embedding."""
+    """Logits of this rank's vocabulary range, from the (tied) vocabulary-parallel embedding; under SP
+    from the final norm's gathered sequence, keeping its shard (as ColumnParallelLinear)."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, sequence_parallel: bool = False):
+    def __init__(self, embedding: VocabParallelEmbedding, region: SequenceRegion | None = None):
         super().__init__()
         self.group = embedding.group
-        self.sequence_parallel = sequence_parallel
+        self.region = region
         self.weight = embedding.weight  # tied, as in the unsharded model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(into_region(x, self.group, self.sequence_parallel), self.weight)
+        if self.region is not None:
+            return self.region.linear(x, self.weight, None)
+        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -23,7 +23,8 @@ same on every rank of a TP group. No activation that is partitioned across TP ra
 
 With `sequence_parallel` (lm.parallel.layers, lm.parallel.sequence) the same layers run with their
 sequence-parallel collectives, every norm becomes a SequenceParallelNorm (norm of the shard, then
-the all-gather into the region it opens) and the model's `sequence_split` keeps this rank's part of
+the all-gather into the region it opens, whose column-parallel layers keep only that shard for
+backward: one SequenceRegion per norm) and the model's `sequence_split` keeps this rank's part of
 the embeddings. No parameter changes: names, shapes and checkpoints are those of plain TP. Every
 dropout then acts on a shard of the sequence, so each TP rank draws its own masks
 (`dropout_stream`).
@@ -43,7 +44,7 @@ from lm.parallel.layers import (
     VocabParallelEmbedding,
     VocabParallelLMHead,
 )
-from lm.parallel.sequence import SequenceParallelNorm, SequenceSplit
+from lm.parallel.sequence import SequenceParallelNorm, SequenceRegion, SequenceSplit
 
 
 def _slice(size: int, tp: int, rank: int) -> torch.Tensor:
@@ -135,6 +136,22 @@ def slice_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp: int
     }
 
 
+def _open_regions(block: nn.Module, splits: dict, group) -> dict[str, SequenceRegion]:
+    """Under SP: swap a block's norms for SequenceParallelNorms, and give each column-parallel layer
+    (by its path) the region its norm opens. A pre-norm block's first norm feeds the attention's
+    column-parallel layers, the second the MLP's."""
+    first, second = (name for name, m in block.named_children() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)))
+    columns = [path for path, (style, _) in splits.items() if style == "column"]
+    mlp = [path for path in columns if path.startswith("mlp.")]
+    fed = {first: [path for path in columns if path not in mlp], second: mlp}
+    regions = {}
+    for norm, paths in fed.items():
+        region = SequenceRegion(group, len(paths))
+        setattr(block, norm, SequenceParallelNorm(getattr(block, norm), group, region))
+        regions |= dict.fromkeys(paths, region)
+    return regions
+
+
 @torch.no_grad()
 def shard_model(model: GPT, groups: ParallelGroups, sequence_parallel: bool = False) -> GPT:
     """Replace the split layers of `model` (in place) by this rank's tensor-parallel slices; with
@@ -145,27 +162,31 @@ def shard_model(model: GPT, groups: ParallelGroups, sequence_parallel: bool = Fa
     config = model.config
     check_tensor_parallel(config, tp)
     splits = _block_splits(config, tp, rank)
-    parallel = {"column": ColumnParallelLinear, "row": RowParallelLinear}
     for block in model.blocks:
+        regions = _open_regions(block, splits, group) if sp else {}
         for path, (style, index) in splits.items():
             parent, _, leaf = path.rpartition(".")
             owner = block.get_submodule(parent)
-            setattr(owner, leaf, parallel[style](getattr(owner, leaf), index, group, sp))
+            full = getattr(owner, leaf)
+            if style == "column":
+                layer = ColumnParallelLinear(full, index, group, regions.get(path))
+            else:
+                layer = RowParallelLinear(full, index, group, sp)
+            setattr(owner, leaf, layer)
         block.attention.n_head = config.n_head // tp
         block.attention.n_kv_head = config.n_kv_head // tp
     vocab = _slice(config.vocab_size, tp, rank)
     vocab_start = int(vocab[0])
     model.replace_token_embedding(VocabParallelEmbedding(model.token_embedding, vocab_start, len(vocab), group))
+    head = SequenceRegion(group, 1) if sp else None  # opened by the final norm
     if config.tie_embeddings:
-        model.lm_head = VocabParallelLMHead(model.token_embedding, sp)
+        model.lm_head = VocabParallelLMHead(model.token_embedding, head)
     else:  # an output layer of its own: a column-parallel layer over the vocabulary
-        model.lm_head = ColumnParallelLinear(model.lm_head, vocab, group, sp)
+        model.lm_head = ColumnParallelLinear(model.lm_head, vocab, group, head)
     model.loss = VocabParallelCrossEntropy(vocab_start, group)
     if sp:
         model.sequence_split = SequenceSplit(group)
-        # Every norm of a pre-norm GPT (ln_1, ln_2, the final one) opens a TP region.
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
-                    setattr(parent, name, SequenceParallelNorm(child, group))
+        for name, child in model.body.items():  # the final norm: the only one left
+            if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+                model.body[name] = SequenceParallelNorm(child, group, head)
     return model
