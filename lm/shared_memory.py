@@ -7,7 +7,8 @@ every other rank's. Nothing ever unlinks them, so each run, finished, failed or 
 its ranks' files behind, holding RAM until the machine reboots.
 
 The buffers serve only `deepspeed.comm.inference_all_reduce` (DeepSpeed-Inference's layers);
-training reduces over gloo and never calls it. So:
+training reduces over gloo and never calls it. lm.distributed does not even build the extension
+that makes them (`without_shm_extension`); should another version or path load it anyway:
 - `without_shm_all_reduce()` hides LOCAL_SIZE while the process group is set up: no buffer is made;
 - `release_own_segment(rank)` unlinks this rank's buffer should one exist anyway (another DeepSpeed
   version, another trigger): once every rank has mapped every buffer (after set-up and a barrier)
