@@ -291,6 +291,13 @@ def shm_segments():
 # --------------------------------------------------------------------------- checks
 
 
+def one_line(exc_info) -> str:
+    """The message of a raised UserError (pytest.raises' info), which must be one line."""
+    message = str(exc_info.value)
+    assert message and "\n" not in message, f"not a single-line message: {message!r}"
+    return message
+
+
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str):
     """Exit status 2 and exactly one stderr line, `error: ...`, holding every fragment."""
     assert result.returncode == 2, result.stderr
