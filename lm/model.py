@@ -245,9 +245,9 @@ class GPT(nn.Module):
         self.sequence_split = nn.Identity()  # likewise; sequence parallelism keeps this rank's tokens
         self.recompute_blocks: frozenset[int] = frozenset()  # blocks whose activations backward recomputes
         # Context parallelism (lm.parallel.context): idx is this rank's chunk of a sequence over
-        # `context_ranks` ranks, and chunk_positions(T) gives the global positions of its tokens.
+        # `context_ranks` ranks, and chunk_positions(T, device) gives the global positions of its tokens.
         self.context_ranks = 1
-        self.chunk_positions: Callable[[int], torch.Tensor] | None = None
+        self.chunk_positions: Callable[[int, torch.device], torch.Tensor] | None = None
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
@@ -315,8 +315,10 @@ class GPT(nn.Module):
         t = start + idx.size(1) * self.context_ranks
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.config.block_size})")
-        pos = torch.arange(start, t) if self.chunk_positions is None else self.chunk_positions(t)
-        pos = pos.to(idx.device)
+        if self.chunk_positions is None:
+            pos = torch.arange(start, t, device=idx.device)
+        else:
+            pos = self.chunk_positions(t, idx.device)
         x = self.token_embedding(idx)
         rotary = None
         if self.config.position == "learned":

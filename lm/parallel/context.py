@@ -20,6 +20,7 @@ ranks' losses, and of their gradients (ZeRO averages over DP x CP), is the whole
 Parameters are not split: checkpoints are those of CP = 1 and convert, evaluate and generate alike.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,8 +88,13 @@ def apply_context_parallel(model: GPT, groups: ParallelGroups, impl: str) -> GPT
     if groups.cp_size == 1:
         return model
     layout = context_layout(groups, impl)
+
+    @functools.lru_cache(maxsize=8)
+    def positions_on(seq_len: int, device: torch.device) -> torch.Tensor:
+        return layout.positions(seq_len).to(device)  # made once per length and device: no copy per forward
+
     model.context_ranks = groups.cp_size
-    model.chunk_positions = layout.positions
+    model.chunk_positions = positions_on
     for block in model.blocks:
         attention = block.attention
         attention.variant = context_variant(attention.variant, groups.cp_group, impl)
