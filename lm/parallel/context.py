@@ -50,6 +50,11 @@ class ContextLayout:
         c = seq_len // self.size
         return torch.arange(self.rank * c, (self.rank + 1) * c)
 
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (a layout per run: the cache dies with it)
+    def positions_on(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """`positions` on `device`, made once per length and device: no host-to-device copy per step."""
+        return self.positions(seq_len).to(device)
+
     def gathered_positions(self, seq_len: int) -> torch.Tensor:
         """The positions of the CP ranks' chunks concatenated in rank order (what an all-gather holds)."""
         return torch.cat([replace(self, rank=r).positions(seq_len) for r in range(self.size)])
@@ -60,7 +65,7 @@ class ContextLayout:
         inputs, targets = rows[:, :-1], rows[:, 1:]
         if self.size == 1:
             return inputs, targets
-        mine = self.positions(inputs.size(1)).to(rows.device)
+        mine = self.positions_on(inputs.size(1), rows.device)
         return inputs.index_select(1, mine), targets.index_select(1, mine)
 
 
@@ -87,14 +92,8 @@ def apply_context_parallel(model: GPT, groups: ParallelGroups, impl: str) -> GPT
     """Make `model` (in place) run on this rank's chunks: global positions, attention across the CP group."""
     if groups.cp_size == 1:
         return model
-    layout = context_layout(groups, impl)
-
-    @functools.lru_cache(maxsize=8)
-    def positions_on(seq_len: int, device: torch.device) -> torch.Tensor:
-        return layout.positions(seq_len).to(device)  # made once per length and device: no copy per forward
-
     model.context_ranks = groups.cp_size
-    model.chunk_positions = positions_on
+    model.chunk_positions = context_layout(groups, impl).positions_on
     for block in model.blocks:
         attention = block.attention
         attention.variant = context_variant(attention.variant, groups.cp_group, impl)

@@ -37,6 +37,8 @@ All-to-all (lm.parallel.ulysses) trades sequence for heads instead: two exchange
 overlapped, and any attention function runs unchanged on H/N whole-sequence heads.
 """
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -81,6 +83,13 @@ class _Hop:
         return self.received
 
 
+@functools.lru_cache(maxsize=16)
+def positions_on(n: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Every rank's zigzag positions on `device`, made once per shape: no copy per layer and pass."""
+    positions = zigzag_positions(n * chunk, n) if n > 1 else [torch.arange(chunk)]
+    return tuple(p.to(device) for p in positions)
+
+
 class _Ring:
     """This rank's place in the ring: its neighbours (global ranks, which p2p takes) and every rank's positions."""
 
@@ -91,8 +100,7 @@ class _Ring:
         if n > 1:
             ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
             self.next, self.prev = ranks[(self.rank + 1) % n], ranks[(self.rank - 1) % n]
-        positions = zigzag_positions(n * chunk, n) if n > 1 else [torch.arange(chunk)]
-        self.positions = [p.to(device) for p in positions]
+        self.positions = positions_on(n, chunk, device)
         self.mine = self.positions[self.rank]
 
     def hop(self, tensors) -> _Hop | None:

@@ -64,43 +64,17 @@ def _split(full: torch.Tensor, group) -> torch.Tensor:
     return full.narrow(1, rank * part, part).clone(memory_format=torch.contiguous_format)
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence in the forward; reduce-scatter (sum, keep the shard) in the backward."""
+class _Exchange(torch.autograd.Function):
+    """`there` (a collective along the sequence) in the forward, its adjoint `back` in the backward."""
 
     @staticmethod
-    def forward(ctx, shard, group):
-        ctx.group = group
-        return _all_gather(shard, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Reduce-scatter along the sequence in the forward; all-gather in the backward."""
-
-    @staticmethod
-    def forward(ctx, full, group):
-        ctx.group = group
-        return _reduce_scatter(full, group)
+    def forward(ctx, x, group, there, back):
+        ctx.group, ctx.back = group, back
+        return there(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group), None
-
-
-class _SplitSequence(torch.autograd.Function):
-    """This rank's shard of a replicated sequence in the forward; all-gather in the backward."""
-
-    @staticmethod
-    def forward(ctx, full, group):
-        ctx.group = group
-        return _split(full, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group), None
+        return ctx.back(grad, ctx.group), None, None, None
 
 
 class _SumGradsOverTP(torch.autograd.Function):
@@ -120,15 +94,18 @@ class _SumGradsOverTP(torch.autograd.Function):
 
 
 def gather_sequence(shard: torch.Tensor, group) -> torch.Tensor:
-    return _GatherSequence.apply(shard, group)
+    """All-gather along the sequence; backward: reduce-scatter (sum, keep the shard)."""
+    return _Exchange.apply(shard, group, _all_gather, _reduce_scatter)
 
 
 def reduce_scatter_sequence(full: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceScatterSequence.apply(full, group)
+    """Reduce-scatter along the sequence; backward: all-gather."""
+    return _Exchange.apply(full, group, _reduce_scatter, _all_gather)
 
 
 def split_sequence(full: torch.Tensor, group) -> torch.Tensor:
-    return _SplitSequence.apply(full, group)
+    """This rank's shard of a replicated sequence; backward: all-gather."""
+    return _Exchange.apply(full, group, _split, _all_gather)
 
 
 def sum_grads_over_tp(group, *params: nn.Parameter) -> tuple[torch.Tensor, ...]:
