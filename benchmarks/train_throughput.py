@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--config configs/demo.yaml] [--set k=v ...]
         [--twicing none all last:2] [--stages 0 1 2] [--two-process-stages 2] [--steps 60]
-        [--repeats 3] [--compile auto|on|off] [--out table.txt]
+        [--repeats 3] [--compile auto|on|off] [--turns auto|on|off] [--out table.txt]
 
 Runs on the GPU when there is one, else on the CPU. Model, batch, sequence length and precision
 come from the config (`--set train.micro_batch_size=16 --set train.precision=bf16 ...`);
@@ -10,20 +10,25 @@ come from the config (`--set train.micro_batch_size=16 --set train.precision=bf1
 against its own references. `--compile auto` compiles on the GPU only (inductor on the CPU is slow
 to build and not what we measure there).
 
-Rows, all measured on the same data, each in a fresh process:
+Rows, all measured on the same data, each in fresh processes of its own:
   plain       the reference loop of lm.plain_loop (the same fused AdamW, clipping and schedule;
               bf16 autocast when the config says bf16 or bf16-weights), one process, all cores
   ds-1p-zN    lm.train in one process under a DeepSpeed engine, ZeRO stage N, train.compile as above
   ddp-2p      the plain loop data-parallel in two processes under torch's DistributedDataParallel
               (torchrun), the reference of the two-process rows
-  ds-2p-zN    lm.train in two processes (deepspeed launcher): on the CPU or with >= 2 GPUs
+  ds-2p-zN    lm.train in two processes: on the CPU or with >= 2 GPUs
 Per row: tokens/s, the ratio to its reference (the plain loop; ddp-2p for two-process rows), MFU
 (model FLOPs per token, counting the second attention pass of twicing layers, against the card's
 peak; GPU only) and peak memory. A run's tokens/s is the median of its per-step figures after the
 first 10 steps (start-up and compilation excluded). `--repeats R` measures every row R times,
-round-robin, so that a slow spell of the machine falls on all rows alike: the table shows the
-median tokens/s, the median ratio to the reference measured in the same round, and the range of
-those ratios.
+round-robin: the table shows the median tokens/s, the median ratio to the reference measured in
+the same round, and the range of those ratios.
+
+`--turns` (auto: on the CPU) runs a round's rows at once, taking turns one interval of 10 steps
+at a time (benchmarks/turns.py), so that the machine's drift falls on every row alike; each row
+still times only its own steps. lm.train's rows then run its set-up and loop in engine_worker
+(under torchrun for two processes); without turns they are `python -m lm.train` and the deepspeed
+launcher, one row after another.
 """
 
 import argparse
@@ -34,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.turns import Gate, Turns  # noqa: E402
 from data_prep.prep import demo_shards  # noqa: E402
 from launch.local import deepspeed_local_command, local_environment  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
@@ -62,43 +69,85 @@ def steady_rate(rates: list[float]) -> float:
     return statistics.median(rates[WARMUP_STEPS:] or rates)
 
 
-def deepspeed_row(config: dict, work: Path, name: str, nproc: int, stage: int) -> tuple[float, float]:
-    """(tokens/s, peak MiB) of lm.train under DeepSpeed, read back from its metrics.jsonl."""
+@dataclass
+class Launch:
+    """A row's processes, ready to start: the command, its environment and where its figures land."""
+
+    command: list[str]
+    env: dict[str, str]
+    read: Callable[[], tuple[float, float]]  # (tokens/s, peak MiB), once the processes have exited
+
+
+def deepspeed_launch(config: dict, work: Path, name: str, nproc: int, stage: int, turns: bool) -> Launch:
+    """lm.train under DeepSpeed: `python -m lm.train` (one process) or the deepspeed launcher; with
+    turns, engine_worker under python or torchrun (which set up the processes as the launcher does)."""
     config = json.loads(json.dumps(config))
     config["train"].update(
         zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False, log_interval=SYNC_EVERY
     )
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    if nproc == 1:
+    if turns:
+        command, env = process_command(nproc, [__file__, "--engine-worker", str(path)])
+    elif nproc == 1:
         command, env = [sys.executable, "-m", "lm.train", "--config", str(path)], dict(os.environ)
     else:
         command, env = deepspeed_local_command(nproc, "lm.train", ["--config", str(path)]), local_environment(nproc)
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
-    return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+
+    def read() -> tuple[float, float]:
+        metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
+        return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+
+    return Launch(command, env, read)
 
 
-def plain_row(config: dict, work: Path, name: str, nproc: int) -> tuple[float, float]:
-    """(tokens/s, peak MiB of rank 0) of the plain loop in a fresh process, as every DeepSpeed row;
-    with `nproc` > 1 data-parallel under DDP (torchrun)."""
+def plain_launch(config: dict, work: Path, name: str, nproc: int) -> Launch:
+    """The plain loop in a fresh process, as every DeepSpeed row; with `nproc` > 1 data-parallel
+    under DDP (torchrun). Its peak memory is rank 0's."""
     path, out = work / f"{name}.json", work / f"{name}-result.json"
     path.write_text(json.dumps(config))
-    worker = [__file__, "--plain-worker", str(path), str(out)]
+    command, env = process_command(nproc, [__file__, "--plain-worker", str(path), str(out)])
+
+    def read() -> tuple[float, float]:
+        result = json.loads(out.read_text())
+        tokens_per_step = config["train"]["batch_size"] * config["model"]["block_size"]
+        return steady_rate([tokens_per_step / s for s in result["step_seconds"]]), result["memory_mib"]
+
+    return Launch(command, env, read)
+
+
+def process_command(nproc: int, script: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`script` in one process, or in `nproc` under torchrun."""
     if nproc == 1:
-        command, env = [sys.executable, *worker], dict(os.environ)
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
-        env = local_environment(nproc)
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    result = json.loads(out.read_text())
-    tokens_per_step = config["train"]["batch_size"] * config["model"]["block_size"]
-    return steady_rate([tokens_per_step / s for s in result["step_seconds"]]), result["memory_mib"]
+        return [sys.executable, *script], dict(os.environ)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*torchrun, *script], local_environment(nproc)
+
+
+def run_in_turn(launches: dict[str, Launch], work: Path, steps: int) -> None:
+    """Start every row at once and let them take turns, one interval of SYNC_EVERY steps each."""
+    turns = Turns(work / "turns")
+    processes = {}
+    try:
+        for name, launch in launches.items():
+            env = {**launch.env, **turns.environment(name, ranks_of(launch))}
+            processes[name] = subprocess.Popen(launch.command, env=env, stdout=subprocess.DEVNULL)
+        turns.run(processes, intervals=-(-steps // SYNC_EVERY))
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        turns.close()
+
+
+def ranks_of(launch: Launch) -> int:
+    return next((int(a.split("=")[1]) for a in launch.command if a.startswith("--nproc_per_node=")), 1)
 
 
 def plain_worker(config_path: str, out_path: str) -> None:
-    """One process of plain_row: the plain loop, under DDP when torchrun made a process group."""
+    """One process of plain_launch: the plain loop, under DDP when torchrun made a process group."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     grouped = "LOCAL_RANK" in os.environ  # started by torchrun
     if grouped:
@@ -106,13 +155,56 @@ def plain_worker(config_path: str, out_path: str) -> None:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     run_config = RunConfig.from_dict(json.loads(Path(config_path).read_text()))
-    plain = train_plain(run_config, device=device, compile=run_config.train.compile, sync_every=SYNC_EVERY)
+    gate = Gate.from_environment()
+    plain = train_plain(
+        run_config,
+        device=device,
+        compile=run_config.train.compile,
+        sync_every=SYNC_EVERY,
+        between_intervals=gate.next_turn if gate else None,
+    )
     if not grouped or torch.distributed.get_rank() == 0:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if device == "cuda":
             memory = torch.cuda.max_memory_allocated() / 2**20
         result = {"losses": plain["losses"], "step_seconds": plain["step_seconds"], "memory_mib": memory}
         Path(out_path).write_text(json.dumps(result))
+    close_distributed()
+
+
+class TurnTakingLog:
+    """lm.train's RunLog, handing the turn on where the loop logs an interval (outside its timing)."""
+
+    def __init__(self, log, gate: Gate, last_step: int):
+        self.log, self.gate, self.last_step = log, gate, last_step
+
+    def record(self, step: int, console: str | None = None, **values) -> None:
+        self.log.record(step, console, **values)
+        if step % SYNC_EVERY == 0 and step < self.last_step:
+            self.gate.next_turn()
+
+    def __getattr__(self, name: str):
+        return getattr(self.log, name)
+
+
+def engine_worker(config_path: str) -> None:
+    """One process of a DeepSpeed row taking turns: lm.train's own set-up and loop (as lm.train.train
+    runs them), its log taking turns."""
+    from lm.config import load_config
+    from lm.stopping import StopSignals, stop_with_parent
+    from lm.train import run_loop, start_run
+
+    stop_with_parent()
+    config = load_config(config_path, [])
+    gate = Gate.from_environment()
+    with StopSignals(config.train.save_on_signal) as signals:
+        run = start_run(config, signals=signals)
+        run.log = TurnTakingLog(run.log, gate, config.train.steps)
+        gate.next_turn()
+        try:
+            run_loop(run)
+        finally:
+            run.log.close()
     close_distributed()
 
 
@@ -142,6 +234,13 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         help="torch.compile the plain loop and set train.compile (auto: on the GPU only)",
     )
+    p.add_argument(
+        "--turns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run a round's rows at once, taking turns interval by interval (auto: on the CPU only; "
+        "a GPU would hold every row's model at once)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="rounds over all rows; the table shows medians (default: 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -154,11 +253,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     if sys.argv[1:2] == ["--plain-worker"]:
         return plain_worker(*sys.argv[2:4])
+    if sys.argv[1:2] == ["--engine-worker"]:
+        return engine_worker(sys.argv[2])
     args = parse_args()
     # Validated per row group, once --twicing is applied (RunConfig.from_dict below).
     config = apply_overrides(yaml.safe_load(Path(args.config).read_text()), args.set)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
+    turns = args.turns == "on" or (args.turns == "auto" and device == "cpu")
     config["train"].update(steps=args.steps, compile=compile)
     # (name, label, processes, ZeRO stage or None for the plain loop); each reference before its rows
     runs = [("plain", "PyTorch loop", 1, None)]
@@ -183,16 +285,25 @@ def main() -> None:
             ]
             rows += group
             # Round-robin over the rows, so that the machine's drift falls on every row alike; each
-            # ratio is to the reference measured just before it in the same round.
+            # ratio is to the reference of the same round. With turns, the round's rows run at once,
+            # one interval each in turn.
             for repeat in range(args.repeats):
-                reference = {}
-                for row, (name, _, nproc, stage) in zip(group, runs):
+                launches = {}
+                for name, _, nproc, stage in runs:
                     tag = f"{name}-{layers}-{repeat}".replace(":", "-")
                     if stage is None:
-                        rate, mib = plain_row(config, work, tag, nproc)
-                        reference[nproc] = rate
+                        launches[tag] = plain_launch(config, work, tag, nproc)
                     else:
-                        rate, mib = deepspeed_row(config, work, tag, nproc, stage)
+                        launches[tag] = deepspeed_launch(config, work, tag, nproc, stage, turns)
+                if turns:
+                    run_in_turn(launches, work, args.steps)
+                reference = {}
+                for row, (_, _, nproc, stage), launch in zip(group, runs, launches.values()):
+                    if not turns:
+                        subprocess.run(launch.command, env=launch.env, check=True, stdout=subprocess.DEVNULL)
+                    rate, mib = launch.read()
+                    if stage is None:
+                        reference[nproc] = rate
                     row.add(rate, rate / reference[nproc], mib)
                     write_table(args, run_config, rows, device, compile)  # rows so far survive a timeout
     print("\n" + write_table(args, run_config, rows, device, compile))

@@ -156,8 +156,12 @@ def init_distributed() -> World:
         device = torch.device("cpu")
         local_world = launcher_local_size()
         # Several CPU ranks on one machine must share the cores, or they thrash each other.
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        # Only a change of count: torch.set_num_threads also turns MKL's dynamic threading off
+        # (mkl_set_dynamic(0)), and then every small GEMM runs on all threads; a lone rank that
+        # set its own default count stepped 6-9% slower than a plain process (RESULTS.md).
+        if "OMP_NUM_THREADS" not in os.environ and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
     return World(rank, world_size, local_rank, device)
 
 

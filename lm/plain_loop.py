@@ -9,6 +9,7 @@ DistributedDataParallel, each rank on lm.train's rows, the reference for several
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -73,26 +74,39 @@ class PlainStep:
 
 
 def train_plain(
-    config: RunConfig, steps: int | None = None, device: str = "cpu", compile: bool = False, sync_every: int = 1
+    config: RunConfig,
+    steps: int | None = None,
+    device: str = "cpu",
+    compile: bool = False,
+    sync_every: int = 1,
+    between_intervals: Callable[[], None] | None = None,
 ) -> dict:
     """Train for `steps` (default train.steps) optimizer steps, the host waiting for the device
     only every `sync_every` steps (as lm.train waits only where it logs, every train.log_interval).
+    `between_intervals`, if given, is called before the first interval and after each but the
+    last, untimed (the throughput benchmark's rows take turns there).
 
     Returns the per-step losses and wall-clock seconds (each step of an interval its mean), the
     whole run's tokens/s, and the model.
     """
     steps = config.train.steps if steps is None else steps
     step_once = PlainStep(config, device, compile)
+    pause = between_intervals or (lambda: None)
     losses, step_seconds, pending = [], [], []
-    start = clock = time.perf_counter()
+    pause()
+    seconds = 0.0
+    clock = time.perf_counter()
     for step in range(steps):
         pending.append(step_once(step))
         if (step + 1) % sync_every == 0 or step + 1 == steps:
             losses += torch.stack(pending).tolist()  # the sync
             now = time.perf_counter()
             step_seconds += [(now - clock) / len(pending)] * len(pending)
-            pending, clock = [], now
-    seconds = time.perf_counter() - start
+            seconds += now - clock
+            pending = []
+            if step + 1 < steps:
+                pause()
+            clock = time.perf_counter()
     tokens = steps * config.train.batch_size * config.model.block_size  # over all ranks
     return {
         "losses": losses,

@@ -30,6 +30,7 @@ from lm.distributed import World, close_distributed, init_distributed
 from lm.ds_config import stage_name
 from lm.engine import Engine, partition_zero3, quiet_deepspeed
 from lm.flops import flops_per_token, mfu, run_peak_tflops
+from lm.host_heap import hold_heap
 from lm.initialization import build_gpt, parameter_count
 from lm.metrics import RunLog, check_wandb, means_over_ranks, memory_mib, progress_line, validation_loss
 from lm.mixture import RunData, open_run_data
@@ -176,6 +177,8 @@ def start_run(
     if t.memory_check:  # before any process group: every rank refuses alike, nothing is built
         check_memory(config, launcher_world_size(), launcher_local_size())
     world = init_distributed()
+    if world.device.type == "cpu":
+        hold_heap()  # each step reuses the last one's pages (lm.host_heap)
     quiet_deepspeed()
     groups = build_groups(t.tensor_parallel, t.context_parallel)
     stop = StopAgreement(signals)

@@ -14,6 +14,7 @@ The Hugging Face export tests' helpers are in hf_support (its fixture is importe
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -204,6 +205,14 @@ def val_text(chars: int = 20000) -> str:
 
 
 # --------------------------------------------------------------------------- running `lm`
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py imported as a module (benchmarks/ holds scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_env(threads: int = 1) -> dict:

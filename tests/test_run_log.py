@@ -2,7 +2,6 @@
 known (lm.flops, the throughput benchmark's count), and the same scalars in metrics.jsonl,
 TensorBoard and Weights & Biases (train.wandb, read back from its offline run directory)."""
 
-import importlib.util
 import json
 import struct
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import lm.flops
-from conftest import REPO, TINY_MODEL, assert_one_error_line, metric_from, mixture_run_config, write_config
+from conftest import TINY_MODEL, assert_one_error_line, benchmark_module, metric_from, mixture_run_config, write_config
 from lm.config import ModelConfig, TrainConfig
 from lm.flops import flops_per_token, mfu, peak_tflops, run_peak_tflops
 from lm.model import GPT
@@ -21,9 +20,7 @@ from lm.model import GPT
 
 def test_mfu_is_tokens_per_s_times_the_benchmarks_flops_per_token_over_the_peak():
     # The benchmark's own names: one FLOP count and one GPU table for both.
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
-    train_throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_throughput)
+    train_throughput = benchmark_module("train_throughput")
     assert train_throughput.device_peak_tflops is lm.flops.device_peak_tflops
 
     model = ModelConfig(**TINY_MODEL)
