@@ -75,6 +75,7 @@ class Launch:
 
     command: list[str]
     env: dict[str, str]
+    ranks: int
     read: Callable[[], tuple[float, float]]  # (tokens/s, peak MiB), once the processes have exited
 
 
@@ -99,7 +100,7 @@ def deepspeed_launch(config: dict, work: Path, name: str, nproc: int, stage: int
         rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
         return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
 
-    return Launch(command, env, read)
+    return Launch(command, env, nproc, read)
 
 
 def plain_launch(config: dict, work: Path, name: str, nproc: int) -> Launch:
@@ -114,7 +115,7 @@ def plain_launch(config: dict, work: Path, name: str, nproc: int) -> Launch:
         tokens_per_step = config["train"]["batch_size"] * config["model"]["block_size"]
         return steady_rate([tokens_per_step / s for s in result["step_seconds"]]), result["memory_mib"]
 
-    return Launch(command, env, read)
+    return Launch(command, env, nproc, read)
 
 
 def process_command(nproc: int, script: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -131,7 +132,7 @@ def run_in_turn(launches: dict[str, Launch], work: Path, steps: int) -> None:
     processes = {}
     try:
         for name, launch in launches.items():
-            env = {**launch.env, **turns.environment(name, ranks_of(launch))}
+            env = {**launch.env, **turns.environment(name, launch.ranks)}
             processes[name] = subprocess.Popen(launch.command, env=env, stdout=subprocess.DEVNULL)
         turns.run(processes, intervals=-(-steps // SYNC_EVERY))
     finally:
@@ -140,10 +141,6 @@ def run_in_turn(launches: dict[str, Launch], work: Path, steps: int) -> None:
                 process.kill()
                 process.wait()
         turns.close()
-
-
-def ranks_of(launch: Launch) -> int:
-    return next((int(a.split("=")[1]) for a in launch.command if a.startswith("--nproc_per_node=")), 1)
 
 
 def plain_worker(config_path: str, out_path: str) -> None:
