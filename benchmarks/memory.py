@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from data_prep.prep import demo_shards  # noqa: E402
-from launch.local import deepspeed_local_command, local_environment  # noqa: E402
+from launch.local import deepspeed_local_command, local_environment, torchrun_local_command  # noqa: E402
 from lm.config import ModelConfig, RunConfig, load_config  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from lm.plan import plan  # noqa: E402
@@ -300,8 +300,7 @@ def launch_activations(config: dict, work: Path, name: str, nproc: int) -> dict:
     out.mkdir(parents=True)
     path.write_text(yaml.safe_dump(config))
     env = {**local_environment(nproc), **MALLOC, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command += [__file__, "--measure-rank", str(path), str(out)]
+    command = torchrun_local_command(nproc, [__file__, "--measure-rank", str(path), str(out)])
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")

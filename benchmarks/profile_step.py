@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data_prep.prep import demo_shards  # noqa: E402
-from launch.local import local_environment  # noqa: E402
+from launch.local import local_environment, torchrun_local_command  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
 from lm.config_types import apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
@@ -110,8 +110,7 @@ def main() -> None:
     if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # the parent: shards once, then torchrun
         with tempfile.TemporaryDirectory() as tmp:
             shards = args.shards or demo_shards(Path(tmp) / "data", vocab(raw_config(args)))
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            command += [f"--nproc_per_node={args.processes}", __file__, *sys.argv[1:], "--shards", str(shards)]
+            command = torchrun_local_command(args.processes, [__file__, *sys.argv[1:], "--shards", str(shards)])
             subprocess.run(command, env=local_environment(args.processes), check=True)
         return
     raw = raw_config(args)

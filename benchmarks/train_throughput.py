@@ -26,9 +26,9 @@ the same round, and the range of those ratios.
 
 `--turns` (auto: on the CPU) runs a round's rows at once, taking turns one interval of 10 steps
 at a time (benchmarks/turns.py), so that the machine's drift falls on every row alike; each row
-still times only its own steps. lm.train's rows then run its set-up and loop in engine_worker
-(under torchrun for two processes); without turns they are `python -m lm.train` and the deepspeed
-launcher, one row after another.
+still times only its own steps. lm.train's rows then run `lm.train.train` in engine_worker
+(under torchrun for two processes), which hands the turn on where it logs; without turns they are
+`python -m lm.train` and the deepspeed launcher, one row after another.
 """
 
 import argparse
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.turns import Gate, Turns  # noqa: E402
 from data_prep.prep import demo_shards  # noqa: E402
-from launch.local import deepspeed_local_command, local_environment  # noqa: E402
+from launch.local import deepspeed_local_command, local_environment, torchrun_local_command  # noqa: E402
 from lm.config import RunConfig  # noqa: E402
 from lm.config_types import apply_overrides  # noqa: E402
 from lm.distributed import close_distributed  # noqa: E402
@@ -122,8 +122,7 @@ def process_command(nproc: int, script: list[str]) -> tuple[list[str], dict[str,
     """`script` in one process, or in `nproc` under torchrun."""
     if nproc == 1:
         return [sys.executable, *script], dict(os.environ)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*torchrun, *script], local_environment(nproc)
+    return torchrun_local_command(nproc, script), local_environment(nproc)
 
 
 def run_in_turn(launches: dict[str, Launch], work: Path, steps: int) -> None:
@@ -169,39 +168,15 @@ def plain_worker(config_path: str, out_path: str) -> None:
     close_distributed()
 
 
-class TurnTakingLog:
-    """lm.train's RunLog, handing the turn on where the loop logs an interval (outside its timing)."""
-
-    def __init__(self, log, gate: Gate, last_step: int):
-        self.log, self.gate, self.last_step = log, gate, last_step
-
-    def record(self, step: int, console: str | None = None, **values) -> None:
-        self.log.record(step, console, **values)
-        if step % SYNC_EVERY == 0 and step < self.last_step:
-            self.gate.next_turn()
-
-    def __getattr__(self, name: str):
-        return getattr(self.log, name)
-
-
 def engine_worker(config_path: str) -> None:
-    """One process of a DeepSpeed row taking turns: lm.train's own set-up and loop (as lm.train.train
-    runs them), its log taking turns."""
+    """One process of a DeepSpeed row taking turns: lm.train itself (as its main runs it), taking
+    turns between logged intervals."""
     from lm.config import load_config
-    from lm.stopping import StopSignals, stop_with_parent
-    from lm.train import run_loop, start_run
+    from lm.stopping import stop_with_parent
+    from lm.train import train
 
     stop_with_parent()
-    config = load_config(config_path, [])
-    gate = Gate.from_environment()
-    with StopSignals(config.train.save_on_signal) as signals:
-        run = start_run(config, signals=signals)
-        run.log = TurnTakingLog(run.log, gate, config.train.steps)
-        gate.next_turn()
-        try:
-            run_loop(run)
-        finally:
-            run.log.close()
+    train(load_config(config_path), between_intervals=Gate.from_environment().next_turn)
     close_distributed()
 
 

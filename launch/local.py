@@ -32,6 +32,12 @@ def deepspeed_local_command(
     ]
 
 
+def torchrun_local_command(num_procs: int, script_args: list[str]) -> list[str]:
+    """torchrun (this interpreter's) for `num_procs` ranks of a script on this machine."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, f"--nproc_per_node={num_procs}", *script_args]
+
+
 def local_environment(num_procs: int) -> dict[str, str]:
     """Environment for local ranks: share the cores, keep traffic on loopback, pick the accelerator."""
     env = dict(os.environ)

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,14 +127,19 @@ class Run:
 
 
 def train(
-    config: RunConfig, resume: str = "none", stop_at: int | None = None, init_from: str | None = None
+    config: RunConfig,
+    resume: str = "none",
+    stop_at: int | None = None,
+    init_from: str | None = None,
+    between_intervals: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Run (or continue) training; `stop_at` ends this invocation early, with a checkpoint, without
-    changing the LR schedule, and so does a signal of train.save_on_signal (lm.stopping)."""
+    changing the LR schedule, and so does a signal of train.save_on_signal (lm.stopping).
+    `between_intervals`: see run_loop."""
     with StopSignals(config.train.save_on_signal) as signals:  # from the start: a signal during set-up counts
         run = start_run(config, resume, init_from, signals)
         try:
-            return run_loop(run, stop_at)
+            return run_loop(run, stop_at, between_intervals)
         finally:
             run.log.close()
 
@@ -323,17 +329,21 @@ def validate(run: Run, step: int, result: TrainResult) -> None:
     run.log.record(step, f"step {step}: val loss {v:.4f}{shown}", **{"val/loss": v, **by_source})
 
 
-def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
+def run_loop(run: Run, stop_at: int | None = None, between_intervals: Callable[[], None] | None = None) -> TrainResult:
     """Steps from run.start to train.steps (or `stop_at`, or the step the ranks agree a stop signal
     ends, see lm.stopping: its checkpoint is saved, once, after the validation due there if any).
     The host waits for the device only where the log is written (every train.log_interval steps),
-    before validation and before a checkpoint."""
+    before validation and before a checkpoint. `between_intervals`, if given, is called before the
+    first logged interval and after each but the last, untimed, as lm.plain_loop.train_plain does
+    (the throughput benchmark's rows take turns there)."""
     t = run.config.train
+    pause = between_intervals or (lambda: None)
     result = TrainResult(step=run.start, run_dir=run.run_dir)
     if run.data.val and run.start == 0:
         validate(run, 0, result)
     last = min(t.steps, stop_at or t.steps)
     records: list[StepRecord] = []
+    pause()
     clock = time.perf_counter()
     for step in range(run.start, last):
         lr = run.engine.lr()  # the rate this step uses (the schedule moves on inside the engine's step)
@@ -356,6 +366,8 @@ def run_loop(run: Run, stop_at: int | None = None) -> TrainResult:
         if stop_signal:
             run.log.event(done, f"stopped by {stop_signal.name} at step {done}, checkpoint {result.checkpoint}")
             return result
+        if done < last:
+            pause()
         clock = time.perf_counter()
     run.stop.finish()
     return result
