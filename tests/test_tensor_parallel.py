@@ -120,6 +120,10 @@ def test_training_layouts_give_the_loss_curve_of_the_unsplit_model_under_every_z
     ran = [by_stage[stage]["engine_stage"] for stage in "0123"]
     assert ran == ([0, 0, 0, 3] if nproc == tp else [0, 1, 2, 3])
     assert not any(run["direct"] for run in by_stage.values())  # DeepSpeed's own step: TP or several ranks
+    if nproc > tp:  # ZeRO-1/2's gradient norm in one all-reduce (lm.engine): DeepSpeed's to the bit
+        for stage in "12":
+            norms = by_stage[stage]["norms"]
+            assert len(norms) == config["train"]["steps"] and all(ours == its for ours, its in norms), f"ZeRO-{stage}"
     for stage, run in by_stage.items():
         assert run["losses"] == pytest.approx(reference, rel=TRAINING_TOLERANCE), f"ZeRO-{stage}"
         # The checkpoint, consolidated into one model, computes what the trained engine did.

@@ -5,11 +5,13 @@
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
 "compiled": bool, "weight_views_saved": int, "run_dir": ..., "engine_stage": int, "direct": bool,
-"global_steps": int, "global_samples": int, "offloaded": [bool, bool]}} to OUT.json (a stage written
-STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
+"global_steps": int, "global_samples": int, "offloaded": [bool, bool], "norms": [[ours, DeepSpeed's]]}}
+to OUT.json (a stage written STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
 tensor-parallel ranks) for the ids 0..block_size-1, with the dtype the engine computed them in; then
 the dtype of its weights, whether its module runs compiled, how many views of weights one forward
-keeps for backward, and what DeepSpeed offloads to the CPU (the optimizer, the weights). Used by
+keeps for backward, what DeepSpeed offloads to the CPU (the optimizer, the weights), and at each
+step where lm.engine computes ZeRO-1/2's gradient norm its own (norm_in_one_reduction), that norm and
+DeepSpeed's over the same gradients. Used by
 test_training.py and test_tensor_parallel.py.
 `--without-mpu` is the negative control: DeepSpeed is not told about the tensor-parallel groups
 (and derives its batch size from the whole world), as a training script that forgot the mpu would do.
@@ -69,6 +71,23 @@ def weight_views_saved(engine, model: dict) -> int:
     return found[0]
 
 
+def record_norms(engine) -> list[list[float]]:
+    """Where lm.engine replaced ZeRO-1/2's norm: each step's [ours, DeepSpeed's] on the same gradients."""
+    zero = engine.ds.optimizer
+    pairs = []
+    if "scaled_global_norm" not in vars(zero):  # DeepSpeed's own: nothing to compare
+        return pairs
+    ours = zero.scaled_global_norm
+
+    def both(norm_type=2):
+        norm = ours(norm_type)
+        pairs.append([float(norm), float(type(zero).scaled_global_norm(zero, norm_type))])
+        return norm
+
+    zero.scaled_global_norm = both
+    return pairs
+
+
 def main(config_path: str, result_path: str, *args: str) -> None:
     if "--without-mpu" in args:
         forget_the_mpu()
@@ -81,6 +100,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
         raw["train"]["offload"] = offload or "none"
         raw["train"]["out_dir"] = f"{base['train']['out_dir']}/zero{name.replace(':', '-').replace('+', '-')}"
         run = start_run(RunConfig.from_dict(raw))  # set up apart from the loop, so the engine stays at hand
+        norms = record_norms(run.engine)
         losses = run_loop(run).losses
         run.log.close()
         views = weight_views_saved(run.engine, raw["model"])
@@ -101,6 +121,7 @@ def main(config_path: str, result_path: str, *args: str) -> None:
             "global_samples": run.engine.ds.global_samples,
             # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
             "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
+            "norms": norms,
         }
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))

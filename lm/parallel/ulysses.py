@@ -26,7 +26,7 @@ Why not DeepSpeed's DistributedAttention (deepspeed/sequence/layer.py, DeepSpeed
 - it reads the heads at dim 2 of (B, T, H, D) or (T, B, H, D); our (B, H, T, D) would need a
   transposed copy each way, and its default kv head count, key.shape[2], would read our T;
 - it sends q, k and v as three all-to-alls (a TODO there says to merge them); here they are one;
-- it calls deepspeed.comm, and only lm/engine.py talks to DeepSpeed; its uneven-heads path takes the
+- it calls deepspeed.comm, and only lm.engine talks to DeepSpeed; its uneven-heads path takes the
   rank from DeepSpeed's global sequence-parallel groups rather than the group it is given.
 Twicing under GQA is no reason: it too exchanges q (query heads) and k, v (kv heads) separately,
 each split by its own count, and calls the local attention on whole sequences, as here.

@@ -1,51 +1,18 @@
-"""Everything the project asks of DeepSpeed, in one module: a DeepSpeed upgrade is an audit of this file.
-
-DeepSpeed's engine partitions the model and its optimizer state by ZeRO stage, reduces gradients
-over the data-parallel group, applies the update at the last micro step of a global batch, and
-saves and loads its own checkpoint files. Around it, we:
-- build it from our model, optimizer and LR schedule, with the JSON of lm.ds_config and our
-  tensor-parallel groups as its Megatron `mpu`;
-- run ZeRO-1/2 as ZeRO-0 on one data-parallel rank (lm.ds_config.engine_stage), and switch off
-  ZeRO-0's gradient all-reduce there (a group of one);
-- clip gradients with torch's foreach clip_grad_norm_ where each rank holds them whole (ZeRO-0,
-  no TP: lm.ds_config.clips_itself), instead of DeepSpeed's loop over parameters;
-- on one such rank with no data parallelism, step as the plain loop does (Engine.direct): the
-  engine there has nothing to reduce, partition or scale, and its wrappers' Python (hooks,
-  timers, profiler checks, zero_grad over named_parameters) cost 1-2% of a small model's step;
-  its counters are kept, so its checkpoints are the same;
-- let ZeRO-1/2's fp32 master partition be the fp32 weights' own (share_master_weights);
-- gather ZeRO-1/2's updated weights over gloo by broadcasts, twice as fast as its all-gather;
-- skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
-  where DeepSpeed discards a step itself, which it does not do;
-- read its checkpoint files without running code from them (lm.safe_load, allowing the few plain
-  DeepSpeed classes they contain), for resuming and for lm.consolidate, refusing a file of another
-  save than its checkpoint's (lm.checkpoint.check_stamp);
-- write its checkpoint files through lm.checkpoint.write_tensors, stamped with the save, and
-  record a failed write (a full disk) instead of raising it, so that every rank still meets
-  DeepSpeed's collectives inside its save and lm.saving can end the run on all ranks alike;
-- partition ZeRO-3 parameters one at a time as they are first drawn (sharded initialisation);
-- reach each rank's share of a ZeRO-3 parameter (`ds_tensor`);
-- place Adam's state re-split for this layout (resuming on another layout, lm.resume) into
-  whatever holds it under each stage, and read it back whole;
-- keep its logger to warnings.
-Process-group set-up (`deepspeed.init_distributed`) is lm.distributed's.
-"""
+"""lm.engine's Engine: a DeepSpeed engine over one rank's model, and the calls training makes on it."""
 
 import logging
-import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from lm import checkpoint as ckpt
 from lm.config import RunConfig
-from lm.distributed import select_accelerator
 from lm.ds_config import clips_itself, deepspeed_config, engine_stage, weights_are_master
+from lm.engine.files import GuardedWrites, read_checkpoint_file
+from lm.engine.zero import gather_weights_by_broadcast, norm_in_one_reduction, share_master_weights, zero3_partition
 from lm.numerics import SkippableAdamW
 from lm.parallel import ParallelGroups
-from lm.safe_load import load_tensors
 
 
 def quiet_deepspeed() -> None:
@@ -55,139 +22,6 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls a collective that torch has deprecated; not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-
-
-def checkpoint_classes() -> list[type]:
-    """The plain DeepSpeed classes its checkpoint files pickle (values only, no code)."""
-    select_accelerator()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def read_checkpoint_file(path: Path) -> dict:
-    """One file of a DeepSpeed checkpoint, read without running code from it, of the same save as
-    its checkpoint's marker."""
-    return ckpt.check_stamp(path, load_tensors(path, checkpoint_classes()))
-
-
-def check_checkpoint_files(tag_dir: Path) -> None:
-    """Every .pt file of `tag_dir` is of its checkpoint's save, checked cheaply (tensors mapped, not
-    read) on every rank before any is loaded: a bad file a single rank loads would end that rank
-    alone, and only rank 0 reports errors."""
-    for path in sorted(tag_dir.glob("*.pt")):
-        ckpt.check_stamp(path, load_tensors(path, checkpoint_classes(), mmap=True))
-
-
-class GuardedWrites:
-    """What DeepSpeed's save writes, through lm.checkpoint.write_tensors, each file stamped with
-    the save; the first failed write is kept in `error` (and nothing more is written) instead of
-    raised, so that this rank goes on through the save's collectives with the others."""
-
-    def __init__(self):
-        self.stamp: dict | None = None
-        self.error: str | None = None
-
-    def begin(self, stamp: dict) -> None:
-        self.stamp, self.error = stamp, None
-
-    def attempt(self, write, path) -> None:
-        if self.error is not None:
-            return
-        try:
-            write()
-        except OSError as exc:
-            self.error = ckpt.write_failure(exc, path)
-
-    def save(self, state_dict: dict, path: str) -> None:
-        self.attempt(lambda: ckpt.write_tensors({**state_dict, ckpt.STAMP_KEY: self.stamp}, Path(path)), path)
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        self.attempt(lambda: os.makedirs(path, exist_ok=exist_ok), path)
-
-
-def partition_zero3(params: Iterable[torch.nn.Parameter], config: RunConfig, groups: ParallelGroups) -> None:
-    """Partition each parameter over the data-parallel group as soon as `params` yields it.
-
-    ZeRO-3's sharded initialisation: fed by lm.initialization.materialized, a rank never holds
-    more than its partitions plus one parameter. DeepSpeed's `zero.Init(module=...)` does the same
-    for a module whose parameters all exist already; its per-parameter step takes them one by one.
-    """
-    import deepspeed
-
-    init = deepspeed.zero.Init(
-        data_parallel_group=groups.get_data_parallel_group(),  # DP x CP
-        mpu=groups,
-        config_dict_or_path=deepspeed_config(config.train, groups.dp_size, config.model),  # device: ZeRO-1/2 only
-    )
-    if init.mem_efficient_linear:
-        # What Init(module=...) also does: F.linear saves weight.t(), a view that keeps every gathered
-        # weight alive until backward (a whole model at the end of forward); DeepSpeed's linear
-        # saves the parameter itself, whose storage ZeRO-3 frees after each module. Global, as there.
-        init._enable_mem_efficient_linear()
-    init._convert_to_zero_parameters(params)
-
-
-def share_master_weights(zero_optimizer) -> None:
-    """Let ZeRO-1/2's fp32 master partition be the fp32 weights' own partition.
-
-    Stages 1-2 clone this rank's partition of the flat weights as the optimizer's master copy even
-    when the weights are fp32 already (stage 3 shares it in that case): 4/DP bytes per parameter
-    for nothing (the whole model at DP=1). After the update DeepSpeed copies master to weights,
-    which is then a copy onto itself; checkpoints hold the same values under the same names.
-    """
-    import torch.distributed as dist
-
-    for i, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-        rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[i])
-        weights = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
-        if weights.dtype == master.dtype and weights.device == master.device:
-            master.data = weights.data
-
-
-def gather_weights_by_broadcast() -> None:
-    """ZeRO-1/2's all-gather of the updated weight partitions after each step, over gloo, as one
-    broadcast per partition from the rank that owns it.
-
-    gloo's all_gather_into_tensor takes about twice as long as broadcasting the same partitions
-    (2 processes, 46 MB of fp32: 43-45 ms against 18-22 ms on the 2-core CPU machine, RESULTS.md);
-    other backends keep DeepSpeed's all-gather. DeepSpeed calls the function by its module-level
-    name in stage_1_and_2, so it is replaced there, once per process; the bytes are the same.
-    """
-    import torch.distributed as dist
-    from deepspeed.runtime.zero import stage_1_and_2
-
-    original = stage_1_and_2.all_gather_dp_groups
-    if getattr(original, "broadcasts_over_gloo", False):
-        return
-
-    def all_gather_dp_groups(groups_flat, partitioned_param_groups, dp_process_group, **kwargs):
-        if any(dist.get_backend(group) != "gloo" for group in dp_process_group):
-            return original(groups_flat, partitioned_param_groups, dp_process_group, **kwargs)
-        for partitions, group in zip(partitioned_param_groups, dp_process_group):
-            if len(partitions) == 1:
-                continue
-            # Views of the group's flat weights, in rank order: filling each fills the whole.
-            sends = [
-                dist.broadcast(part, src=dist.get_global_rank(group, owner), group=group, async_op=True)
-                for owner, part in enumerate(partitions)
-            ]
-            for work in sends:
-                work.wait()
-
-    all_gather_dp_groups.broadcasts_over_gloo = True
-    stage_1_and_2.all_gather_dp_groups = all_gather_dp_groups
-
-
-def zero3_partition(value: torch.Tensor, piece: int, rank: int) -> torch.Tensor:
-    """Data-parallel rank `rank`'s `piece` values of `value` flattened, zero padded past its end."""
-    flat = value.flatten()
-    out = torch.zeros(piece, dtype=flat.dtype, device=flat.device)
-    mine = flat[rank * piece : (rank + 1) * piece]
-    out[: mine.numel()] = mine
-    return out
 
 
 class Engine:
@@ -223,6 +57,7 @@ class Engine:
             share_master_weights(self.ds.optimizer)
         if self.stage in (1, 2):
             gather_weights_by_broadcast()
+            norm_in_one_reduction(self.ds.optimizer)
         if self.stage == 0 and groups.zero_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False
