@@ -12,9 +12,9 @@ two warm-up steps, then per step
   is Python outside any op: hooks, bookkeeping).
 `--processes 2` runs every loop data-parallel over two processes (torchrun; the plain loop under
 DDP) and prints rank 0's figures. `--interleave N` then times N more steps of every loop taking
-turns step by step, unprofiled, so that the machine's slow spells fall on all of them alike, and
-prints each loop's median step time and its speed relative to the plain loop. Shards come from
-the demo corpus.
+turns step by step (the order rotated each step), unprofiled, so that the machine's slow spells
+fall on all of them alike, and prints each loop's median step time and its speed relative to the
+plain loop. Shards come from the demo corpus.
 """
 
 import argparse
@@ -62,10 +62,15 @@ def profiled(step, steps: int) -> tuple[float, dict[str, float], list[tuple[str,
 
 
 def interleaved(runs: dict, first: int, steps: int) -> dict[str, float]:
-    """{name: median seconds per step} of `steps` steps of every run, taking turns step by step."""
+    """{name: median seconds per step} of `steps` steps of every run, taking turns step by step; the
+    order rotates by one each step, so that no loop always runs after the same one (a loop right
+    after another meets the caches and heap that one left)."""
     seconds = {name: [] for name in runs}
+    names = list(runs)
     for i in range(first, first + steps):
-        for name, step in runs.items():
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = runs[name]
             start = time.perf_counter()
             step(i)
             if torch.cuda.is_available():
