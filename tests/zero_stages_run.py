@@ -5,7 +5,8 @@
 
 Rank 0 writes {stage: {"losses": [loss per step], "logits": [...], "logits_dtype": ..., "weights_dtype": ...,
 "compiled": bool, "weight_views_saved": int, "run_dir": ..., "engine_stage": int, "direct": bool,
-"global_steps": int, "global_samples": int, "offloaded": [bool, bool], "norms": [[ours, DeepSpeed's]]}}
+"global_steps": int, "global_samples": int, "offloaded": [bool, bool], "norms": [[ours, DeepSpeed's]],
+"reduces_async": bool}}
 to OUT.json (a stage written STAGE:OFFLOAD also sets train.offload): the logits are the trained engine's (gathered over
 tensor-parallel ranks) for the ids 0..block_size-1, with the dtype the engine computed them in; then
 the dtype of its weights, whether its module runs compiled, how many views of weights one forward
@@ -122,6 +123,8 @@ def main(config_path: str, result_path: str, *args: str) -> None:
             # what DeepSpeed's engine offloads to the CPU: the optimizer, the weights
             "offloaded": [run.engine.ds.zero_cpu_offload(), run.engine.ds.zero_offload_param() is not None],
             "norms": norms,
+            # ZeRO-1/2 on gloo: each gradient bucket reduced while backward goes on (lm.engine)
+            "reduces_async": "allreduce_and_copy" in vars(run.engine.ds.optimizer),
         }
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))

@@ -19,6 +19,9 @@ saves and loads its own checkpoint files. Around it, we:
 - compute ZeRO-1/2's gradient norm with one all-reduce for all flat groups and torch's foreach
   norm (norm_in_one_reduction), the same value as DeepSpeed's per-parameter loop with an
   all-reduce per group;
+- on gloo, start each full ZeRO-1/2 gradient bucket's all-reduce and let backward go on, waiting
+  for them all where its epilogue reduces the last one (reduce_buckets_async; DeepSpeed waits in
+  the hook, as overlap_comm's side stream does not exist on the CPU);
 - skip an update that lm.numerics found non-finite (SkippableAdamW), and advance the LR schedule
   where DeepSpeed discards a step itself, which it does not do;
 - read its checkpoint files without running code from them (lm.safe_load, allowing the few plain

@@ -10,7 +10,13 @@ import torch
 from lm.config import RunConfig
 from lm.ds_config import clips_itself, deepspeed_config, engine_stage, weights_are_master
 from lm.engine.files import GuardedWrites, read_checkpoint_file
-from lm.engine.zero import gather_weights_by_broadcast, norm_in_one_reduction, share_master_weights, zero3_partition
+from lm.engine.zero import (
+    gather_weights_by_broadcast,
+    norm_in_one_reduction,
+    reduce_buckets_async,
+    share_master_weights,
+    zero3_partition,
+)
 from lm.numerics import SkippableAdamW
 from lm.parallel import ParallelGroups
 
@@ -58,6 +64,7 @@ class Engine:
         if self.stage in (1, 2):
             gather_weights_by_broadcast()
             norm_in_one_reduction(self.ds.optimizer)
+            reduce_buckets_async(self.ds.optimizer)
         if self.stage == 0 and groups.zero_size == 1:
             # ZeRO-0 would flatten, all-reduce over a group of one and copy back every gradient.
             self.ds.enable_backward_allreduce = False

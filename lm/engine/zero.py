@@ -138,6 +138,79 @@ def norm_in_one_reduction(zero_optimizer) -> None:
     zero.scaled_global_norm = types.MethodType(scaled_global_norm, zero)
 
 
+def reduce_buckets_async(zero_optimizer) -> None:
+    """ZeRO-1/2 on gloo: start each full gradient bucket's all-reduce and let backward go on; wait
+    for all of them (and copy the results back) where the backward's epilogue reduces its last one.
+
+    DeepSpeed reduces a full bucket inside the gradient hook, synchronously, where backward then
+    waits for it; on a GPU overlap_comm moves that to a side stream, which gloo does not have.
+    The same flattened buckets, the same all-reduce and division, the same copies back: the same
+    values, only sooner (reduced shape, 11.5M parameters in three buckets: 1-2% a step, RESULTS.md).
+    Only the path it replaces: a plain all-reduce per bucket (no overlap_comm, no offload, no
+    compact gradient buffer); anything else stays DeepSpeed's.
+    """
+    import types
+
+    import torch.distributed as dist
+
+    zero = zero_optimizer
+    if zero.overlap_comm or zero.cpu_offload or zero.contiguous_gradients:
+        return
+    if any(dist.get_backend(group) != "gloo" for group in zero.real_dp_process_group):
+        return
+    deepspeeds_copy, deepspeeds_reduce = zero.allreduce_and_copy, zero.reduce_ipg_grads
+    deepspeeds_epilogue = zero.independent_gradient_partition_epilogue
+    pending: list[tuple] = []  # (work, flat bucket, gradients), in the order started
+    flushing = [False]
+
+    def allreduce_and_copy(
+        self,
+        small_bucket,
+        communication_data_type,
+        rank=None,
+        log=None,
+        divide=True,
+        process_group=None,
+        output_bucket=None,
+    ):
+        plain = rank is None and all(o is None for o in output_bucket or [None])
+        if not plain or communication_data_type != small_bucket[0].dtype:
+            return deepspeeds_copy(
+                small_bucket,
+                communication_data_type,
+                rank=rank,
+                log=log,
+                divide=divide,
+                process_group=process_group,
+                output_bucket=output_bucket,
+            )
+        group = self.dp_process_group if process_group is None else process_group
+        flat = self.flatten(small_bucket)
+        if divide and self.gradient_average:  # as allreduce_bucket divides
+            flat.div_(dist.get_world_size(group=group) / float(self.sequence_parallel_size))
+        pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, small_bucket))
+
+    def reduce_ipg_grads(self, comm_dtype=None):
+        deepspeeds_reduce(comm_dtype)
+        if flushing[0]:  # the epilogue reads the gradients next: every reduction must be in
+            for work, flat, grads in pending:
+                work.wait()
+                for grad, reduced in zip(grads, self.unflatten(flat, grads)):
+                    grad.copy_(reduced)
+            pending.clear()
+
+    def epilogue(self):
+        flushing[0] = True
+        try:
+            return deepspeeds_epilogue()
+        finally:
+            flushing[0] = False
+
+    zero.allreduce_and_copy = types.MethodType(allreduce_and_copy, zero)
+    zero.reduce_ipg_grads = types.MethodType(reduce_ipg_grads, zero)
+    zero.independent_gradient_partition_epilogue = types.MethodType(epilogue, zero)
+
+
 def zero3_partition(value: torch.Tensor, piece: int, rank: int) -> torch.Tensor:
     """Data-parallel rank `rank`'s `piece` values of `value` flattened, zero padded past its end."""
     flat = value.flatten()
