@@ -140,7 +140,8 @@ def norm_in_one_reduction(zero_optimizer) -> None:
 
 def reduce_buckets_async(zero_optimizer) -> None:
     """ZeRO-1/2 on gloo: start each full gradient bucket's all-reduce and let backward go on; wait
-    for all of them (and copy the results back) where the backward's epilogue reduces its last one.
+    for all of them (and copy the results back) where the backward's epilogue reduces its last one
+    (that one as DeepSpeed does: it is read right after).
 
     DeepSpeed reduces a full bucket inside the gradient hook, synchronously, where backward then
     waits for it; on a GPU overlap_comm moves that to a side stream, which gloo does not have.
@@ -174,7 +175,8 @@ def reduce_buckets_async(zero_optimizer) -> None:
         output_bucket=None,
     ):
         plain = rank is None and all(o is None for o in output_bucket or [None])
-        if not plain or communication_data_type != small_bucket[0].dtype:
+        # The epilogue's bucket is read right after it is reduced: nothing to overlap, DeepSpeed's own.
+        if flushing[0] or not plain or communication_data_type != small_bucket[0].dtype:
             return deepspeeds_copy(
                 small_bucket,
                 communication_data_type,
