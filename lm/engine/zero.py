@@ -146,7 +146,8 @@ def reduce_buckets_async(zero_optimizer) -> None:
     DeepSpeed reduces a full bucket inside the gradient hook, synchronously, where backward then
     waits for it; on a GPU overlap_comm moves that to a side stream, which gloo does not have.
     The same flattened buckets, the same all-reduce and division, the same copies back: the same
-    values, only sooner (reduced shape, 11.5M parameters in three buckets: 1-2% a step, RESULTS.md).
+    values, only sooner. An ad-hoc run of an all-async version gained 1-2% a step on an 11.5M
+    model in three buckets (RESULTS.md); this one is not yet measured by the repo's benchmarks.
     Only the path it replaces: a plain all-reduce per bucket (no overlap_comm, no offload, no
     compact gradient buffer); anything else stays DeepSpeed's.
     """
