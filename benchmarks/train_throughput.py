@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--config configs/demo.yaml] [--set k=v ...]
         [--twicing none all last:2] [--stages 0 1 2] [--two-process-stages 2] [--steps 60]
-        [--repeats 3] [--compile auto|on|off] [--turns auto|on|off] [--out table.txt]
+        [--repeats 3] [--interval 10] [--warmup 10] [--compile auto|on|off] [--turns auto|on|off]
+        [--out table.txt]
 
 Runs on the GPU when there is one, else on the CPU. Model, batch, sequence length and precision
 come from the config (`--set train.micro_batch_size=16 --set train.precision=bf16 ...`);
@@ -19,16 +20,21 @@ Rows, all measured on the same data, each in fresh processes of its own:
   ds-2p-zN    lm.train in two processes: on the CPU or with >= 2 GPUs
 Per row: tokens/s, the ratio to its reference (the plain loop; ddp-2p for two-process rows), MFU
 (model FLOPs per token, counting the second attention pass of twicing layers, against the card's
-peak; GPU only) and peak memory. A run's tokens/s is the median of its per-step figures after the
-first 10 steps (start-up and compilation excluded). `--repeats R` measures every row R times,
-round-robin: the table shows the median tokens/s, the median ratio to the reference measured in
-the same round, and the range of those ratios.
+peak; GPU only) and peak memory. Every loop waits for the device, and is timed, once per
+`--interval` steps (lm.train where it logs: train.log_interval), so a step's figure is its
+interval's mean; the first `--warmup` steps (start-up, compilation, allocator warm-up) are left
+out. A run's tokens/s is the median of its steps' figures, and its ratio to the reference the
+median over steps of the two runs' figures for the same step. `--repeats R` measures every row R
+times, round-robin: the table shows the median tokens/s, the median ratio to the reference
+measured in the same round, and the range of those ratios.
 
-`--turns` (auto: on the CPU) runs a round's rows at once, taking turns one interval of 10 steps
-at a time (benchmarks/turns.py), so that the machine's drift falls on every row alike; each row
-still times only its own steps. lm.train's rows then run `lm.train.train` in engine_worker
-(under torchrun for two processes), which hands the turn on where it logs; without turns they are
-`python -m lm.train` and the deepspeed launcher, one row after another.
+`--turns` (auto: on the CPU) runs a round's rows at once, taking turns one interval at a time
+(benchmarks/turns.py), so that the machine's drift falls on every row alike; each row still
+times only its own steps, and a step's ratio compares intervals of the same cycle of turns.
+Short intervals give more such pairs (`--interval 2` on a shape whose step takes seconds).
+lm.train's rows then run `lm.train.train` in engine_worker (under torchrun for two processes),
+which hands the turn on where it logs; without turns they are `python -m lm.train` and the
+deepspeed launcher, one row after another.
 """
 
 import argparse
@@ -59,14 +65,15 @@ from lm.flops import device_peak_tflops, flops_per_token  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from lm.plain_loop import train_plain  # noqa: E402
 
-WARMUP_STEPS = 10  # left out of the median: start-up, compilation, allocator warm-up
-# Every loop waits for the device (and is timed) once per 10 steps, lm.train where it logs: a step's
-# time is its interval's mean, and the first interval is the warm-up.
-SYNC_EVERY = WARMUP_STEPS
+
+def steady(rates: list[float], warmup: int) -> list[float]:
+    """A run's per-step tokens/s after the warm-up (all of them when the run is no longer)."""
+    return rates[warmup:] or rates
 
 
-def steady_rate(rates: list[float]) -> float:
-    return statistics.median(rates[WARMUP_STEPS:] or rates)
+def paired_ratio(rates: list[float], reference: list[float]) -> float:
+    """The median over steps of a run's tokens/s over its reference's at the same step."""
+    return statistics.median(r / ref for r, ref in zip(rates, reference, strict=True))
 
 
 @dataclass
@@ -76,16 +83,14 @@ class Launch:
     command: list[str]
     env: dict[str, str]
     ranks: int
-    read: Callable[[], tuple[float, float]]  # (tokens/s, peak MiB), once the processes have exited
+    read: Callable[[], tuple[list[float], float]]  # (tokens/s per step, peak MiB), once the processes have exited
 
 
 def deepspeed_launch(config: dict, work: Path, name: str, nproc: int, stage: int, turns: bool) -> Launch:
     """lm.train under DeepSpeed: `python -m lm.train` (one process) or the deepspeed launcher; with
     turns, engine_worker under python or torchrun (which set up the processes as the launcher does)."""
     config = json.loads(json.dumps(config))
-    config["train"].update(
-        zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False, log_interval=SYNC_EVERY
-    )
+    config["train"].update(zero_stage=stage, out_dir=str(work / name), eval_windows=0, tensorboard=False)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     if turns:
@@ -95,10 +100,10 @@ def deepspeed_launch(config: dict, work: Path, name: str, nproc: int, stage: int
     else:
         command, env = deepspeed_local_command(nproc, "lm.train", ["--config", str(path)]), local_environment(nproc)
 
-    def read() -> tuple[float, float]:
+    def read() -> tuple[list[float], float]:
         metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
         rates = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
-        return steady_rate(rates), max(m.get("train/memory_mib", 0.0) for m in metrics)
+        return rates, max(m.get("train/memory_mib", 0.0) for m in metrics)
 
     return Launch(command, env, nproc, read)
 
@@ -110,10 +115,10 @@ def plain_launch(config: dict, work: Path, name: str, nproc: int) -> Launch:
     path.write_text(json.dumps(config))
     command, env = process_command(nproc, [__file__, "--plain-worker", str(path), str(out)])
 
-    def read() -> tuple[float, float]:
+    def read() -> tuple[list[float], float]:
         result = json.loads(out.read_text())
         tokens_per_step = config["train"]["batch_size"] * config["model"]["block_size"]
-        return steady_rate([tokens_per_step / s for s in result["step_seconds"]]), result["memory_mib"]
+        return [tokens_per_step / s for s in result["step_seconds"]], result["memory_mib"]
 
     return Launch(command, env, nproc, read)
 
@@ -125,15 +130,15 @@ def process_command(nproc: int, script: list[str]) -> tuple[list[str], dict[str,
     return torchrun_local_command(nproc, script), local_environment(nproc)
 
 
-def run_in_turn(launches: dict[str, Launch], work: Path, steps: int) -> None:
-    """Start every row at once and let them take turns, one interval of SYNC_EVERY steps each."""
+def run_in_turn(launches: dict[str, Launch], work: Path, steps: int, interval: int) -> None:
+    """Start every row at once and let them take turns, one interval of `interval` steps each."""
     turns = Turns(work / "turns")
     processes = {}
     try:
         for name, launch in launches.items():
             env = {**launch.env, **turns.environment(name, launch.ranks)}
             processes[name] = subprocess.Popen(launch.command, env=env, stdout=subprocess.DEVNULL)
-        turns.run(processes, intervals=-(-steps // SYNC_EVERY))
+        turns.run(processes, intervals=-(-steps // interval))
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -156,7 +161,7 @@ def plain_worker(config_path: str, out_path: str) -> None:
         run_config,
         device=device,
         compile=run_config.train.compile,
-        sync_every=SYNC_EVERY,
+        sync_every=run_config.train.log_interval,
         between_intervals=gate.next_turn if gate else None,
     )
     if not grouped or torch.distributed.get_rank() == 0:
@@ -185,6 +190,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--interval", type=int, default=10, help="steps per timed interval, and per turn (default: 10)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default: 10)")
     p.add_argument(
         "--shards",
         default=None,
@@ -217,8 +224,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args()
-    if args.repeats < 1 or args.steps < 1:
-        p.error("--repeats and --steps must be at least 1")
+    if args.repeats < 1 or args.steps < 1 or args.interval < 1:
+        p.error("--repeats, --steps and --interval must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must not be negative")
     return args
 
 
@@ -233,7 +242,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     turns = args.turns == "on" or (args.turns == "auto" and device == "cpu")
-    config["train"].update(steps=args.steps, compile=compile)
+    config["train"].update(steps=args.steps, compile=compile, log_interval=args.interval)
     # (name, label, processes, ZeRO stage or None for the plain loop); each reference before its rows
     runs = [("plain", "PyTorch loop", 1, None)]
     runs += [(f"ds-1p-z{s}", f"DeepSpeed ZeRO-{s}, 1 process", 1, s) for s in args.stages]
@@ -268,15 +277,16 @@ def main() -> None:
                     else:
                         launches[tag] = deepspeed_launch(config, work, tag, nproc, stage, turns)
                 if turns:
-                    run_in_turn(launches, work, args.steps)
+                    run_in_turn(launches, work, args.steps, args.interval)
                 reference = {}
                 for row, (_, _, nproc, stage), launch in zip(group, runs, launches.values()):
                     if not turns:
                         subprocess.run(launch.command, env=launch.env, check=True, stdout=subprocess.DEVNULL)
-                    rate, mib = launch.read()
+                    rates, mib = launch.read()
+                    rates = steady(rates, args.warmup)
                     if stage is None:
-                        reference[nproc] = rate
-                    row.add(rate, rate / reference[nproc], mib)
+                        reference[nproc] = rates
+                    row.add(statistics.median(rates), paired_ratio(rates, reference[nproc]), mib)
                     write_table(args, run_config, rows, device, compile)  # rows so far survive a timeout
     print("\n" + write_table(args, run_config, rows, device, compile))
 
@@ -309,7 +319,8 @@ def write_table(args, run_config: RunConfig, rows: list[Row], device: str, compi
     lines = [
         f"config {Path(args.config).name} {' '.join(args.set)}: {params / 1e6:.2f}M parameters, {t.precision}, "
         f"micro batch {t.micro_batch_size} x {m.block_size} tokens, {t.batch_size * m.block_size} tokens/step, "
-        f"{args.steps} steps, compile {'on' if compile else 'off'}, on {where}",
+        f"{args.steps} steps (timed {args.interval} at a time, the first {args.warmup} left out), "
+        f"compile {'on' if compile else 'off'}, on {where}",
         f"medians of {args.repeats} round(s); ratios to the reference of the same round (range: lowest-highest); "
         "MFU counts twicing's second attention pass" + (f"; peak {peak:.0f} TFLOP/s" if peak else ""),
         f"{'twicing':<8} {'run':<9} {'what':<34} {'tokens/s':>10} {'vs ref':>7} {'range':>11} {'MFU':>6} {memory:>13}",
