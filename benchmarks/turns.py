@@ -3,7 +3,7 @@
 This machine's speed drifts by 10-20% over seconds (a shared 2-core VM: one 2048² matmul loop
 ran at 100-151 GFLOP/s within a second). Rows measured one after another each get a different
 spell of it, and their ratios scatter by more than the overheads being measured. Taking turns,
-every row runs one interval (train_throughput's SYNC_EVERY steps) while the others wait, idle,
+every row runs one interval (train_throughput's --interval steps) while the others wait, idle,
 so a slow spell falls on all rows alike; each row is still its own fresh processes, with their
 own set-up, and times only its own steps (the waits fall outside its intervals).
 

@@ -67,11 +67,16 @@ def test_the_step_profile_splits_ddp_and_zero2_steps_over_two_processes_into_pha
     assert "## taking turns" in result.stdout and "ZeRO-2" in result.stdout.split("## taking turns")[-1]
 
 
-EMPTY = [("train_throughput.py", ["--repeats", "0"]), ("profile_step.py", ["--steps", "0"])]
+BAD_MEASUREMENTS = [
+    ("train_throughput.py", ["--repeats", "0"]),
+    ("train_throughput.py", ["--interval", "0"]),
+    ("train_throughput.py", ["--warmup", "-1"]),
+    ("profile_step.py", ["--steps", "0"]),
+]
 
 
-@pytest.mark.parametrize("script,args", EMPTY)
-def test_a_benchmark_refuses_an_empty_measurement_in_one_line(script, args):
+@pytest.mark.parametrize("script,args", BAD_MEASUREMENTS)
+def test_a_benchmark_refuses_an_empty_or_negative_measurement_in_one_line(script, args):
     command = [sys.executable, str(REPO / "benchmarks" / script), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(2), cwd=REPO, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
