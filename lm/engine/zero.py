@@ -147,7 +147,8 @@ def reduce_buckets_async(zero_optimizer) -> None:
     waits for it; on a GPU overlap_comm moves that to a side stream, which gloo does not have.
     The same flattened buckets, the same all-reduce and division, the same copies back: the same
     values, only sooner. An ad-hoc run of an all-async version gained 1-2% a step on an 11.5M
-    model in three buckets (RESULTS.md); this one is not yet measured by the repo's benchmarks.
+    model in three buckets (RESULTS.md); this one ran in issue 15's last table (RESULTS.md, eighth
+    session), with no A/B of it by a repo benchmark.
     Only the path it replaces: a plain all-reduce per bucket (no overlap_comm, no offload, no
     compact gradient buffer); anything else stays DeepSpeed's.
     """
@@ -163,7 +164,7 @@ def reduce_buckets_async(zero_optimizer) -> None:
     deepspeeds_copy, deepspeeds_reduce = zero.allreduce_and_copy, zero.reduce_ipg_grads
     deepspeeds_epilogue = zero.independent_gradient_partition_epilogue
     pending: list[tuple] = []  # (work, flat bucket, gradients), in the order started
-    flushing = [False]
+    flushing = False  # inside the backward's epilogue
 
     def allreduce_and_copy(
         self,
@@ -177,7 +178,7 @@ def reduce_buckets_async(zero_optimizer) -> None:
     ):
         plain = rank is None and all(o is None for o in output_bucket or [None])
         # The epilogue's bucket is read right after it is reduced: nothing to overlap, DeepSpeed's own.
-        if flushing[0] or not plain or communication_data_type != small_bucket[0].dtype:
+        if flushing or not plain or communication_data_type != small_bucket[0].dtype:
             return deepspeeds_copy(
                 small_bucket,
                 communication_data_type,
@@ -195,7 +196,7 @@ def reduce_buckets_async(zero_optimizer) -> None:
 
     def reduce_ipg_grads(self, comm_dtype=None):
         deepspeeds_reduce(comm_dtype)
-        if flushing[0]:  # the epilogue reads the gradients next: every reduction must be in
+        if flushing:  # the epilogue reads the gradients next: every reduction must be in
             for work, flat, grads in pending:
                 work.wait()
                 for grad, reduced in zip(grads, self.unflatten(flat, grads)):
@@ -203,11 +204,12 @@ def reduce_buckets_async(zero_optimizer) -> None:
             pending.clear()
 
     def epilogue(self):
-        flushing[0] = True
+        nonlocal flushing
+        flushing = True
         try:
             return deepspeeds_epilogue()
         finally:
-            flushing[0] = False
+            flushing = False
 
     zero.allreduce_and_copy = types.MethodType(allreduce_and_copy, zero)
     zero.reduce_ipg_grads = types.MethodType(reduce_ipg_grads, zero)
